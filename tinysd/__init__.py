@@ -1,0 +1,13 @@
+"""tinysd: Stable Diffusion v1 in explicit NumPy.
+
+    import tinysd
+    sd = tinysd.load("stable-diffusion-v1-5/stable-diffusion-v1-5")   # model id, folder or file
+    image = sd("a cat in space", seed=0)
+
+The picture, one file per part: tokenizer -> text_encoder -> unet <-> schedulers -> vae,
+tied together by pipeline; weights finds and reads checkpoints; backend holds the op boundary.
+"""
+from tinysd.pipeline import StableDiffusion, load
+
+__all__ = ["StableDiffusion", "load"]
+__version__ = "0.1.0"

@@ -1,0 +1,147 @@
+"""Modules, parameters, and the generic state-dict walk.
+
+A model is a tree of `Module`s whose attribute names are the checkpoint's key names
+(diffusers layout), so `down_blocks.1.attentions.0.proj_in.weight` in a file is
+`unet.down_blocks[1].attentions[0].proj_in.weight` in code. Loading walks that tree once.
+
+Every module computes through `self.ops`, the backend (see `tinysd.backend`): swapping the
+backend swaps the primitive ops and nothing else.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tinysd.backend import NumpyBackend
+
+
+class Param:
+    """Placeholder for a weight not loaded yet: just its shape."""
+
+    def __init__(self, *shape):
+        self.shape = tuple(shape)
+
+    def __repr__(self):
+        return f"Param{self.shape}"
+
+
+class Module:
+    ops = NumpyBackend()
+
+    def __setattr__(self, name, value):
+        if isinstance(value, Param):
+            self.__dict__.setdefault("_param_names", []).append(name)
+        super().__setattr__(name, value)
+
+    def children(self):
+        """(name, module) for direct sub-modules; lists of modules are named by index."""
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield name, value
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    if isinstance(item, Module):
+                        yield f"{name}.{i}", item
+
+    def named_parameters(self, prefix=""):
+        """(dotted key, value) for every parameter in the tree, in definition order."""
+        for name in self.__dict__.get("_param_names", []):
+            yield prefix + name, getattr(self, name)
+        for name, child in self.children():
+            yield from child.named_parameters(f"{prefix}{name}.")
+
+    def modules(self):
+        yield self
+        for _, child in self.children():
+            yield from child.modules()
+
+    def num_parameters(self):
+        return sum(int(np.prod(p.shape)) for _, p in self.named_parameters())
+
+    def set_backend(self, backend):
+        """Run this tree on `backend`: every weight passes through `backend.asarray` once."""
+        for module in self.modules():
+            module.ops = backend
+            for name in module.__dict__.get("_param_names", []):
+                value = getattr(module, name)
+                if not isinstance(value, Param):
+                    object.__setattr__(module, name, backend.asarray(value))
+        return self
+
+    def load_state_dict(self, state, source="state dict"):
+        """Fill every parameter from `state` (key -> array), checking names and shapes.
+
+        Raises KeyError naming missing and unexpected keys, ValueError naming a key whose shape
+        differs (both shapes). Nothing is assigned unless every check passes.
+        """
+        expected = dict(self.named_parameters())
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:8])}"
+                             + (" ..." if len(missing) > 8 else ""))
+            if unexpected:
+                parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:8])}"
+                             + (" ..." if len(unexpected) > 8 else ""))
+            raise KeyError(f"{type(self).__name__} from {source}: " + "; ".join(parts))
+        for key, placeholder in expected.items():
+            if tuple(state[key].shape) != tuple(placeholder.shape):
+                raise ValueError(f"{type(self).__name__} from {source}: key {key!r} has shape "
+                                 f"{tuple(state[key].shape)} in the file, expected {tuple(placeholder.shape)}")
+        for key in expected:
+            *path, name = key.split(".")
+            module = self
+            for part in path:
+                module = module[int(part)] if isinstance(module, list) else getattr(module, part)
+            object.__setattr__(module, name, self.ops.asarray(state[key]))
+        return self
+
+
+class Linear(Module):
+    def __init__(self, in_features, out_features, bias=True):
+        self.weight = Param(out_features, in_features)
+        if bias:
+            self.bias = Param(out_features)
+
+    def __call__(self, x):
+        return self.ops.linear(x, self.weight, getattr(self, "bias", None))
+
+
+class Conv2d(Module):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
+        self.weight = Param(out_channels, in_channels, kernel_size, kernel_size)
+        if bias:
+            self.bias = Param(out_channels)
+        self.stride, self.padding = stride, padding
+
+    def __call__(self, x):
+        return self.ops.conv2d(x, self.weight, getattr(self, "bias", None), self.stride, self.padding)
+
+
+class GroupNorm(Module):
+    def __init__(self, num_groups, num_channels, eps):
+        self.weight = Param(num_channels)
+        self.bias = Param(num_channels)
+        self.num_groups, self.eps = num_groups, eps
+
+    def __call__(self, x, silu=False):
+        return self.ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu)
+
+
+class LayerNorm(Module):
+    def __init__(self, dim, eps=1e-5):
+        self.weight = Param(dim)
+        self.bias = Param(dim)
+        self.eps = eps
+
+    def __call__(self, x):
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Embedding(Module):
+    def __init__(self, num_embeddings, dim):
+        self.weight = Param(num_embeddings, dim)
+
+    def __call__(self, ids):
+        return self.ops.take(self.weight, ids)
