@@ -7,7 +7,13 @@
 The picture, one file per part: tokenizer -> text_encoder -> unet <-> schedulers -> vae,
 tied together by pipeline; weights finds and reads checkpoints; backend holds the op boundary.
 """
-from tinysd.pipeline import StableDiffusion, load
-
 __all__ = ["StableDiffusion", "load"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy, so `from tinysd import tokenizer` does not import the whole pipeline.
+    if name in ("load", "StableDiffusion"):
+        from tinysd import pipeline
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'tinysd' has no attribute {name!r}")
