@@ -1,0 +1,129 @@
+"""The variational auto-encoder (diffusers' `AutoencoderKL`): pixels <-> the 8× smaller latent
+the diffusion runs in.
+
+    encode: x (B,3,H,W) ─Encoder─> moments (B,8,H/8,W/8) ─quant_conv─> mean, log σ²  (B,4,H/8,W/8)
+    decode: z (B,4,H/8,W/8) ─post_quant_conv─Decoder─> x̂ (B,3,H,W) in about [-1, 1]
+
+The pipeline multiplies the sampled latent by `scaling_factor` (0.18215) after encoding and
+divides by it before decoding, so the diffusion sees latents of about unit variance.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tinysd.attention import Attention
+from tinysd.nn import Conv2d, GroupNorm, Module
+from tinysd.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+
+class UNetMidBlock2D(Module):
+    """ResNet, single-head self-attention over all pixels, ResNet."""
+
+    def __init__(self, ch, groups, eps=1e-6):
+        self.resnets = [ResnetBlock2D(ch, ch, None, groups, eps), ResnetBlock2D(ch, ch, None, groups, eps)]
+        self.attentions = [Attention(ch, heads=1, dim_head=ch, bias=True, norm_groups=groups, eps=eps)]
+
+    def __call__(self, h):
+        h = self.resnets[0](h)
+        return self.resnets[1](self.attentions[0].forward_image(h))
+
+
+class DownEncoderBlock2D(Module):
+    def __init__(self, in_ch, out_ch, n_layers, downsample, groups, eps=1e-6):
+        self.resnets = [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, eps) for i in range(n_layers)]
+        self.downsamplers = [Downsample2D(out_ch, padding=0)] if downsample else []
+
+    def __call__(self, h):
+        for resnet in self.resnets:
+            h = resnet(h)
+        for down in self.downsamplers:
+            h = down(h)
+        return h
+
+
+class UpDecoderBlock2D(Module):
+    def __init__(self, in_ch, out_ch, n_layers, upsample, groups, eps=1e-6):
+        self.resnets = [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, eps) for i in range(n_layers)]
+        self.upsamplers = [Upsample2D(out_ch)] if upsample else []
+
+    def __call__(self, h):
+        for resnet in self.resnets:
+            h = resnet(h)
+        for up in self.upsamplers:
+            h = up(h)
+        return h
+
+
+class Encoder(Module):
+    def __init__(self, cfg):
+        ch, groups, n = cfg["block_out_channels"], cfg.get("norm_num_groups", 32), cfg.get("layers_per_block", 2)
+        self.conv_in = Conv2d(cfg["in_channels"], ch[0], 3, padding=1)
+        self.down_blocks = [DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], n, i < len(ch) - 1, groups)
+                            for i in range(len(ch))]
+        self.mid_block = UNetMidBlock2D(ch[-1], groups)
+        self.conv_norm_out = GroupNorm(groups, ch[-1], 1e-6)
+        self.conv_out = Conv2d(ch[-1], 2 * cfg["latent_channels"], 3, padding=1)
+
+    def __call__(self, x):
+        h = self.conv_in(x)
+        for block in self.down_blocks:
+            h = block(h)
+        h = self.mid_block(h)
+        return self.conv_out(self.conv_norm_out(h, silu=True))
+
+
+class Decoder(Module):
+    def __init__(self, cfg):
+        ch, groups, n = cfg["block_out_channels"], cfg.get("norm_num_groups", 32), cfg.get("layers_per_block", 2)
+        rev = ch[::-1]
+        self.conv_in = Conv2d(cfg["latent_channels"], rev[0], 3, padding=1)
+        self.mid_block = UNetMidBlock2D(rev[0], groups)
+        self.up_blocks = [UpDecoderBlock2D(rev[max(i - 1, 0)], rev[i], n + 1, i < len(ch) - 1, groups)
+                          for i in range(len(ch))]
+        self.conv_norm_out = GroupNorm(groups, ch[0], 1e-6)
+        self.conv_out = Conv2d(ch[0], cfg["out_channels"], 3, padding=1)
+
+    def __call__(self, z):
+        h = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            h = block(h)
+        return self.conv_out(self.conv_norm_out(h, silu=True))
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mean, exp(logvar)); `sample(noise)` = mean + σ·noise (reparameterisation)."""
+
+    def __init__(self, moments):
+        self.mean, logvar = np.split(np.asarray(moments, dtype=np.float32), 2, axis=1)
+        self.logvar = np.clip(logvar, -30.0, 20.0)
+        self.std = np.exp(0.5 * self.logvar)
+
+    def sample(self, noise):
+        return self.mean + self.std * noise
+
+    def mode(self):
+        return self.mean
+
+
+class AutoencoderKL(Module):
+    """`vae.encode(x)` -> DiagonalGaussian over latents; `vae.decode(z)` -> image in [-1, 1] (roughly).
+
+    Neither applies `scaling_factor`; the pipeline does, as diffusers' pipelines do.
+    """
+
+    def __init__(self, config):
+        self.config = dict(config)
+        self.scaling_factor = self.config.get("scaling_factor", 0.18215)
+        lat = self.config["latent_channels"]
+        self.encoder = Encoder(self.config)
+        self.decoder = Decoder(self.config)
+        self.quant_conv = Conv2d(2 * lat, 2 * lat, 1)
+        self.post_quant_conv = Conv2d(lat, lat, 1)
+
+    def encode(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> the latent distribution (B, 4, H/8, W/8)."""
+        return DiagonalGaussian(self.ops.numpy(self.quant_conv(self.encoder(self.ops.asarray(x)))))
+
+    def decode(self, z):
+        """z (B, 4, h, w) unscaled latent -> image (B, 3, 8h, 8w)."""
+        return self.decoder(self.post_quant_conv(self.ops.asarray(z)))
