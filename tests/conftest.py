@@ -1,0 +1,33 @@
+"""Shared fixtures: the seeded random reference models of tests/reference_models.py.
+
+    def test_something(tiny_sd):
+        tiny_sd.pipe                  # diffusers StableDiffusionPipeline, float32, CPU
+        tiny_sd.folder                # diffusers layout (fp32 + fp16 variant)
+        tiny_sd.single_safetensors    # original single file, .safetensors
+        tiny_sd.single_ckpt           # original single file, .ckpt (PyTorch zip pickle)
+        tiny_sd.state_dicts["unet"]   # diffusers key -> np.ndarray (also "vae", "text_encoder")
+        tiny_sd.configs["unet"]       # config dicts (also "vae", "text_encoder", "scheduler")
+
+Built once per session (a few seconds); tests skip where torch/diffusers/transformers or the
+shared tokenizer files are absent.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reference_models import build_reference  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """Tiny SD v1 (4-channel U-Net) in all three published layouts."""
+    return build_reference(tmp_path_factory.mktemp("tiny_sd"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_sd(tmp_path_factory):
+    """Tiny SD v1 inpainting model: 9-channel U-Net (latent 4 + mask 1 + masked-image latent 4)."""
+    return build_reference(tmp_path_factory.mktemp("tiny_inpaint_sd"), size="tiny", inpainting=True, seed=1)
