@@ -1,0 +1,244 @@
+"""Original single-file SD v1 checkpoints -> diffusers key names.
+
+The published single files (`v1-5-pruned-emaonly.safetensors`, `sd-v1-4.ckpt`) hold all three
+models under the names of the original CompVis/ldm code:
+
+    model.diffusion_model.*           U-Net: input_blocks.N.M / middle_block.M / output_blocks.N.M
+    first_stage_model.*               VAE:   encoder.down.i / decoder.up.i (numbered in reverse)
+    cond_stage_model.transformer.*    CLIP text encoder: transformers' names, with or without `text_model.`
+
+tinysd's modules carry diffusers' names (`down_blocks.1.attentions.0`), so a single file is
+renamed once here. Everything else in the file (EMA copies `model_ema.*`, the schedule buffers
+`betas`, `alphas_cumprod`, ...) is not needed for inference and is ignored.
+
+The U-Net's flat block list, for SD v1 (L = layers_per_block = 2):
+
+    input_blocks.0.0                conv_in
+    input_blocks.{1 + i(L+1) + j}   down_blocks.i.resnets.j (.0) and .attentions.j (.1)
+    input_blocks.{(i+1)(L+1)}.0.op  down_blocks.i.downsamplers.0.conv
+    middle_block.0 / .1 / .2        mid_block.resnets.0 / attentions.0 / resnets.1
+    output_blocks.{i(L+1) + j}      up_blocks.i.resnets.j (.0) and .attentions.j (.1)
+    output_blocks.{i(L+1) + L}.1|2  up_blocks.i.upsamplers.0 (.2 when the level has attention)
+"""
+from __future__ import annotations
+
+import re
+
+PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.transformer.",
+}
+NAMES = {"unet": "U-Net", "vae": "VAE", "text_encoder": "text encoder"}
+
+
+class SingleFileError(ValueError):
+    """A single-file checkpoint that cannot be mapped onto SD v1's three models."""
+
+
+def split_components(state, source):
+    """{part: {key without its prefix: array}} for unet, vae, text_encoder; other keys dropped.
+
+    Raises SingleFileError naming the missing part(s) and the prefix that was looked for.
+    """
+    parts = {part: {} for part in PREFIXES}
+    for key, value in state.items():
+        for part, prefix in PREFIXES.items():
+            if key.startswith(prefix):
+                parts[part][key[len(prefix):]] = value
+    missing = [part for part, sd in parts.items() if not sd]
+    if missing:
+        what = ", ".join(f"the {NAMES[p]} (no keys under {PREFIXES[p]!r})" for p in missing)
+        raise SingleFileError(
+            f"{source} is not a complete SD v1 single-file checkpoint: it lacks {what}. "
+            f"Pass a file with all three models, or a diffusers folder.")
+    return parts
+
+
+# U-Net
+
+
+RESNET = {  # original ResBlock -> diffusers ResnetBlock2D
+    "in_layers.0": "norm1", "in_layers.2": "conv1",
+    "out_layers.0": "norm2", "out_layers.3": "conv2",
+    "emb_layers.1": "time_emb_proj", "skip_connection": "conv_shortcut",
+}
+
+
+def unet_block_names(config):
+    """{original module prefix: diffusers module prefix} for a U-Net of this config."""
+    L = config["layers_per_block"]
+    levels = len(config["block_out_channels"])
+    names = {
+        "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+        "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+        "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
+        "middle_block.2": "mid_block.resnets.1",
+    }
+    for i in range(levels):
+        for j in range(L):
+            n = 1 + i * (L + 1) + j
+            names[f"input_blocks.{n}.0"] = f"down_blocks.{i}.resnets.{j}"
+            names[f"input_blocks.{n}.1"] = f"down_blocks.{i}.attentions.{j}"
+        if i < levels - 1:
+            names[f"input_blocks.{(i + 1) * (L + 1)}.0.op"] = f"down_blocks.{i}.downsamplers.0.conv"
+        has_attention = config["up_block_types"][i].startswith("CrossAttn")
+        for j in range(L + 1):
+            n = i * (L + 1) + j
+            names[f"output_blocks.{n}.0"] = f"up_blocks.{i}.resnets.{j}"
+            names[f"output_blocks.{n}.1"] = f"up_blocks.{i}.attentions.{j}"
+        if i < levels - 1:
+            names[f"output_blocks.{i * (L + 1) + L}.{2 if has_attention else 1}"] = f"up_blocks.{i}.upsamplers.0"
+    return names
+
+
+def convert_unet(state, config, source="single file"):
+    """U-Net keys (prefix already removed) -> diffusers UNet2DConditionModel keys."""
+    names = unet_block_names(config)
+    out, unknown = {}, []
+    for key, value in state.items():
+        parts = key.split(".")
+        for n in (4, 3, 2):  # longest module prefix first: input_blocks.3.0.op before input_blocks.3.0
+            module = ".".join(parts[:n])
+            if module in names:
+                rest = ".".join(parts[n:])
+                if ".resnets." in names[module]:
+                    layer, param = rest.rsplit(".", 1)
+                    rest = f"{RESNET.get(layer, layer)}.{param}"
+                out[f"{names[module]}.{rest}"] = value
+                break
+        else:
+            unknown.append(PREFIXES["unet"] + key)
+    _raise_unknown(unknown, "U-Net", source)
+    return out
+
+
+# VAE
+
+
+VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def convert_vae(state, config, source="single file"):
+    """VAE keys (prefix removed) -> diffusers AutoencoderKL keys.
+
+    The mid-block attention's q/k/v/proj_out are 1x1 convs (C, C, 1, 1) in the original and
+    Linear layers (C, C) in diffusers: the same numbers, reshaped (a view, no copy).
+    """
+    levels = len(config["block_out_channels"])
+    out, unknown = {}, []
+    for key, value in state.items():
+        new = _vae_key(key, levels)
+        if new is None:
+            unknown.append(PREFIXES["vae"] + key)
+            continue
+        if ".mid_block.attentions.0." in new and new.endswith("weight") and value.ndim == 4:
+            value = value[:, :, 0, 0]
+        out[new] = value
+    _raise_unknown(unknown, "VAE", source)
+    return out
+
+
+def _vae_key(key, levels):
+    top = re.fullmatch(r"(quant_conv|post_quant_conv|(?:encoder|decoder)\.(?:conv_in|conv_out))\.(weight|bias)", key)
+    if top:
+        return key
+    m = re.fullmatch(r"(encoder|decoder)\.norm_out\.(weight|bias)", key)
+    if m:
+        return f"{m[1]}.conv_norm_out.{m[2]}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid\.block_([12])\.(.+)", key)
+    if m:
+        return f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_vae_resnet(m[3])}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)\.(weight|bias)", key)
+    if m:
+        return f"{m[1]}.mid_block.attentions.0.{VAE_ATTENTION[m[2]]}.{m[3]}"
+    m = re.fullmatch(r"encoder\.down\.(\d+)\.block\.(\d+)\.(.+)", key)
+    if m:
+        return f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_vae_resnet(m[3])}"
+    m = re.fullmatch(r"encoder\.down\.(\d+)\.downsample\.(.+)", key)
+    if m:
+        return f"encoder.down_blocks.{m[1]}.downsamplers.0.{m[2]}"
+    m = re.fullmatch(r"decoder\.up\.(\d+)\.block\.(\d+)\.(.+)", key)  # decoder.up.3 is the first up block
+    if m:
+        return f"decoder.up_blocks.{levels - 1 - int(m[1])}.resnets.{m[2]}.{_vae_resnet(m[3])}"
+    m = re.fullmatch(r"decoder\.up\.(\d+)\.upsample\.(.+)", key)
+    if m:
+        return f"decoder.up_blocks.{levels - 1 - int(m[1])}.upsamplers.0.{m[2]}"
+    return None
+
+
+def _vae_resnet(rest):
+    return rest.replace("nin_shortcut", "conv_shortcut")
+
+
+# Text encoder
+
+
+def convert_text_encoder(state):
+    """transformers CLIPTextModel keys, always starting `text_model.`; `position_ids` dropped.
+
+    Older files (and transformers >= 5) omit the `text_model.` level; the published diffusers
+    folders have it, and so do tinysd's names.
+    """
+    out = {}
+    for key, value in state.items():
+        if key.endswith("embeddings.position_ids"):  # a buffer (0..76), not a weight
+            continue
+        out[key if key.startswith("text_model.") else "text_model." + key] = value
+    return out
+
+
+def _raise_unknown(unknown, name, source):
+    if unknown:
+        raise SingleFileError(
+            f"{source}: {len(unknown)} {name} key(s) do not fit SD v1's layout: "
+            + ", ".join(unknown[:6]) + (" ..." if len(unknown) > 6 else ""))
+
+
+# Configs
+
+
+def configs_for(parts, base, source="single file"):
+    """The configs for a single file's weights: `base` (SD v1.5's by default) checked against them.
+
+    A single file carries no config. SD v1 fine-tunes all share v1.5's shapes, except inpainting
+    U-Nets, which take 9 input channels (latent 4 + mask 1 + masked-image latent 4): in_channels
+    is read from conv_in's weight. Other shapes are checked, and a mismatch asks for a config.
+    """
+    configs = {part: dict(cfg) for part, cfg in base.items()}
+    conv_in = _shape(parts, "unet", "input_blocks.0.0.weight", source)          # (C0, in_channels, 3, 3)
+    configs["unet"]["in_channels"] = conv_in[1]
+    text = convert_text_encoder(parts["text_encoder"])
+    checks = [
+        ("U-Net conv_in output channels", conv_in[0], configs["unet"]["block_out_channels"][0]),
+        ("VAE encoder conv_in output channels", _shape(parts, "vae", "encoder.conv_in.weight", source)[0],
+         configs["vae"]["block_out_channels"][0]),
+        ("text encoder token embedding (vocab, hidden)",
+         _shape({"text_encoder": text}, "text_encoder", "text_model.embeddings.token_embedding.weight", source),
+         (configs["text_encoder"]["vocab_size"], configs["text_encoder"]["hidden_size"])),
+    ]
+    for what, in_file, in_config in checks:
+        if in_file != in_config:
+            raise SingleFileError(
+                f"{source}: {what} is {in_file} in the file but {in_config} in the config; "
+                f"this is not an SD v1.5-shaped model. Pass config=<a diffusers folder with matching "
+                f"unet/, vae/, text_encoder/ configs>.")
+    return configs
+
+
+def _shape(parts, part, key, source):
+    if key not in parts[part]:
+        raise SingleFileError(f"{source}: the {NAMES.get(part, part)} has no {key!r}")
+    return tuple(int(n) for n in parts[part][key].shape)
+
+
+def convert(state, base_configs, source="single file"):
+    """(configs, state_dicts) in diffusers/transformers names from a whole single-file state."""
+    parts = split_components(state, source)
+    configs = configs_for(parts, base_configs, source)
+    state_dicts = {
+        "unet": convert_unet(parts["unet"], configs["unet"], source),
+        "vae": convert_vae(parts["vae"], configs["vae"], source),
+        "text_encoder": convert_text_encoder(parts["text_encoder"]),
+    }
+    return configs, state_dicts
