@@ -1,0 +1,198 @@
+"""`python -m tinysd`: PNGs with A1111 parameters, the pipeline's pixels, one-line errors, no stray files.
+
+Runs `tinysd.cli.main` in-process on the tiny seeded model of conftest.py (64×64, 2 steps,
+numpy backend) and compares with `tinysd.load(folder)(...)` called with the same arguments.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tinysd.cli import main
+from tinysd.pngmeta import format_parameters, parse_parameters, read_parameters
+
+FAST = ["--backend", "numpy", "-W", "64", "-H", "64", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_sd):
+    import tinysd
+
+    return tinysd.load(tiny_sd.folder, backend="numpy")
+
+
+def pixels(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def write_image(path, size, seed, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0]) + ((3,) if mode == "RGB" else ())
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+    return path
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tinysd: error: "), err
+    return err[0]
+
+
+# -- the parameters text -----------------------------------------------------------------------------
+def test_parameters_text_is_a1111s():
+    text = format_parameters("a cat in space", "blurry", 20, "euler_a", 7.5, 42, 512, 512,
+                             model="v1-5-pruned-emaonly")
+    assert text == ("a cat in space\nNegative prompt: blurry\n"
+                    "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: v1-5-pruned-emaonly")
+    assert "Negative prompt" not in format_parameters("x", "", 20, "pndm", 7, 1, 64, 64)
+
+
+def test_parameters_round_trip_quotes_and_lines():
+    text = format_parameters("a cat,\nin space: at night", "blurry, dark", 3, "dpmpp_2m_karras", 5.0, 2 ** 64 - 1,
+                             512, 768, model="my, model", denoising_strength=0.75, batch_size=2, batch_pos=1)
+    p = parse_parameters(text)
+    assert p["Prompt"] == "a cat,\nin space: at night"
+    assert p["Negative prompt"] == "blurry, dark"
+    assert (p["Steps"], p["Sampler"], p["CFG scale"], p["Seed"]) == (3, "DPM++ 2M Karras", 5.0, 2 ** 64 - 1)
+    assert (p["Size"], p["Model"], p["Denoising strength"]) == ((512, 768), "my model", 0.75)
+    assert (p["Batch size"], p["Batch pos"]) == (2, 1)
+    spelled = parse_parameters('p\nSteps: 1, Sampler: Euler, Note: "a, \\"b\\": c", Seed: 5')
+    assert spelled["Note"] == 'a, "b": c' and spelled["Seed"] == 5
+
+
+def test_read_parameters_needs_the_chunk(tmp_path):
+    write_image(tmp_path / "plain.png", (8, 8), 0)
+    with pytest.raises(ValueError, match="no 'parameters'"):
+        read_parameters(tmp_path / "plain.png")
+
+
+def test_help_documents_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")        # no line wrapping in the help text
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for default in ("default: 20", "default: 7.5", "pndm for SD v1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5"):
+        assert default in out
+
+
+# -- generating ----------------------------------------------------------------------------------------
+def test_txt2img_png_carries_parameters_and_the_pipelines_pixels(tiny_sd, sd, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    args = ["a cat in space", "-n", "blurry", "--seed", "42", "--sampler", "euler_a", "--cfg-scale", "6",
+            "--model", str(tiny_sd.folder), "-o", str(out)] + FAST
+    assert main(args) == 0
+    assert "seed 42" in capsys.readouterr().out
+    p = read_parameters(out)
+    assert (p["Prompt"], p["Negative prompt"]) == ("a cat in space", "blurry")
+    assert (p["Steps"], p["Sampler"], p["CFG scale"], p["Seed"], p["Size"]) == (2, "Euler a", 6.0, 42, (64, 64))
+    assert p["Model"] == tiny_sd.folder.name and "Denoising strength" not in p
+    expected = sd("a cat in space", negative_prompt="blurry", num_inference_steps=2, guidance_scale=6.0,
+                  height=64, width=64, seed=42, scheduler="euler_a").images[0]
+    np.testing.assert_array_equal(pixels(out), np.asarray(expected))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["cat.png"]       # no temporary file left
+
+
+def test_defaults_random_seed_named_file_model_sampler(tiny_sd, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["a cat", "--model", str(tiny_sd.folder)] + FAST) == 0
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1
+    p = read_parameters(files[0])
+    assert files[0].name == f"tinysd-{p['Seed']}.png"
+    assert f"seed {p['Seed']}" in capsys.readouterr().out
+    assert p["Sampler"] == "PLMS"          # the model's own scheduler: PNDMScheduler
+
+
+def test_img2img_batch(tiny_sd, sd, tmp_path):
+    init = write_image(tmp_path / "init.png", (70, 66), seed=1)   # its size, rounded down to 64×64, is the default
+    out = tmp_path / "out" / "b.png"
+    out.parent.mkdir()
+    args = ["a dog", "--seed", "7", "--init-image", str(init), "--strength", "0.5", "--batch-size", "2",
+            "--sampler", "ddim", "--model", str(tiny_sd.folder), "-o", str(out), "--backend", "numpy", "--steps", "2"]
+    assert main(args) == 0
+    expected = sd("a dog", num_inference_steps=2, seed=7, scheduler="ddim", image=str(init), strength=0.5,
+                  num_images_per_prompt=2).images
+    assert sorted(f.name for f in out.parent.iterdir()) == ["b-0.png", "b-1.png"]
+    for i in range(2):
+        path = out.parent / f"b-{i}.png"
+        p = read_parameters(path)
+        assert (p["Size"], p["Denoising strength"], p["Batch size"], p["Batch pos"]) == ((64, 64), 0.5, 2, i)
+        np.testing.assert_array_equal(pixels(path), np.asarray(expected[i]))
+    assert not np.array_equal(pixels(out.parent / "b-0.png"), pixels(out.parent / "b-1.png"))
+
+
+def test_inpainting(tiny_sd, sd, tmp_path):
+    init = write_image(tmp_path / "init.png", (64, 64), seed=2)
+    mask = tmp_path / "mask.png"
+    m = np.zeros((64, 64), np.uint8)
+    m[16:48, 16:48] = 255
+    Image.fromarray(m, "L").save(mask)
+    out = tmp_path / "inpainted.png"
+    args = ["a hat", "--seed", "3", "--init-image", str(init), "--mask", str(mask), "--model", str(tiny_sd.folder),
+            "-o", str(out)] + FAST
+    assert main(args) == 0
+    assert read_parameters(out)["Denoising strength"] == 1.0      # diffusers' inpainting default
+    expected = sd("a hat", num_inference_steps=2, height=64, width=64, seed=3, image=str(init),
+                  mask_image=str(mask)).images[0]
+    np.testing.assert_array_equal(pixels(out), np.asarray(expected))
+
+
+# -- mistakes: one line on stderr, a non-zero exit, no file ---------------------------------------------
+def _no_gpu(monkeypatch):
+    monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)
+    try:
+        from numba import cuda
+        if cuda.is_available():
+            pytest.skip("a GPU is present: --backend cuda works here")
+    except ImportError:
+        pass
+
+
+ERRORS = {
+    "unknown sampler": (["--sampler", "nope"], "unknown sampler 'nope'"),
+    "size not a multiple of 8": (["-W", "65"], "multiple of 8"),
+    "unreadable init image": (["--init-image", "{tmp}/text.png"], "--init-image: cannot read image"),
+    "missing init image": (["--init-image", "{tmp}/absent.png"], "--init-image: cannot read image"),
+    "unreadable mask": (["--init-image", "{tmp}/ok.png", "--mask", "{tmp}/text.png"], "--mask: cannot read image"),
+    "mask without init image": (["--mask", "{tmp}/ok.png"], "--mask needs --init-image"),
+    "output folder missing": (["-o", "{tmp}/no/such/folder/x.png"], "does not exist"),
+    "output under a file": (["-o", "{tmp}/text.png/x.png"], "does not exist"),
+    "output is a folder": (["-o", "{tmp}/dir.png"], "is a folder"),
+    "output not png": (["-o", "{tmp}/x.jpg"], "must end in .png"),
+    "no weights, no network": (["--model", "nobody/no-such-model"], "not in the Hugging Face cache"),
+    "not a model folder": (["--model", "{tmp}/dir.png"], "not a diffusers SD folder"),
+    "single file of another shape": (["--model", "{single}"], "not an SD v1.5-shaped model"),
+    "strength leaves no step": (["--init-image", "{tmp}/ok.png", "--strength", "0.1", "--sampler", "ddim"],
+                                "leaves no denoising step"),
+    "cuda without a GPU": (["--backend", "cuda"], "needs an NVIDIA GPU"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_errors_are_one_line_and_leave_no_file(case, tiny_sd, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if case == "cuda without a GPU":
+        _no_gpu(monkeypatch)
+    (tmp_path / "text.png").write_text("not an image")
+    write_image(tmp_path / "ok.png", (64, 64), seed=0)
+    (tmp_path / "dir.png").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    extra, message = ERRORS[case]
+    extra = [a.format(tmp=tmp_path, single=tiny_sd.single_safetensors) for a in extra]
+    base = ["a cat", "--seed", "1", "--model", str(tiny_sd.folder), "--backend", "numpy", "--steps", "2"]
+    assert main(base + extra) != 0
+    assert message in one_error_line(capsys)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_module_entry_point_exits_non_zero_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tinysd", "a cat", "--mask", "m.png"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 2
+    assert r.stderr.strip() == "tinysd: error: --mask needs --init-image (the picture to inpaint)"

@@ -1,0 +1,119 @@
+"""Generation parameters in a PNG, written and read the way AUTOMATIC1111's web UI does.
+
+A1111 stores them as one text chunk named `parameters` (tEXt; iTXt where the text is not
+latin-1), three parts on separate lines:
+
+    a cat in space
+    Negative prompt: blurry
+    Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: v1-5-pruned-emaonly
+
+The prompt may span several lines; the "Negative prompt:" line is left out when there is none.
+The last line is `Key: value` pairs joined by ", "; a value holding ',', ':' or a newline is
+written as a JSON string. Other tools (A1111's "PNG Info" tab, ComfyUI, civitai) read it back.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+# tinysd sampler name -> A1111's display name. A1111 >= 1.9 reads "X Karras" as sampler X with
+# the Karras schedule; PNDM with skipped PRK steps is the PLMS sampler.
+A1111_SAMPLER_NAMES = {
+    "ddpm": "DDPM",
+    "ddim": "DDIM",
+    "pndm": "PLMS",
+    "lms": "LMS",
+    "lms_karras": "LMS Karras",
+    "euler": "Euler",
+    "euler_karras": "Euler Karras",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+}
+
+# One `Key: value` of the last line: the value is a JSON string or runs to the next comma.
+PARAM = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+INT_KEYS = ("Steps", "Seed", "Batch size", "Batch pos")
+FLOAT_KEYS = ("CFG scale", "Denoising strength")
+
+
+def quote(value):
+    """A value as written in the parameters line: JSON-quoted if it holds ',', ':' or a newline."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def format_parameters(prompt, negative_prompt, steps, sampler, cfg_scale, seed, width, height,
+                      model=None, denoising_strength=None, batch_size=1, batch_pos=0):
+    """The A1111 `parameters` text for one image. `sampler` is a tinysd name (e.g. 'euler_a')."""
+    fields = {
+        "Steps": steps,
+        "Sampler": A1111_SAMPLER_NAMES.get(sampler, sampler),
+        "CFG scale": float(cfg_scale),
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model": model.replace(",", "").replace(":", "") if model else None,   # as A1111 cleans it
+        "Batch size": batch_size if batch_size > 1 else None,
+        "Batch pos": batch_pos if batch_size > 1 else None,
+        "Denoising strength": float(denoising_strength) if denoising_strength is not None else None,
+    }
+    line = ", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None)
+    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{line}".strip()
+
+
+def parse_parameters(text):
+    """The `parameters` text -> dict: "Prompt", "Negative prompt" and every key of the last line.
+
+    Steps, Seed, Batch size/pos become ints, CFG scale and Denoising strength floats, Size a
+    (width, height) tuple; other values stay strings.
+    """
+    *lines, last = text.strip().split("\n")
+    if len(PARAM.findall(last)) < 3:          # no parameters line: all of it is prompt
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    params = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in PARAM.findall(last):
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = json.loads(value)
+        params[key] = _typed(key, value)
+    return params
+
+
+def _typed(key, value):
+    if key in INT_KEYS:
+        return int(value)
+    if key in FLOAT_KEYS:
+        return float(value)
+    if key == "Size":
+        width, height = value.split("x")
+        return int(width), int(height)
+    return value
+
+
+def png_info(parameters):
+    """A PngInfo carrying `parameters` (for `PIL.Image.save(path, pnginfo=...)`)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)    # tEXt, or iTXt where the text is not latin-1
+    return info
+
+
+def read_parameters(path):
+    """The generation parameters of a PNG written by tinysd (or A1111) as a dict; see
+    `parse_parameters`. Raises ValueError if the file has no `parameters` chunk."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        text = getattr(im, "text", {}).get("parameters")
+    if text is None:
+        raise ValueError(f"{path}: no 'parameters' text chunk")
+    return parse_parameters(text)
