@@ -5,7 +5,6 @@ safetensors (single files, original key names); the expected arrays are the refe
 models' own state dicts.
 """
 import json
-import os
 import shutil
 import struct
 import zipfile
@@ -287,3 +286,25 @@ def test_model_id_cached_as_fp16_only(tiny_sd, tmp_path, monkeypatch):
                    skip=("diffusion_pytorch_model.safetensors", "model.safetensors"))
     ckpt = load_checkpoint("tinysd-test/tiny-sd", cache_dir=tmp_path)
     assert_state_dicts_equal(ckpt.state_dicts, tiny_sd.state_dicts, dtype=np.float16)
+
+
+def test_single_file_in_hub_cache_offline(tiny_sd, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = fake_hub_cache(tmp_path, "tinysd-test/tiny-single", tiny_sd.single_safetensors.parent,
+                              skip=("diffusers",))
+    path = resolve("tinysd-test/tiny-single/single.ckpt", cache_dir=tmp_path)
+    assert path == snapshot / "single.ckpt"
+    with pytest.raises(ModelNotFoundError, match=r"'tinysd-test/tiny-single/other.ckpt' is not in the Hugging Face cache"):
+        resolve("tinysd-test/tiny-single/other.ckpt", cache_dir=tmp_path)
+
+
+def test_manifest():
+    from pathlib import Path
+    from tinysd.weights import DEFAULT_MODEL
+    manifest = json.loads((Path(__file__).resolve().parents[1] / "weights" / "manifest.json").read_text())
+    ids = [c["id"] for c in manifest["checkpoints"]]
+    assert manifest["default"] == DEFAULT_MODEL and DEFAULT_MODEL in ids
+    for c in manifest["checkpoints"]:
+        assert c["sha256"] is None or (len(c["sha256"]) == 64 and int(c["sha256"], 16) >= 0), c["id"]
+        assert c["layout"] in ("diffusers", "single-file")
+        assert (c["layout"] == "single-file") == c["id"].endswith((".ckpt", ".safetensors")), c["id"]

@@ -38,6 +38,7 @@ from tinysd import single_file
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD15_CONFIGS = Path(__file__).parent / "data" / "sd-v1-5"
 PARTS = ("unet", "vae", "text_encoder")
+SINGLE_FILES = (".safetensors", ".ckpt")
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 
 
@@ -299,19 +300,25 @@ def _is_offline():
 
 
 def resolve(source=DEFAULT_MODEL, *, variant=None, cache_dir=None, local_files_only=False):
-    """A local Path for `source`: an existing file or folder as is, else a Hugging Face model id.
+    """A local Path for `source`: an existing file or folder as is, else a Hugging Face model id
+    ("org/name", a diffusers repo) or a single file in one ("org/name/v1-5-pruned-emaonly.safetensors").
 
     A model id is looked up in huggingface_hub's cache first (so a model diffusers already
     downloaded is reused): the fp32 weights, or the fp16 variant if only that is cached. If it
     is not cached it is downloaded (progress bars, resumable, checksums verified by
-    huggingface_hub). variant="fp16" asks for the half-size files.
+    huggingface_hub). variant="fp16" asks for the half-size files. Offline and not cached:
+    ModelNotFoundError saying what to pass instead.
     """
     path = Path(source).expanduser()
     if path.exists():
         return path
     source = str(source)
-    if source.endswith((".safetensors", ".ckpt", ".bin")) or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise ModelNotFoundError(f"no such file or folder: {source!r} (and it is not a hub model id like {DEFAULT_MODEL!r})")
+    parts = source.split("/")
+    if source.startswith((".", "/", "~")) or len(parts) < 2 or (len(parts) > 2 and not source.endswith(SINGLE_FILES)):
+        raise ModelNotFoundError(f"no such file or folder: {source!r} (and it is not a hub model id like "
+                                 f"{DEFAULT_MODEL!r} or a file in one like {DEFAULT_MODEL}/v1-5-pruned-emaonly.safetensors)")
+    if len(parts) > 2:
+        return _hub_file("/".join(parts[:2]), "/".join(parts[2:]), cache_dir, local_files_only)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -323,22 +330,45 @@ def resolve(source=DEFAULT_MODEL, *, variant=None, cache_dir=None, local_files_o
             continue
         if _has_weights(folder, cached_variant):
             return Path(folder)
-    how = (f"pass a local diffusers folder or a single .safetensors/.ckpt file instead (e.g. "
-           f"`python -m tinysd --model path/to/v1-5-pruned-emaonly.safetensors`), or download {source!r} "
-           f"once while online")
     if local_files_only or _is_offline():
         raise ModelNotFoundError(f"model {source!r} is not in the Hugging Face cache and the hub is not reachable "
-                                 f"(offline mode): {how}.")
+                                 f"(offline mode): {_how(source)}.")
     try:
         folder = snapshot_download(source, allow_patterns=hub_patterns(variant), cache_dir=cache_dir)
     except Exception as e:
         raise ModelNotFoundError(f"could not download model {source!r} from the Hugging Face hub "
-                                 f"({type(e).__name__}: {e}): {how}.") from e
+                                 f"({type(e).__name__}: {e}): {_how(source)}.") from e
     if not _has_weights(folder, variant):
         missing = [str(_weights_file("", p, variant)) for p in PARTS if not _weights_file(folder, p, variant).exists()]
         raise ModelNotFoundError(f"model {source!r} on the hub has no {', '.join(missing)}; it is not an SD v1 "
                                  f"diffusers repo (try variant='fp16', or pass a local file)")
     return Path(folder)
+
+
+def _how(source):
+    return (f"pass a local diffusers folder or a single .safetensors/.ckpt file instead (e.g. "
+            f"`python -m tinysd --model path/to/v1-5-pruned-emaonly.safetensors`), or download {source!r} "
+            f"once while online")
+
+
+def _hub_file(repo_id, filename, cache_dir, local_files_only):
+    """One file of a hub repo (a single-file checkpoint): the cached copy, else downloaded."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    source = f"{repo_id}/{filename}"
+    try:
+        return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError):
+        pass
+    if local_files_only or _is_offline():
+        raise ModelNotFoundError(f"{source!r} is not in the Hugging Face cache and the hub is not reachable "
+                                 f"(offline mode): {_how(source)}.")
+    try:
+        return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir))
+    except Exception as e:
+        raise ModelNotFoundError(f"could not download {source!r} from the Hugging Face hub "
+                                 f"({type(e).__name__}: {e}): {_how(source)}.") from e
 
 
 # Loading
