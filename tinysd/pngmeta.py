@@ -46,7 +46,11 @@ def quote(value):
 
 def format_parameters(prompt, negative_prompt, steps, sampler, cfg_scale, seed, width, height,
                       model=None, denoising_strength=None, batch_size=1, batch_pos=0):
-    """The A1111 `parameters` text for one image. `sampler` is a tinysd name (e.g. 'euler_a')."""
+    """The A1111 `parameters` text for one image. `sampler` is a tinysd name (e.g. 'euler_a').
+
+    In a batch every image keeps the batch's seed and gets its `Batch pos`: diffusers draws the
+    whole batch's noise from one generator, so image i is not A1111's `seed + i`.
+    """
     fields = {
         "Steps": steps,
         "Sampler": A1111_SAMPLER_NAMES.get(sampler, sampler),
