@@ -87,7 +87,7 @@ def fake_unet(x, t, a):
     return np.tanh(x * a + np.float32(t) / 1000).astype(np.float32)
 
 
-def run_both(name, n, seed=0, eta=None, begin=None):
+def run_both(name, n, seed=0, eta=None, begin=None, make_gen=TorchGen):
     """Run our loop and diffusers' side by side from the same latents; yield per-step results."""
     rng = np.random.default_rng(seed)
     a = rng.uniform(0.5, 1.5, SHAPE).astype(np.float32)
@@ -109,7 +109,7 @@ def run_both(name, n, seed=0, eta=None, begin=None):
         x = ours.add_noise(x0, noise, t0)
         x_ref = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t0))
         assert rel_err(x, x_ref) < 1e-6
-    gen, gen_ref = TorchGen(seed + 1), torch.Generator("cpu").manual_seed(seed + 1)
+    gen, gen_ref = make_gen(seed + 1), torch.Generator("cpu").manual_seed(seed + 1)
     ours_kw, ref_kw = {"generator": gen}, {}
     if name in ("ddpm", "ddim", "euler_a"):
         ref_kw["generator"] = gen_ref
@@ -162,6 +162,14 @@ def test_ancestral_noise_depends_on_seed(name):
     c = [o.prev_sample for o, _, _ in run_both(name, 4, seed=5)][-1]
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["ddpm", "euler_a"])
+def test_seeded_with_tinysd_rng(name):
+    """The same seed through tinysd.rng.Generator gives diffusers' picture."""
+    rng = pytest.importorskip("tinysd.rng")
+    for out, prev_ref, _ in run_both(name, 20, make_gen=rng.Generator):
+        assert rel_err(out.prev_sample, prev_ref) < 1e-5
 
 
 @pytest.mark.parametrize("name", list(TWINS))

@@ -179,7 +179,8 @@ class DDPMScheduler(Scheduler):
         x0 = self._predict_x0(sample, eps, abar_t)
         if self.config.clip_sample:
             x0 = np.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
-        mean = (abar_s**0.5 * beta / (1 - abar_t)) * x0 + (alpha**0.5 * (1 - abar_s) / (1 - abar_t)) * sample
+        mean = ((abar_s**0.5 * beta / (1 - abar_t)) * x0
+                + (alpha**0.5 * (1 - abar_s) / (1 - abar_t)) * sample)
         if t > 0:
             variance = max((1 - abar_s) / (1 - abar_t) * beta, np.float32(1e-20))
             mean = mean + variance**0.5 * _randn(generator, eps.shape)
@@ -330,7 +331,8 @@ class _SigmaScheduler(Scheduler):
     def _current_index(self, t) -> int:
         self._require_timesteps()
         if self._step_index is None:
-            self._step_index = self._begin_index if self._begin_index is not None else self._index_for_timestep(t)
+            begin = self._begin_index
+            self._step_index = begin if begin is not None else self._index_for_timestep(t)
         return self._step_index
 
     def scale_model_input(self, sample, t) -> np.ndarray:
@@ -367,13 +369,14 @@ class LMSDiscreteScheduler(_SigmaScheduler):
         self.derivatives = []
 
     def _lms_coefficient(self, order: int, i: int, j: int) -> float:
-        sigmas = self.sigmas.astype(np.float64)
-        ell = np.polynomial.Polynomial([1.0])
+        """c_j = ∫_{σ_i}^{σ_{i+1}} ℓ_j,  ℓ_j(σ) = ∏_{k≠j} (σ − σ_{i−k}) / (σ_{i−j} − σ_{i−k})."""
+        s, P = self.sigmas.astype(np.float64), np.polynomial.Polynomial
+        ell = P([1.0])
         for k in range(order):
             if k != j:
-                ell = ell * np.polynomial.Polynomial([-sigmas[i - k], 1.0]) / (sigmas[i - j] - sigmas[i - k])
+                ell = ell * P([-s[i - k], 1.0]) / (s[i - j] - s[i - k])
         integral = ell.integ()
-        return float(integral(sigmas[i + 1]) - integral(sigmas[i]))
+        return float(integral(s[i + 1]) - integral(s[i]))
 
     def step(self, eps, t, sample, generator=None, eta=None, order: int = 4) -> SchedulerOutput:
         eps, sample = _inputs(eps, sample)
@@ -603,8 +606,8 @@ def canonical_name(name: str) -> str:
     key = key.removeprefix("k_")
     key = ALIASES.get(key, key)
     if key not in SCHEDULERS:
-        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SCHEDULERS)} "
-                         "(also diffusers class names and A1111 names such as 'DPM++ 2M Karras', 'Euler a')")
+        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(SCHEDULERS)} (also "
+                         "diffusers class names and A1111 names such as 'DPM++ 2M Karras', 'Euler a')")
     return key
 
 
