@@ -58,6 +58,11 @@ class DeviceArray:
         shape = _resolve_shape(shape, self.size)
         return DeviceArray(self.data.reshape(shape), self.backend)
 
+    def __getitem__(self, key):
+        """A contiguous copy of a slice of a 4-D array, e.g. the crop x[:, :, :h, :w] of an
+        up-sampled odd-sized U-Net level."""
+        return self.backend._contiguous(self.data[key])
+
     def __array__(self, *args, **kwargs):
         raise TypeError("a DeviceArray lives on the GPU: download it with backend.numpy(x)")
 
@@ -139,6 +144,16 @@ class CudaBackend(NumpyBackend):
 
     def _empty(self, shape) -> DeviceArray:
         return DeviceArray(self.cuda.device_array(tuple(int(s) for s in shape), np.float32), self)
+
+    def _contiguous(self, view) -> DeviceArray:
+        """Wrap a numba device array, copying a strided (sliced) 4-D view into a contiguous one."""
+        if view.flags["C_CONTIGUOUS"]:
+            return DeviceArray(view, self)
+        if view.ndim != 4:
+            raise ValueError(f"DeviceArray slicing copies 4-D (B, C, H, W) views only, got {view.ndim}-D")
+        out = self._empty(view.shape)
+        self.k.launch_1d(self.k.copy_4d_kernel, out.size, view, out.data)
+        return out
 
     def _flat(self, x):
         return x.data.reshape(x.size)

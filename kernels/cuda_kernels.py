@@ -456,6 +456,15 @@ def copy_columns_kernel(src, dst, offset):
         dst[i // n, offset + i % n] = src[i // n, i % n]
 
 
+@cuda.jit
+def copy_4d_kernel(src, dst):
+    """dst = src for a strided 4-D view src (a crop) into the contiguous dst of the same shape."""
+    _, C, H, W = dst.shape
+    for i in range(cuda.grid(1), dst.size, cuda.gridsize(1)):
+        b, chw = i // (C * H * W), i % (C * H * W)
+        dst[b, chw // (H * W), chw % (H * W) // W, chw % W] = src[b, chw // (H * W), chw % (H * W) // W, chw % W]
+
+
 TILE, TILE_PADDED = 32, 33
 
 
