@@ -1,0 +1,78 @@
+"""Fused multi-head attention, flash style. NumPy twin: `NumpyBackend.attention`.
+
+softmax(Q Kᵀ/√d) V for every (batch, head), computed per tile of Tq queries, walking the keys
+in tiles of Tk with the online softmax of FlashAttention (Dao et al. 2022): keep per query the
+running max m, the running sum l of e^(s − m) and the unnormalised output O; for each key tile
+
+    S = Q Kᵀ/√d,  m' = max(m, max_j S_j),  P = e^(S − m'),
+    l ← l·e^(m − m') + Σ_j P_j,   O ← O·e^(m − m') + P V,   m ← m'
+
+and at the end O/l. Only one Tq×Tk score tile per thread exists at a time, never a full
+Nq×Nk matrix. The two products of a tile are BLAS sgemm calls on strided views of the
+(B, N, heads·d) tensors: no head is ever copied out. Tiles run in parallel over the cores
+(prange over batch × heads × query tiles); each calls a single-threaded sgemm on its core.
+"""
+import numpy as np
+from numba import njit, prange
+
+from tinysd.kernels.blas import blas_threads_local, gemm
+from tinysd.kernels.elementwise import exp
+
+F32 = np.float32
+
+
+@njit(fastmath={"reassoc", "contract"}, cache=True)
+def _softmax_tile(S, m, l, O, q0, k0, causal):
+    """Turn the score tile S (Tq, Tk) into P = e^(S − m') in place and rescale l and O by
+    e^(m − m'), as above. With `causal`, query q0+r sees keys ≤ q0+r: P is 0 past that."""
+    Tq, Tk = S.shape
+    for r in range(Tq):
+        n = min(Tk, q0 + r - k0 + 1) if causal else Tk         # keys this query may see
+        row = S[r]
+        if n <= 0:
+            row[:] = 0.0
+            continue
+        m_new = m[r]
+        for j in range(n):
+            m_new = max(m_new, row[j])
+        total = F32(0.0)
+        for j in range(n):
+            p = exp(row[j] - m_new)
+            row[j] = p
+            total += p
+        row[n:] = 0.0
+        correction = exp(m[r] - m_new)
+        l[r] = l[r] * correction + total
+        m[r] = m_new
+        O[r] *= correction
+
+
+@njit(parallel=True, cache=True)
+def attention_kernel(q, k, v, heads, causal, out, tile_q, tile_k):
+    """q, out (B, Nq, heads·d); k, v (B, Nk, heads·d), all C-contiguous float32."""
+    B, Nq, C = q.shape
+    Nk = k.shape[1]
+    d = C // heads
+    scale = 1.0 / np.sqrt(d)
+    n_qt = (Nq + tile_q - 1) // tile_q
+    for task in prange(B * heads * n_qt):
+        threads = blas_threads_local(1)                          # this core, these tiles
+        b = task // (heads * n_qt)
+        h = (task // n_qt) % heads
+        q0 = (task % n_qt) * tile_q
+        q1 = min(Nq, q0 + tile_q)
+        c0, c1 = h * d, (h + 1) * d                              # this head's channels
+        S = np.empty((q1 - q0, tile_k), np.float32)
+        O = np.zeros((q1 - q0, d), np.float32)
+        m = np.full(q1 - q0, -np.inf, np.float32)
+        l = np.zeros(q1 - q0, np.float32)
+        k_end = min(Nk, q1) if causal else Nk
+        for k0 in range(0, k_end, tile_k):
+            k1 = min(k_end, k0 + tile_k)
+            St = S[:, :k1 - k0]
+            gemm(q[b, q0:q1, c0:c1], k[b, k0:k1, c0:c1], St, scale, 0.0, True)   # Q Kᵀ/√d
+            _softmax_tile(St, m, l, O, q0, k0, causal)
+            gemm(St, v[b, k0:k1, c0:c1], O, 1.0, 1.0, False)                     # O += P V
+        for r in range(q1 - q0):
+            out[b, q0 + r, c0:c1] = O[r] / l[r]
+        blas_threads_local(threads)

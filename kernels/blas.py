@@ -1,0 +1,67 @@
+"""BLAS sgemm, callable from Numba code on strided views.
+
+`np.dot` inside `@njit` reaches the same sgemm but only for contiguous operands, always with
+β = 0 and a fresh output. The conv and attention kernels need more: operands that are views
+into a bigger array (a row stride, unit inner stride), an output that is a view (e.g. one
+head's columns of a (B, N, C) tensor) and accumulation C += A·B (β = 1). So we call the
+Fortran `sgemm` that SciPy exports for Cython, the same OpenBLAS, multi-threaded.
+"""
+import ctypes
+
+import llvmlite.binding as llvm
+import numpy as np
+import scipy.linalg.cython_blas
+from numba import cfunc, njit, types
+from numba.extending import get_cython_function_address
+
+# void sgemm(char *transa, char *transb, int *m, int *n, int *k, float *alpha, float *a,
+#            int *lda, float *b, int *ldb, float *beta, float *c, int *ldc)   (all by pointer)
+# Bound by symbol name rather than as a ctypes pointer, so the kernels that call it can be
+# cached on disk (`cache=True`): the address is looked up again at every import.
+llvm.add_symbol("tinysd_sgemm", get_cython_function_address("scipy.linalg.cython_blas", "sgemm"))
+_sgemm = types.ExternalFunction("tinysd_sgemm", types.void(*[types.intp] * 13))
+
+
+@njit(cache=True)
+def gemm(a, b, c, alpha=1.0, beta=0.0, trans_b=False):
+    """c ← α·a·op(b) + β·c, row-major, op(b) = bᵀ if `trans_b`.
+
+    a (M, K), b (K, N) or (N, K) with `trans_b`, c (M, N): float32 2-D arrays (or views) whose
+    last axis has unit stride. Fortran BLAS is column-major, so we ask it for
+    cᵀ = op(b)ᵀ·aᵀ: a row-major (M, K) with row stride lda is exactly a column-major K×M.
+    """
+    M, K = a.shape
+    N = c.shape[1]
+    ints = np.empty(6, np.int32)           # m, n, k, lda, ldb, ldc in BLAS's (transposed) terms
+    ints[0], ints[1], ints[2] = N, M, K
+    ints[3] = max(1, b.strides[0] // 4)
+    ints[4] = max(1, a.strides[0] // 4)
+    ints[5] = max(1, c.strides[0] // 4)
+    scalars = np.empty(2, np.float32)
+    scalars[0], scalars[1] = alpha, beta
+    trans = np.empty(2, np.uint8)
+    trans[0], trans[1] = ord("T") if trans_b else ord("N"), ord("N")
+    i, s, t = ints.ctypes.data, scalars.ctypes.data, trans.ctypes.data   # addresses; int32 = 4 B
+    _sgemm(t, t + 1, i, i + 4, i + 8, s, b.ctypes.data, i + 12, a.ctypes.data, i + 16,
+           s + 4, c.ctypes.data, i + 20)
+
+
+@cfunc(types.intc(types.intc))
+def _keep_threads(n):
+    return 0
+
+
+def _threads_local_address():
+    """OpenBLAS ≥ 0.3.27 can set the thread count of the calling thread only. The kernels that
+    run many small products in parallel (attention tiles) use it to keep each product on its
+    own core; other BLAS builds get a no-op and their own threading."""
+    try:
+        fn = ctypes.CDLL(scipy.linalg.cython_blas.__file__).openblas_set_num_threads_local
+        return ctypes.cast(fn, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return _keep_threads.address
+
+
+llvm.add_symbol("tinysd_blas_threads_local", _threads_local_address())
+blas_threads_local = types.ExternalFunction("tinysd_blas_threads_local", types.intc(types.intc))
+blas_threads_local.__doc__ = "Set this thread's BLAS thread count; returns the previous one."

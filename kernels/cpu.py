@@ -1,0 +1,124 @@
+"""The `cpu` backend: NumpyBackend with its hot ops replaced by Numba kernels.
+
+Each override computes what the NumpyBackend method of the same name computes (tests/
+test_kernels_cpu.py checks them against each other). GEMM-shaped work goes to BLAS sgemm
+(kernels/blas.py); Numba fuses what surrounds it and runs it on all cores (prange).
+Inputs are normalised to C-contiguous float32 before a kernel sees them, so every kernel
+compiles once (and is cached on disk, `cache=True`).
+"""
+import numpy as np
+
+from tinysd.backend import NumpyBackend
+from tinysd.kernels import attention as _attention
+from tinysd.kernels import conv as _conv
+from tinysd.kernels import elementwise as _el
+from tinysd.kernels import norm as _norm
+from tinysd.kernels.blas import gemm
+
+
+def _f32(x):
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _unary(kernel, x):
+    x = _f32(x)
+    out = np.empty_like(x)
+    kernel(x.reshape(-1), out.reshape(-1))
+    return out
+
+
+class CpuBackend(NumpyBackend):
+    name = "cpu"
+    attention_tiles = (128, 512)    # (queries, keys) per tile: the score tile is 256 KB, in L2
+    conv_chunk_bytes = 4 << 20      # conv scratch per chunk of output rows
+
+    def asarray(self, x):
+        """As NumpyBackend; 4-D arrays (conv weights (Cout, Cin, kh, kw)) keep their shape and
+        values but are stored tap-major, as (Cout, kh, kw, Cin) in memory: the layout the conv
+        kernel reads each tap's (Cout, Cin) matrix from without a copy."""
+        x = np.asarray(x)
+        if x.ndim == 4:
+            return _f32(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        return _f32(x)
+
+    def linear(self, x, weight, bias=None):
+        x = _f32(x)
+        *lead, n_in = x.shape
+        n_out = weight.shape[0]
+        x2 = x.reshape(-1, n_in)
+        y = np.empty((x2.shape[0], n_out), np.float32)
+        if bias is not None:
+            y[:] = bias                                   # y = x Wᵀ + b as one GEMM with β = 1
+        gemm(x2, _f32(weight), y, 1.0, 0.0 if bias is None else 1.0, True)
+        return y.reshape(*lead, n_out)
+
+    def conv2d(self, x, weight, bias=None, stride=1, padding=0):
+        x = _f32(x)
+        B, Cin, H, W = x.shape
+        Cout, Cin_w, kh, kw = weight.shape
+        if Cin_w != Cin:
+            raise ValueError(f"conv2d: input has {Cin} channels, weight {tuple(weight.shape)} expects {Cin_w}")
+        pt, pb, pl, pr = (padding,) * 4 if np.isscalar(padding) else padding
+        Ho = (H + pt + pb - kh) // stride + 1
+        Wo = (W + pl + pr - kw) // stride + 1
+        bias = np.zeros(Cout, np.float32) if bias is None else _f32(bias)
+        out = np.empty((B, Cout, Ho, Wo), np.float32)
+        if kh == kw == 1 and stride == 1 and not (pt or pb or pl or pr):
+            _conv.conv1x1_kernel(x, _f32(weight.reshape(Cout, Cin)), bias, out)
+        else:
+            w = _f32(weight.transpose(0, 2, 3, 1))        # no copy for weights from asarray
+            _conv.conv2d_kernel(x, w, bias, int(stride), int(pt), int(pb), int(pl), int(pr), out,
+                                int(self.conv_chunk_bytes))
+        return out
+
+    def group_norm(self, x, num_groups, weight, bias, eps, silu=False):
+        x = _f32(x)
+        B, C = x.shape[:2]
+        if C % num_groups:
+            raise ValueError(f"group_norm: {C} channels do not split into {num_groups} groups")
+        out = np.empty_like(x)
+        shape = (B, num_groups, C // num_groups, -1)
+        _norm.group_norm_kernel(x.reshape(shape), _f32(weight), _f32(bias), float(eps), bool(silu),
+                                out.reshape(shape))
+        return out
+
+    def layer_norm(self, x, weight, bias, eps):
+        x = _f32(x)
+        out = np.empty_like(x)
+        C = x.shape[-1]
+        _norm.layer_norm_kernel(x.reshape(-1, C), _f32(weight), _f32(bias), float(eps), out.reshape(-1, C))
+        return out
+
+    def silu(self, x):
+        return _unary(_el.silu_kernel, x)
+
+    def gelu(self, x):
+        return _unary(_el.gelu_kernel, x)
+
+    def quick_gelu(self, x):
+        return _unary(_el.quick_gelu_kernel, x)
+
+    def geglu(self, x):
+        x = _f32(x)
+        *lead, two_f = x.shape
+        if two_f % 2:
+            raise ValueError(f"geglu: last axis {two_f} is not even")
+        out = np.empty((*lead, two_f // 2), np.float32)
+        _el.geglu_kernel(x.reshape(-1, two_f), out.reshape(-1, two_f // 2))
+        return out
+
+    def attention(self, q, k, v, heads, causal=False):
+        q, k, v = _f32(q), _f32(k), _f32(v)
+        if q.shape[2] % heads:
+            raise ValueError(f"attention: {q.shape[2]} channels do not split into {heads} heads")
+        out = np.empty_like(q)
+        tile_q, tile_k = self.attention_tiles
+        _attention.attention_kernel(q, k, v, int(heads), bool(causal), out, tile_q, tile_k)
+        return out
+
+    def upsample_nearest2x(self, x):
+        x = _f32(x)
+        B, C, H, W = x.shape
+        out = np.empty((B, C, 2 * H, 2 * W), np.float32)
+        _el.upsample_nearest2x_kernel(x.reshape(B * C, H, W), out.reshape(B * C, 2 * H, 2 * W))
+        return out

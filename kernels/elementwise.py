@@ -1,0 +1,116 @@
+"""Elementwise kernels: SiLU, GELU, CLIP's quick GELU, GEGLU, nearest 2× up-sampling.
+
+Their NumPy twins are the methods of `tinysd.backend.NumpyBackend`. Numba calls libm's scalar
+`expf`/`erff` (no SVML here), ~10× slower than a vector loop, so `exp` and `erf` below are
+written as range reduction + polynomial in plain float32 arithmetic, which LLVM vectorises.
+"""
+import numpy as np
+from numba import njit, prange
+
+F32 = np.float32
+LOG2E = F32(1.4426950408889634)
+LN2_HI, LN2_LO = F32(0.693359375), F32(-2.12194440e-4)   # ln 2 = hi + lo, hi exact in 9 bits
+
+
+@njit(inline="always")
+def exp(x):
+    """eˣ in float32 to ~1 ulp (Cephes expf): x = n·ln2 + r, |r| ≤ ln2/2, eˣ = 2ⁿ·P(r).
+
+    Clamped to [−87.3, 88.3] so 2ⁿ stays a normal float: below, eˣ ≈ 1e−38 instead of 0.
+    """
+    x = min(max(x, F32(-87.3)), F32(88.3))
+    n = np.floor(x * LOG2E + F32(0.5))
+    r = x - n * LN2_HI - n * LN2_LO
+    p = F32(1.9875691500e-4)
+    p = p * r + F32(1.3981999507e-3)
+    p = p * r + F32(8.3334519073e-3)
+    p = p * r + F32(4.1665795894e-2)
+    p = p * r + F32(1.6666665459e-1)
+    p = p * r + F32(5.0000001201e-1)
+    p = p * r * r + r + F32(1.0)
+    two_n = np.int32((np.int32(n) + 127) << 23).view(np.float32)   # 2ⁿ from its exponent bits
+    return p * two_n
+
+
+@njit(inline="always")
+def erf(x):
+    """erf(x) in float32 (Eigen's rational approximation, a few ulp): odd P(x)/Q(x²) on [−4, 4];
+    outside that range erf is ±1 in float32."""
+    x = min(max(x, F32(-4.0)), F32(4.0))
+    x2 = x * x
+    p = F32(-2.72614225801306e-10)
+    p = p * x2 + F32(2.77068142495902e-08)
+    p = p * x2 + F32(-2.10102402082508e-06)
+    p = p * x2 + F32(-5.69250639462346e-05)
+    p = p * x2 + F32(-7.34990630326855e-04)
+    p = p * x2 + F32(-2.95459980854025e-03)
+    p = p * x2 + F32(-1.60960333262415e-02)
+    q = F32(-1.45660718464996e-05)
+    q = q * x2 + F32(-2.13374055278905e-04)
+    q = q * x2 + F32(-1.68282697438203e-03)
+    q = q * x2 + F32(-7.37332916720468e-03)
+    q = q * x2 + F32(-1.42647390514189e-02)
+    return x * p / q
+
+
+@njit(inline="always")
+def sigmoid(x):
+    return F32(1.0) / (F32(1.0) + exp(-x))
+
+
+@njit(inline="always")
+def silu(x):
+    """x·σ(x)."""
+    return x * sigmoid(x)
+
+
+@njit(inline="always")
+def gelu(x):
+    """½x(1 + erf(x/√2))."""
+    return F32(0.5) * x * (F32(1.0) + erf(x * F32(0.7071067811865476)))
+
+
+@njit(inline="always")
+def quick_gelu(x):
+    """x·σ(1.702x)."""
+    return x * sigmoid(F32(1.702) * x)
+
+
+@njit(parallel=True, cache=True)
+def silu_kernel(x, out):
+    for i in prange(x.size):
+        out[i] = silu(x[i])
+
+
+@njit(parallel=True, cache=True)
+def gelu_kernel(x, out):
+    for i in prange(x.size):
+        out[i] = gelu(x[i])
+
+
+@njit(parallel=True, cache=True)
+def quick_gelu_kernel(x, out):
+    for i in prange(x.size):
+        out[i] = quick_gelu(x[i])
+
+
+@njit(parallel=True, cache=True)
+def geglu_kernel(x, out):
+    """x (M, 2F) -> out (M, F) = h·GELU(gate), h = x[:, :F], gate = x[:, F:]."""
+    M, F = out.shape
+    for m in prange(M):
+        for f in range(F):
+            out[m, f] = x[m, f] * gelu(x[m, F + f])
+
+
+@njit(parallel=True, cache=True)
+def upsample_nearest2x_kernel(x, out):
+    """x (P, H, W) planes -> out (P, 2H, 2W), out[p, y, x] = x[p, y//2, x//2]."""
+    P, H, W = x.shape
+    for p in prange(P):
+        for y in range(H):
+            for j in range(W):
+                v = x[p, y, j]
+                out[p, 2 * y, 2 * j] = v
+                out[p, 2 * y, 2 * j + 1] = v
+            out[p, 2 * y + 1, :] = out[p, 2 * y, :]

@@ -1,0 +1,180 @@
+"""The `cpu` backend's Numba kernels against their NumPy twins (tinysd.backend.NumpyBackend).
+
+Random shapes with odd sizes, non-contiguous and float64 inputs; float32 tolerances relative
+to the output's scale. A few ops are also checked against torch where it is installed.
+"""
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+from tinysd.backend import NumpyBackend, get_backend  # noqa: E402
+from tinysd.kernels.cpu import CpuBackend  # noqa: E402
+
+ref, cpu = NumpyBackend(), CpuBackend()
+rng = np.random.default_rng(0)
+
+
+def randn(*shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def close(actual, expected, rtol=1e-5):
+    """|actual − expected| ≤ rtol · max|expected| everywhere (float32 sums reorder)."""
+    assert actual.shape == expected.shape
+    assert actual.dtype == np.float32
+    scale = max(float(np.abs(expected).max()), 1e-30)
+    err = float(np.abs(actual.astype(np.float64) - expected).max())
+    assert err <= rtol * scale, f"max error {err:.3g} > {rtol} × scale {scale:.3g}"
+
+
+def test_registered():
+    assert isinstance(get_backend("cpu"), CpuBackend)
+
+
+def test_gemm_on_strided_views():
+    from tinysd.kernels.blas import gemm
+    a, b = randn(40, 60), randn(70, 50)
+    c = np.full((45, 80), 7.0, np.float32)
+    view = c[3:40, 11:58]
+    gemm(a[:37, 5:55], b[:47, :50], view, 0.5, 1.0, True)        # c ← ½ a bᵀ + c
+    expected = np.full((45, 80), 7.0, np.float32)
+    expected[3:40, 11:58] += 0.5 * a[:37, 5:55] @ b[:47, :50].T
+    close(c, expected)
+
+
+@pytest.mark.parametrize("lead,n_in,n_out,bias", [((2, 77), 64, 48, True), ((5,), 33, 17, False),
+                                                  ((1, 3, 9), 20, 30, True)])
+def test_linear(lead, n_in, n_out, bias):
+    x, w = randn(*lead, n_in), randn(n_out, n_in)
+    b = randn(n_out) if bias else None
+    close(cpu.linear(x, cpu.asarray(w), b), ref.linear(x, w, b))
+    close(cpu.linear(x.astype(np.float64), w.T.copy().T, b), ref.linear(x, w, b))   # other layouts
+
+
+CONV_CASES = [  # B, Cin, Cout, H, W, k, stride, padding
+    (2, 5, 7, 9, 11, 3, 1, 1),
+    (1, 3, 4, 8, 8, 3, 2, (0, 1, 0, 1)),    # VAE encoder down-sampling: pad right/bottom only
+    (2, 6, 5, 13, 10, 3, 2, 1),             # U-Net down-sampling
+    (1, 4, 6, 7, 9, 1, 1, 0),               # 1×1 shortcut / proj
+    (2, 3, 3, 5, 6, 5, 1, 2),
+    (3, 4, 4, 7, 7, 2, 3, 0),
+    (1, 8, 3, 31, 17, 3, 1, 1),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d(case):
+    B, Cin, Cout, H, W, k, s, p = case
+    x, w, b = randn(B, Cin, H, W), randn(Cout, Cin, k, k), randn(Cout)
+    expected = ref.conv2d(x, w, b, s, p)
+    close(cpu.conv2d(x, cpu.asarray(w), b, s, p), expected)
+    close(cpu.conv2d(x, w, b, s, p), expected)                         # weights not via asarray
+    close(cpu.conv2d(x, w, None, s, p), ref.conv2d(x, w, None, s, p))
+
+
+def test_conv2d_chunked_rows_and_strided_input():
+    small = CpuBackend()
+    small.conv_chunk_bytes = 4 * 6 * 20 * 3                           # 3 padded rows per chunk
+    x, w, b = randn(2, 9, 19, 18), randn(6, 9, 3, 3), randn(6)
+    x_view = np.swapaxes(np.swapaxes(x, 2, 3).copy(), 2, 3)             # same values, not C order
+    expected = ref.conv2d(x, w, b, 1, 1)
+    close(small.conv2d(x_view, small.asarray(w), b, 1, 1), expected)
+    close(small.conv2d(x, w, b, 2, 1), ref.conv2d(x, w, b, 2, 1))
+
+
+def test_conv2d_rejects_channel_mismatch():
+    with pytest.raises(ValueError, match="channels"):
+        cpu.conv2d(randn(1, 3, 4, 4), randn(2, 4, 3, 3))
+
+
+def test_asarray_keeps_shape_and_values():
+    w = randn(4, 3, 3, 2)
+    a = cpu.asarray(w)
+    assert a.shape == w.shape and a.dtype == np.float32 and np.array_equal(a, w)
+    assert a.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 32, 5, 7), 8), ((1, 12, 33), 3), ((3, 6, 4, 4), 6)])
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm(shape, groups, silu):
+    x = randn(*shape, scale=3.0) + 2.0                                  # a mean offset, as in VAEs
+    w, b = randn(shape[1]), randn(shape[1])
+    close(cpu.group_norm(x, groups, w, b, 1e-6, silu=silu), ref.group_norm(x, groups, w, b, 1e-6, silu=silu))
+
+
+def test_layer_norm():
+    x, w, b = randn(2, 77, 48, scale=4.0) + 1.0, randn(48), randn(48)
+    close(cpu.layer_norm(x, w, b, 1e-5), ref.layer_norm(x, w, b, 1e-5))
+    xt = np.swapaxes(randn(2, 48, 77), 1, 2)                            # non-contiguous
+    close(cpu.layer_norm(xt, w, b, 1e-5), ref.layer_norm(xt, w, b, 1e-5))
+
+
+@pytest.mark.parametrize("op", ["silu", "gelu", "quick_gelu"])
+def test_activations(op):
+    x = randn(3, 1001, scale=6.0)
+    x[0, :5] = [0.0, -100.0, 100.0, -1e-3, 90.0]                       # saturation, tiny values
+    close(getattr(cpu, op)(x), getattr(ref, op)(x), rtol=2e-6)
+    close(getattr(cpu, op)(x[:, ::3]), getattr(ref, op)(x[:, ::3]), rtol=2e-6)
+
+
+def test_activations_match_torch():
+    torch = pytest.importorskip("torch")
+    x = randn(4096, scale=5.0)
+    t = torch.from_numpy(x)
+    close(cpu.silu(x), torch.nn.functional.silu(t).numpy(), rtol=2e-6)
+    close(cpu.gelu(x), torch.nn.functional.gelu(t).numpy(), rtol=2e-6)
+
+
+def test_geglu():
+    x = randn(2, 37, 2 * 24, scale=3.0)
+    close(cpu.geglu(x), ref.geglu(x), rtol=2e-6)
+
+
+ATTENTION_CASES = [  # B, Nq, Nk, heads, d, causal
+    (1, 77, 77, 12, 8, True),               # CLIP text encoder
+    (2, 130, 77, 8, 5, False),              # U-Net cross-attention: Nq past a tile
+    (2, 300, 300, 4, 16, False),            # self-attention, Nk spans several key tiles
+    (1, 300, 300, 1, 7, True),              # causal across tile boundaries
+    (3, 1, 5, 2, 3, False),
+]
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_attention(case):
+    B, Nq, Nk, heads, d, causal = case
+    q, k, v = randn(B, Nq, heads * d, scale=2.0), randn(B, Nk, heads * d, scale=2.0), randn(B, Nk, heads * d)
+    small = CpuBackend()
+    small.attention_tiles = (64, 128)
+    expected = ref.attention(q, k, v, heads, causal=causal)
+    close(small.attention(q, k, v, heads, causal=causal), expected)
+    close(cpu.attention(q, k, v, heads, causal=causal), expected)
+
+
+def test_attention_strided_inputs_and_torch():
+    torch = pytest.importorskip("torch")
+    qkv = randn(2, 200, 3 * 32)                                        # fused projection, then split
+    q, k, v = qkv[..., :32], qkv[..., 32:64], qkv[..., 64:]
+    got = cpu.attention(q, k, v, 4)
+    close(got, ref.attention(q, k, v, 4))
+    t = [torch.from_numpy(np.ascontiguousarray(a)).reshape(2, 200, 4, 8).transpose(1, 2) for a in (q, k, v)]
+    expected = torch.nn.functional.scaled_dot_product_attention(*t).transpose(1, 2).reshape(2, 200, 32)
+    close(got, expected.numpy())
+
+
+def test_upsample_nearest2x():
+    x = randn(2, 3, 5, 7)
+    out = cpu.upsample_nearest2x(x[:, :, :, ::-1])
+    assert np.array_equal(out, ref.upsample_nearest2x(x[:, :, :, ::-1]))
+
+
+def test_kernels_compile_once():
+    """Every kernel sees one type signature, whatever layout or dtype the caller passed."""
+    from tinysd.kernels import attention, conv, elementwise, norm
+    x = randn(1, 4, 6, 6)
+    for inp in (x, x.astype(np.float64), x[:, :, ::-1]):
+        cpu.group_norm(inp, 2, randn(4), randn(4), 1e-5, silu=True)
+        cpu.conv2d(inp, randn(4, 4, 3, 3), randn(4), 1, 1)
+        cpu.silu(inp)
+    for kernel in (norm.group_norm_kernel, conv.conv2d_kernel, elementwise.silu_kernel,
+                   attention.attention_kernel):
+        assert len(kernel.signatures) <= 1, kernel.signatures
