@@ -31,11 +31,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 SD15 = SHARED / "reference" / "sd-v1-5"          # published SD v1.5 configs + tokenizer files
 SD15_CONFIGS = Path(__file__).resolve().parents[1] / "tinysd" / "data" / "sd-v1-5"
 
-# Narrow SD v1: the same block types, depths and head count (8), widths divided by 10-20.
-TINY_UNET = dict(block_out_channels=[32, 64, 64, 64], cross_attention_dim=32, sample_size=8)
+# Narrow SD v1: the same block types, depths and U-Net head count (8), widths divided by 10-20.
+# CLIP keeps its head size 64 (2 heads of 64), as a single file's loader must infer heads from it.
+TINY_UNET = dict(block_out_channels=[32, 64, 64, 64], cross_attention_dim=128, sample_size=8)
 TINY_VAE = dict(block_out_channels=[32, 64, 64, 64], sample_size=64)
-TINY_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=64, projection_dim=32)
+TINY_TEXT = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=256, projection_dim=128)
 
 
 def sd15_config(part):
@@ -186,8 +187,9 @@ def write_checkpoints(ref, out_dir):
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ref.folder = out_dir / "diffusers"
-    ref.pipe.save_pretrained(ref.folder, safe_serialization=True)
+    # fp16 first: each save rewrites the config.json files, and the last one must say float32.
     copy.deepcopy(ref.pipe).to(dtype=torch.float16).save_pretrained(ref.folder, variant="fp16")
+    ref.pipe.save_pretrained(ref.folder, safe_serialization=True)
     # transformers >= 5 writes tokenizer.json only; the published folders ship vocab.json + merges.txt.
     shutil.rmtree(ref.folder / "tokenizer")
     shutil.copytree(tokenizer_dir(), ref.folder / "tokenizer")

@@ -70,6 +70,7 @@ def test_folder_fp32(tiny_sd):
     assert ckpt.configs["unet"]["block_out_channels"] == list(tiny_sd.configs["unet"]["block_out_channels"])
     assert ckpt.configs["scheduler"]["_class_name"] == "PNDMScheduler"
     assert (ckpt.tokenizer_dir / "vocab.json").exists()
+    assert ckpt.configs["text_encoder"].get("dtype", "float32") == "float32"   # diffusers reloads it as fp32
     weight = ckpt.state_dicts["unet"]["conv_in.weight"]
     assert not weight.flags.writeable and not weight.flags.owndata      # a view into the file's memmap
 
@@ -88,14 +89,37 @@ def test_folder_falls_back_to_fp16_when_only_that_is_there(tiny_sd, tmp_path):
     assert ckpt.state_dicts["unet"]["conv_in.weight"].dtype == np.float16
 
 
+SIZES = {
+    "unet": ["in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
+             "up_block_types", "cross_attention_dim", "attention_head_dim", "use_linear_projection"],
+    "vae": ["in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
+            "down_block_types", "up_block_types"],
+    "text_encoder": ["vocab_size", "hidden_size", "num_attention_heads", "max_position_embeddings",
+                     "intermediate_size", "num_hidden_layers", "hidden_act"],
+}
+
+
+def assert_same_sizes(got, expected):
+    for part, keys in SIZES.items():
+        for key in keys:
+            want = expected[part][key]
+            assert got[part][key] == (list(want) if isinstance(want, tuple) else want), (part, key)
+
+
 @pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_inpaint_sd"])
 @pytest.mark.parametrize("kind", ["single_safetensors", "single_ckpt"])
 def test_single_file(request, fixture, kind):
     ref = request.getfixturevalue(fixture)
-    ckpt = load_checkpoint(getattr(ref, kind), config=ref.folder)
+    ckpt = load_checkpoint(getattr(ref, kind))
     assert_state_dicts_equal(ckpt.state_dicts, ref.state_dicts)
-    assert ckpt.configs["unet"]["in_channels"] == ref.configs["unet"]["in_channels"]
+    assert_same_sizes(ckpt.configs, ref.configs)          # read off the weights: 9 input channels for inpainting
     assert ckpt.tokenizer_dir is None
+
+
+def test_single_file_with_explicit_config(tiny_sd):
+    ckpt = load_checkpoint(tiny_sd.single_ckpt, config=tiny_sd.folder)
+    assert_state_dicts_equal(ckpt.state_dicts, tiny_sd.state_dicts)
+    assert ckpt.configs["unet"]["sample_size"] == tiny_sd.configs["unet"]["sample_size"]
 
 
 def test_single_file_without_text_model_level(tiny_sd, tmp_path):
@@ -103,24 +127,37 @@ def test_single_file_without_text_model_level(tiny_sd, tmp_path):
     old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
            for k, v in tiny_sd.original.items()}
     save_file(old, str(tmp_path / "old.safetensors"))
-    ckpt = load_checkpoint(tmp_path / "old.safetensors", config=tiny_sd.folder)
+    ckpt = load_checkpoint(tmp_path / "old.safetensors")
     assert_state_dicts_equal(ckpt.state_dicts, tiny_sd.state_dicts)
 
 
-def test_single_file_uses_sd15_configs_and_reads_in_channels():
-    shapes = {"unet": {"input_blocks.0.0.weight": (320, 9, 3, 3)}, "vae": {"encoder.conv_in.weight": (128, 3, 3, 3)},
-              "text_encoder": {"text_model.embeddings.token_embedding.weight": (49408, 768)}}
-    parts = {p: {k: np.broadcast_to(np.float32(0), s) for k, s in d.items()} for p, d in shapes.items()}
+def test_single_file_sizes_of_full_sd15():
+    """SD v1.5's own shapes (meta tensors, no memory) give back exactly the published configs."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from reference_models import diffusers_to_original, sd15_config, text_model_keys
     from tinysd.weights import SD15_CONFIGS, read_configs
+    text_cfg = {k: v for k, v in sd15_config("text_encoder").items() if k not in ("architectures", "model_type")}
+    with torch.device("meta"):
+        models = {"unet": UNet2DConditionModel.from_config(dict(sd15_config("unet"), in_channels=9)),
+                  "vae": AutoencoderKL.from_config(sd15_config("vae")),
+                  "text_encoder": CLIPTextModel(CLIPTextConfig(**text_cfg))}
+    shapes = {part: {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in m.state_dict().items()}
+              for part, m in models.items()}
+    shapes["text_encoder"] = text_model_keys(shapes["text_encoder"])
+    parts = single_file.split_components(diffusers_to_original(shapes), "sd15")
     configs = single_file.configs_for(parts, read_configs(SD15_CONFIGS))
-    assert configs["unet"]["in_channels"] == 9
-    assert configs["unet"]["block_out_channels"] == [320, 640, 1280, 1280]
-    assert configs["scheduler"]["beta_schedule"] == "scaled_linear"
+    expected = read_configs(SD15_CONFIGS)
+    expected["unet"]["in_channels"] = 9
+    assert_same_sizes(configs, expected)
 
 
-def test_single_file_not_sd15_shaped_asks_for_config(tiny_sd):
-    with pytest.raises(single_file.SingleFileError, match=r"conv_in output channels is 32 .* 320 .*config="):
-        load_checkpoint(tiny_sd.single_safetensors)
+def test_single_file_clip_heads_not_inferable():
+    state = {"text_model.embeddings.token_embedding.weight": np.broadcast_to(np.float32(0), (49408, 32))}
+    with pytest.raises(single_file.SingleFileError, match=r"hidden size 32 is not a multiple of .* pass config="):
+        single_file.text_encoder_sizes(state, "odd.safetensors")
 
 
 def test_single_file_missing_vae(tiny_sd, tmp_path):
@@ -128,7 +165,7 @@ def test_single_file_missing_vae(tiny_sd, tmp_path):
     save_file({k: v for k, v in tiny_sd.original.items() if not k.startswith("first_stage_model.")},
               str(tmp_path / "no_vae.safetensors"))
     with pytest.raises(single_file.SingleFileError, match=r"no_vae.safetensors .* lacks the VAE .*'first_stage_model\.'"):
-        load_checkpoint(tmp_path / "no_vae.safetensors", config=tiny_sd.folder)
+        load_checkpoint(tmp_path / "no_vae.safetensors")
 
 
 def test_single_file_unknown_unet_key(tiny_sd, tmp_path):
@@ -136,7 +173,7 @@ def test_single_file_unknown_unet_key(tiny_sd, tmp_path):
     state = dict(tiny_sd.original, **{"model.diffusion_model.input_blocks.99.0.weight": np.zeros(2, np.float32)})
     save_file(state, str(tmp_path / "odd.safetensors"))
     with pytest.raises(single_file.SingleFileError, match=r"input_blocks\.99\.0\.weight"):
-        load_checkpoint(tmp_path / "odd.safetensors", config=tiny_sd.folder)
+        load_checkpoint(tmp_path / "odd.safetensors")
 
 
 # safetensors reader

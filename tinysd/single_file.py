@@ -199,31 +199,78 @@ def _raise_unknown(unknown, name, source):
 
 
 def configs_for(parts, base, source="single file"):
-    """The configs for a single file's weights: `base` (SD v1.5's by default) checked against them.
+    """Configs for a single file's weights: `base` (SD v1.5's) with every size read from the shapes.
 
-    A single file carries no config. SD v1 fine-tunes all share v1.5's shapes, except inpainting
-    U-Nets, which take 9 input channels (latent 4 + mask 1 + masked-image latent 4): in_channels
-    is read from conv_in's weight. Other shapes are checked, and a mismatch asks for a config.
+    A single file carries no config. The SD v1 topology (block types, ResNet/attention layout,
+    norms, activations) comes from `base`; the sizes are read off the weights, so fine-tunes,
+    the 9-channel inpainting U-Net (latent 4 + mask 1 + masked-image latent 4) and narrower
+    test models all load. Head counts leave no trace in the shapes: the U-Net keeps SD v1's 8
+    heads (`attention_head_dim`), and CLIP's heads are hidden_size / 64, as in every CLIP.
     """
     configs = {part: dict(cfg) for part, cfg in base.items()}
-    conv_in = _shape(parts, "unet", "input_blocks.0.0.weight", source)          # (C0, in_channels, 3, 3)
-    configs["unet"]["in_channels"] = conv_in[1]
-    text = convert_text_encoder(parts["text_encoder"])
-    checks = [
-        ("U-Net conv_in output channels", conv_in[0], configs["unet"]["block_out_channels"][0]),
-        ("VAE encoder conv_in output channels", _shape(parts, "vae", "encoder.conv_in.weight", source)[0],
-         configs["vae"]["block_out_channels"][0]),
-        ("text encoder token embedding (vocab, hidden)",
-         _shape({"text_encoder": text}, "text_encoder", "text_model.embeddings.token_embedding.weight", source),
-         (configs["text_encoder"]["vocab_size"], configs["text_encoder"]["hidden_size"])),
-    ]
-    for what, in_file, in_config in checks:
-        if in_file != in_config:
-            raise SingleFileError(
-                f"{source}: {what} is {in_file} in the file but {in_config} in the config; "
-                f"this is not an SD v1.5-shaped model. Pass config=<a diffusers folder with matching "
-                f"unet/, vae/, text_encoder/ configs>.")
+    configs["unet"].update(unet_sizes(parts["unet"], source))
+    configs["vae"].update(vae_sizes(parts["vae"], source))
+    configs["text_encoder"].update(text_encoder_sizes(convert_text_encoder(parts["text_encoder"]), source))
     return configs
+
+
+def _count(state, pattern):
+    """How many distinct integers fill the {} in `pattern` among the keys."""
+    regex = re.compile(re.escape(pattern).replace(r"\{\}", r"(\d+)") + r"\.")
+    return len({m[1] for key in state if (m := regex.match(key))})
+
+
+def unet_sizes(state, source):
+    shape = lambda key: _shape({"unet": state}, "unet", key, source)  # noqa: E731
+    levels_x_blocks = _count(state, "input_blocks.{}")   # conv_in + levels·L resnets + (levels-1) ops = levels·(L+1)
+    first_op = min((int(k.split(".")[1]) for k in state if k.endswith(".0.op.weight")), default=None)
+    if first_op is None:
+        raise SingleFileError(f"{source}: the U-Net has no downsampler (input_blocks.N.0.op); not SD v1's layout")
+    L = first_op - 1                                                  # input_blocks.{L+1}.0.op closes level 0
+    levels = levels_x_blocks // (L + 1)
+    widths = [shape(f"input_blocks.{1 + i * (L + 1)}.0.out_layers.3.weight")[0] for i in range(levels)]
+    down = ["CrossAttnDownBlock2D" if f"input_blocks.{1 + i * (L + 1)}.1.proj_in.weight" in state else "DownBlock2D"
+            for i in range(levels)]
+    up = ["CrossAttnUpBlock2D" if f"output_blocks.{i * (L + 1)}.1.proj_in.weight" in state else "UpBlock2D"
+          for i in range(levels)]
+    attn2 = next((k for k in state if k.endswith("attn2.to_k.weight")), None)
+    if attn2 is None:
+        raise SingleFileError(f"{source}: the U-Net has no cross-attention (attn2.to_k); not SD v1's layout")
+    proj_in = next(k for k in state if k.endswith(".1.proj_in.weight"))
+    return {
+        "in_channels": shape("input_blocks.0.0.weight")[1], "out_channels": shape("out.2.weight")[0],
+        "block_out_channels": widths, "layers_per_block": L,
+        "down_block_types": down, "up_block_types": up,
+        "cross_attention_dim": shape(attn2)[1],
+        "use_linear_projection": len(shape(proj_in)) == 2,            # SD v1: a 1x1 conv (4-D)
+    }
+
+
+def vae_sizes(state, source):
+    shape = lambda key: _shape({"vae": state}, "vae", key, source)  # noqa: E731
+    levels = _count(state, "encoder.down.{}")
+    return {
+        "in_channels": shape("encoder.conv_in.weight")[1], "out_channels": shape("decoder.conv_out.weight")[0],
+        "latent_channels": shape("post_quant_conv.weight")[0],
+        "block_out_channels": [shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)],
+        "layers_per_block": _count(state, "encoder.down.0.block.{}"),
+        "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+    }
+
+
+def text_encoder_sizes(state, source):
+    shape = lambda key: _shape({"text_encoder": state}, "text_encoder", key, source)  # noqa: E731
+    vocab, hidden = shape("text_model.embeddings.token_embedding.weight")
+    if hidden % 64:
+        raise SingleFileError(
+            f"{source}: the text encoder's hidden size {hidden} is not a multiple of CLIP's head size 64, so "
+            f"its head count cannot be inferred; pass config=<a diffusers folder with the model's configs>")
+    return {
+        "vocab_size": vocab, "hidden_size": hidden, "num_attention_heads": hidden // 64,
+        "max_position_embeddings": shape("text_model.embeddings.position_embedding.weight")[0],
+        "intermediate_size": shape("text_model.encoder.layers.0.mlp.fc1.weight")[0],
+        "num_hidden_layers": _count(state, "text_model.encoder.layers.{}"),
+    }
 
 
 def _shape(parts, part, key, source):
@@ -232,10 +279,13 @@ def _shape(parts, part, key, source):
     return tuple(int(n) for n in parts[part][key].shape)
 
 
-def convert(state, base_configs, source="single file"):
-    """(configs, state_dicts) in diffusers/transformers names from a whole single-file state."""
+def convert(state, base_configs, source="single file", derive_sizes=True):
+    """(configs, state_dicts) in diffusers/transformers names from a whole single-file state.
+
+    derive_sizes: read the sizes off the weights (see configs_for); False uses base_configs as given.
+    """
     parts = split_components(state, source)
-    configs = configs_for(parts, base_configs, source)
+    configs = configs_for(parts, base_configs, source) if derive_sizes else {p: dict(c) for p, c in base_configs.items()}
     state_dicts = {
         "unet": convert_unet(parts["unet"], configs["unet"], source),
         "vae": convert_vae(parts["vae"], configs["vae"], source),

@@ -419,12 +419,16 @@ def load_diffusers_folder(folder, variant=None):
 
 
 def load_single_file(path, config=None):
-    """Checkpoint from an original single file; configs are SD v1.5's unless `config` is given.
+    """Checkpoint from an original single file.
 
-    config: a diffusers folder, or a dict {part: config dict}, for models not shaped like v1.5.
+    config None: SD v1.5's configs with the sizes read from the weights (tinysd.single_file.configs_for).
+    config a diffusers folder, or a dict {part: config dict}: those configs, as given.
     """
-    base = read_configs(config if config is not None else SD15_CONFIGS) if not isinstance(config, dict) else config
-    configs, state_dicts = single_file.convert(read_weights(path), base, source=str(path))
+    if config is None:
+        base = read_configs(SD15_CONFIGS)
+    else:
+        base = config if isinstance(config, dict) else read_configs(config)
+    configs, state_dicts = single_file.convert(read_weights(path), base, source=str(path), derive_sizes=config is None)
     return Checkpoint(configs, state_dicts, None, str(path))
 
 
