@@ -116,6 +116,22 @@ class CpuBackend(NumpyBackend):
         _attention.attention_kernel(q, k, v, int(heads), bool(causal), out, tile_q, tile_k)
         return out
 
+    def to_tokens(self, x):
+        x = _f32(x)
+        B, C, H, W = x.shape
+        out = np.empty((B, H * W, C), np.float32)
+        _el.transpose_kernel(x.reshape(B, C, H * W), out)
+        return out
+
+    def to_image(self, x, height, width):
+        x = _f32(x)
+        B, N, C = x.shape
+        if N != height * width:
+            raise ValueError(f"to_image: {N} tokens are not a {height}×{width} image")
+        out = np.empty((B, C, height, width), np.float32)
+        _el.transpose_kernel(x, out.reshape(B, C, N))
+        return out
+
     def upsample_nearest2x(self, x):
         x = _f32(x)
         B, C, H, W = x.shape

@@ -114,3 +114,18 @@ def upsample_nearest2x_kernel(x, out):
                 out[p, 2 * y, 2 * j] = v
                 out[p, 2 * y, 2 * j + 1] = v
             out[p, 2 * y + 1, :] = out[p, 2 * y, :]
+
+
+@njit(parallel=True, cache=True)
+def transpose_kernel(x, out):
+    """out[b] = x[b]ᵀ for x (B, R, C), out (B, C, R), in 32×32 blocks so that both the reads and
+    the writes stay within a few cache lines (a plain strided copy misses on every element)."""
+    B, R, C = x.shape
+    nr, nc = (R + 31) // 32, (C + 31) // 32
+    for task in prange(B * nr):
+        b, r0 = task // nr, (task % nr) * 32
+        for cb in range(nc):
+            c0 = cb * 32
+            for c in range(c0, min(C, c0 + 32)):
+                for r in range(r0, min(R, r0 + 32)):
+                    out[b, c, r] = x[b, r, c]

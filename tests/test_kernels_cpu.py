@@ -167,6 +167,15 @@ def test_upsample_nearest2x():
     assert np.array_equal(out, ref.upsample_nearest2x(x[:, :, :, ::-1]))
 
 
+def test_tokens_round_trip():
+    x = randn(2, 37, 5, 9)
+    tokens = cpu.to_tokens(x)
+    assert np.array_equal(tokens, ref.to_tokens(x))
+    assert np.array_equal(cpu.to_image(tokens, 5, 9), x)
+    with pytest.raises(ValueError, match="tokens"):
+        cpu.to_image(tokens, 9, 9)
+
+
 def test_kernels_compile_once():
     """Every kernel sees one type signature, whatever layout or dtype the caller passed."""
     from tinysd.kernels import attention, conv, elementwise, norm
