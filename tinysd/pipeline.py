@@ -35,12 +35,15 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 VAE_SCALE = 8   # the VAE shrinks H and W by 8
 
 
-def load(source=DEFAULT_MODEL, backend=None):
+def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None):
     """A ready pipeline from a model id, a diffusers folder or a single .safetensors/.ckpt file.
 
     backend: 'numpy' (reference), 'cpu' (Numba kernels) or 'cuda'; None picks 'cpu' if it runs.
+    variant: 'fp16' reads a diffusers folder's `*.fp16.safetensors` (computed in float32).
+    config: for a single file whose model is not SD v1.5-shaped, a diffusers folder (or
+    {part: config dict}) giving the configs, as diffusers' `from_single_file(config=...)`.
     """
-    ckpt = load_checkpoint(source)
+    ckpt = load_checkpoint(source, variant=variant, config=config)
     backend = get_backend(backend)
     where = str(ckpt.source)
 
