@@ -34,9 +34,10 @@ def gemm(a, b, c, alpha=1.0, beta=0.0, trans_b=False):
     N = c.shape[1]
     ints = np.empty(6, np.int32)           # m, n, k, lda, ldb, ldc in BLAS's (transposed) terms
     ints[0], ints[1], ints[2] = N, M, K
-    ints[3] = max(1, b.strides[0] // 4)
-    ints[4] = max(1, a.strides[0] // 4)
-    ints[5] = max(1, c.strides[0] // 4)
+    # Leading dimensions: the row strides, in floats (a one-row view's stride can be anything).
+    ints[3] = b.strides[0] // 4 if b.shape[0] > 1 else max(1, b.shape[1])
+    ints[4] = a.strides[0] // 4 if M > 1 else max(1, K)
+    ints[5] = c.strides[0] // 4 if M > 1 else max(1, N)
     scalars = np.empty(2, np.float32)
     scalars[0], scalars[1] = alpha, beta
     trans = np.empty(2, np.uint8)

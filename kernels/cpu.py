@@ -6,6 +6,8 @@ test_kernels_cpu.py checks them against each other). GEMM-shaped work goes to BL
 Inputs are normalised to C-contiguous float32 before a kernel sees them, so every kernel
 compiles once (and is cached on disk, `cache=True`).
 """
+import mmap
+
 import numpy as np
 
 from tinysd.backend import NumpyBackend
@@ -18,6 +20,25 @@ from tinysd.kernels.blas import gemm
 
 def _f32(x):
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _release_file_pages(x):
+    """If x is a view of a read-only np.memmap, tell the OS this process no longer needs its
+    pages (madvise DONTNEED): reading x to make the tap-major copy faulted them in, and they
+    would otherwise count in the resident set next to the copy for as long as the file stays
+    mapped. Nothing is lost: the pages are re-read from the file if x is touched again."""
+    root = x
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    mm = getattr(root, "_mmap", None)
+    if not isinstance(root, np.memmap) or mm is None or root.flags.writeable or not x.flags.c_contiguous:
+        return
+    start = x.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    start += root.offset % mmap.ALLOCATIONGRANULARITY           # the map starts at a granule
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE           # whole pages inside x only
+    last = (start + x.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def _unary(kernel, x):
@@ -33,13 +54,17 @@ class CpuBackend(NumpyBackend):
     conv_chunk_bytes = 4 << 20      # conv scratch per chunk of output rows
 
     def asarray(self, x):
-        """As NumpyBackend; 4-D arrays (conv weights (Cout, Cin, kh, kw)) keep their shape and
+        """As NumpyBackend. 4-D arrays (conv weights (Cout, Cin, kh, kw)) keep their shape and
         values but are stored tap-major, as (Cout, kh, kw, Cin) in memory: the layout the conv
-        kernel reads each tap's (Cout, Cin) matrix from without a copy."""
+        kernel reads each tap's (Cout, Cin) matrix from without a copy. Other weights stay views
+        of the memory-mapped checkpoint, as with the numpy backend."""
         x = np.asarray(x)
-        if x.ndim == 4:
-            return _f32(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
-        return _f32(x)
+        if x.ndim != 4:
+            return _f32(x)
+        tap_major = np.empty((x.shape[0], x.shape[2], x.shape[3], x.shape[1]), np.float32)
+        tap_major[:] = x.transpose(0, 2, 3, 1)
+        _release_file_pages(x)
+        return tap_major.transpose(0, 3, 1, 2)
 
     def linear(self, x, weight, bias=None):
         x = _f32(x)

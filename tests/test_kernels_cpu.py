@@ -94,6 +94,17 @@ def test_asarray_keeps_shape_and_values():
     assert a.transpose(0, 2, 3, 1).flags.c_contiguous
 
 
+def test_asarray_of_memory_mapped_weight(tmp_path):
+    """A conv weight read from a memory-mapped file: the copy is right and the file's pages,
+    released after copying, still read back the same values."""
+    w = randn(64, 48, 3, 3)
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"header" + w.tobytes())
+    view = np.memmap(path, dtype=np.uint8, mode="r", offset=6)[:w.nbytes].view(np.float32).reshape(w.shape)
+    a = cpu.asarray(view)
+    assert np.array_equal(a, w) and np.array_equal(view, w)
+
+
 @pytest.mark.parametrize("shape,groups", [((2, 32, 5, 7), 8), ((1, 12, 33), 3), ((3, 6, 4, 4), 6)])
 @pytest.mark.parametrize("silu", [False, True])
 def test_group_norm(shape, groups, silu):

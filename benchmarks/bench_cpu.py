@@ -1,0 +1,275 @@
+"""tinysd's `cpu` (Numba) and `numpy` backends against diffusers fp32 on the same CPU.
+
+    python benchmarks/bench_cpu.py                          # text encoder, U-Net step, VAE decode
+    python benchmarks/bench_cpu.py --image --steps 20       # also a whole 512×512 image (long)
+    python benchmarks/bench_cpu.py --sides diffusers,cpu --rows unet --repeat 3 --json cpu.json
+
+Weights: random, SD v1.5-sized (860M-parameter U-Net), built once by the reference libraries
+(tests/reference_models.py) and saved as a diffusers folder under --workdir; every side loads that
+folder (diffusers `from_pretrained`, tinysd `tinysd.load`). Rows: the CLIP text encoder on
+["", prompt]; one U-Net forward with classifier-free guidance (batch 2, 64×64 latents); the VAE
+decode of one 64×64 latent to 512×512; with --image, the whole 512×512 image in --steps PNDM
+steps. Each (side, row) runs in its own subprocess, so its peak RSS (getrusage) is its own; all
+use --threads threads (torch, OpenBLAS, Numba). diffusers runs first and saves its output;
+each tinysd side checks its warm-up output against it before timing (relative max error, or
+mean |Δ| in 1/255 for the image) and stops if they disagree. Seconds: median of --repeat runs
+after the warm-up. GFLOP/s counts the multiply-adds (2 FLOP) of the linear, conv and attention
+ops that tinysd calls for the row, the same count for every column.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a photograph of an astronaut riding a horse"
+ROWS = {"text": "text encoder, batch 2", "unet": "U-Net step, CFG batch 2, 64×64",
+        "vae": "VAE decode 512×512", "image": "512×512 image"}
+SIDES = ("diffusers", "numpy", "cpu")
+TOLERANCE = {"text": 1e-3, "unet": 1e-3, "vae": 1e-3, "image": 0.5}   # image: mean |Δ|·255
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", default="text,unet,vae", help="comma-separated: text, unet, vae, image")
+    p.add_argument("--image", action="store_true", help="add the whole-image row (minutes per side)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps of the image row (default 20)")
+    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated: diffusers, numpy, cpu")
+    p.add_argument("--repeat", type=int, default=2, help="timed runs after one warm-up (default 2)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every side")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/tinysd-bench"),
+                   help="where the random SD v1.5-sized model folder is kept (about 4 GB)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--worker", nargs=2, metavar=("SIDE", "ROW"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.row_list = [r.strip() for r in args.rows.split(",") if r.strip()] + (["image"] if args.image else [])
+    args.side_list = [s.strip() for s in args.sides.split(",") if s.strip()]
+    if set(args.row_list) - set(ROWS):
+        p.error(f"--rows: unknown {sorted(set(args.row_list) - set(ROWS))}; choose from {', '.join(ROWS)}")
+    if set(args.side_list) - set(SIDES):
+        p.error(f"--sides: unknown {sorted(set(args.side_list) - set(SIDES))}; choose from {', '.join(SIDES)}")
+    if args.steps < 1 or args.repeat < 1 or args.threads < 1:
+        p.error("--steps, --repeat and --threads must be at least 1")
+    return args
+
+
+# -- the shared model folder and inputs ---------------------------------------------------------------
+def model_folder(workdir):
+    """The random SD v1.5-sized diffusers folder, built on first use (in a subprocess, so its
+    torch memory is gone before anything is measured)."""
+    folder = workdir / "sd-v1-5-random"
+    if not (folder / "model_index.json").exists():
+        code = ("import shutil, sys; sys.path.insert(0, %r)\n"
+                "from tests.reference_models import build_reference, tokenizer_dir\n"
+                "build_reference(size='sd-v1-5', write=False).pipe.save_pretrained(%r)\n"
+                # transformers 5 saves tokenizer.json only; keep the published vocab.json/merges.txt too
+                "shutil.copytree(tokenizer_dir(), %r, dirs_exist_ok=True)\n") % (
+                    str(REPO), str(folder), str(folder / "tokenizer"))
+        print(f"building random SD v1.5-sized weights in {folder} ...", flush=True)
+        subprocess.run([sys.executable, "-c", code], check=True)
+    return folder
+
+
+def inputs(folder):
+    """Token ids of ["", PROMPT] (2, 77), U-Net latents (2, 4, 64, 64) and context (2, 77, 768),
+    one VAE latent (1, 4, 64, 64): the same arrays for every side."""
+    from tinysd.tokenizer import CLIPTokenizer
+    rng = np.random.default_rng(0)
+    ids = np.asarray(CLIPTokenizer.from_folder(folder / "tokenizer")(["", PROMPT]), dtype=np.int64)
+    return {"ids": ids,
+            "latents": rng.standard_normal((2, 4, 64, 64)).astype(np.float32),
+            "context": rng.standard_normal((2, 77, 768)).astype(np.float32),
+            "z": rng.standard_normal((1, 4, 64, 64)).astype(np.float32)}
+
+
+# -- one (side, row) in a subprocess --------------------------------------------------------------------
+def diffusers_runner(folder, row, x, steps, threads):
+    import torch
+    from diffusers import StableDiffusionPipeline
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - t0
+    ids, latents, context, z = (torch.from_numpy(x[k]) for k in ("ids", "latents", "context", "z"))
+
+    def run():
+        with torch.no_grad():
+            if row == "text":
+                return pipe.text_encoder(ids)[0].numpy()
+            if row == "unet":
+                return pipe.unet(latents, 500, encoder_hidden_states=context).sample.numpy()
+            if row == "vae":
+                return pipe.vae.decode(z).sample.numpy()
+            return pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0),
+                        output_type="np").images
+    return run, load_s, None
+
+
+def tinysd_runner(folder, row, x, steps, backend_name):
+    import tinysd
+    t0 = time.perf_counter()
+    sd = tinysd.load(str(folder), backend=backend_name)
+    load_s = time.perf_counter() - t0
+    ops = sd.ops
+    context = ops.asarray(x["context"])
+
+    def run():
+        if row == "text":
+            return ops.numpy(sd.text_encoder(x["ids"]))
+        if row == "unet":
+            return ops.numpy(sd.unet(ops.asarray(x["latents"]), 500, context))
+        if row == "vae":
+            return ops.numpy(sd.vae.decode(ops.asarray(x["z"])))
+        return sd(PROMPT, num_inference_steps=steps, seed=0, output_type="np").images
+    return run, load_s, ops
+
+
+def count_flops(ops, fn):
+    """FLOPs (2 per multiply-add) of the linear, conv2d and attention calls fn() makes; returns
+    (fn's result, flops)."""
+    total = [0]
+    linear, conv2d, attention = ops.linear, ops.conv2d, ops.attention
+
+    def counted_linear(x, weight, bias=None):
+        total[0] += 2 * int(np.prod(x.shape[:-1])) * weight.shape[0] * weight.shape[1]
+        return linear(x, weight, bias)
+
+    def counted_conv2d(x, weight, bias=None, stride=1, padding=0):
+        y = conv2d(x, weight, bias, stride, padding)
+        total[0] += 2 * int(np.prod(y.shape)) * int(np.prod(weight.shape[1:]))
+        return y
+
+    def counted_attention(q, k, v, heads, causal=False):
+        total[0] += 4 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]     # Q Kᵀ and P V
+        return attention(q, k, v, heads, causal)
+
+    ops.linear, ops.conv2d, ops.attention = counted_linear, counted_conv2d, counted_attention
+    try:
+        return fn(), total[0]
+    finally:
+        del ops.linear, ops.conv2d, ops.attention
+
+
+def agreement(row, out, ref):
+    """Relative max error, or for the image the mean |Δ| in 1/255 steps."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    if out.shape != ref.shape:
+        raise SystemExit(f"{row}: output shape {out.shape} differs from diffusers' {ref.shape}")
+    if row == "image":
+        return float(np.abs(out - ref).mean() * 255)
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+def worker(args):
+    side, row = args.worker
+    folder = model_folder(args.workdir)
+    x = inputs(folder)
+    if side == "diffusers":
+        run, load_s, ops = diffusers_runner(folder, row, x, args.steps, args.threads)
+    else:
+        import numba
+        numba.set_num_threads(args.threads)
+        run, load_s, ops = tinysd_runner(folder, row, x, args.steps, side)
+    t0 = time.perf_counter()
+    if ops is not None and row != "image":
+        out, flops = count_flops(ops, run)
+    else:
+        out, flops = run(), None
+    first_s = time.perf_counter() - t0
+    ref_file = args.workdir / f"diffusers-{row}-{args.steps}.npy"
+    result = {"side": side, "row": row, "load_s": load_s, "first_s": first_s, "flops": flops}
+    if side == "diffusers":
+        np.save(ref_file, out)
+    elif ref_file.exists():
+        result["error"] = agreement(row, out, np.load(ref_file))
+        if not result["error"] <= TOLERANCE[row]:
+            result["disagrees"] = True
+            print(json.dumps(result))
+            return 1
+    times = []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    result["seconds"] = statistics.median(times)
+    result["times"] = times
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+    return 0
+
+
+def spawn(args, side, row):
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env[var] = str(args.threads)
+    cmd = [sys.executable, __file__, "--worker", side, row, "--steps", str(args.steps),
+           "--repeat", str(args.repeat), "--threads", str(args.threads), "--workdir", str(args.workdir)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise SystemExit(f"{side} {row} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1])
+    if result.get("disagrees"):
+        raise SystemExit(f"{side} {row}: output differs from diffusers by {result['error']:.3g} "
+                         f"(tolerance {TOLERANCE[row]}); not timing it")
+    return result
+
+
+# -- the table --------------------------------------------------------------------------------------
+def print_table(results, rows, sides):
+    flops = {row: next((results[s][row]["flops"] for s in sides
+                        if row in results[s] and results[s][row].get("flops")), None) for row in rows}
+    print(f"{'':32s}{'side':>10s}{'seconds':>10s}{'GFLOP/s':>9s}{'× diffusers':>13s}"
+          f"{'peak RSS':>11s}{'load+1st':>10s}{'vs diff.':>10s}")
+    for row in rows:
+        base = results.get("diffusers", {}).get(row, {}).get("seconds")
+        for side in sides:
+            r = results[side].get(row)
+            if r is None:
+                continue
+            gflops = f"{flops[row] / r['seconds'] / 1e9:9.1f}" if flops[row] else f"{'':9s}"
+            speedup = f"{base / r['seconds']:12.2f}×" if base else f"{'':13s}"
+            err = "" if "error" not in r else (f"{r['error']:.2g}/255" if row == "image" else f"{r['error']:.1e}")
+            print(f"{ROWS[row] if side == sides[0] else '':32s}{side:>10s}{r['seconds']:10.2f}{gflops}{speedup}"
+                  f"{r['peak_rss_mb'] / 1024:9.2f} GB{r['load_s'] + r['first_s']:9.1f}s{err:>10s}")
+    for row in rows:
+        if flops[row]:
+            print(f"{ROWS[row]}: {flops[row] / 1e12:.3f} TFLOP")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        return worker(args)
+    model_folder(args.workdir)
+    sides = [s for s in SIDES if s in args.side_list]          # diffusers first: the reference output
+    results = {side: {} for side in sides}
+    for row in args.row_list:
+        for side in sides:
+            print(f"{side:>10s} {row} ...", flush=True)
+            results[side][row] = spawn(args, side, row)
+    import torch
+    print(f"\n{os.cpu_count()} CPUs, {args.threads} threads, torch {torch.__version__}, "
+          f"load average {os.getloadavg()[0]:.1f}, median of {args.repeat}, image: {args.steps} steps")
+    print_table(results, args.row_list, sides)
+    if args.json:
+        args.json.write_text(json.dumps({"threads": args.threads, "steps": args.steps, "repeat": args.repeat,
+                                         "load_average": os.getloadavg(), "results": results}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
