@@ -165,7 +165,7 @@ ERRORS = {
     "output not png": (["-o", "{tmp}/x.jpg"], "must end in .png"),
     "no weights, no network": (["--model", "nobody/no-such-model"], "not in the Hugging Face cache"),
     "not a model folder": (["--model", "{tmp}/dir.png"], "not a diffusers SD folder"),
-    "single file of another shape": (["--model", "{single}"], "not an SD v1.5-shaped model"),
+    "single file without a VAE": (["--model", "{tmp}/novae.safetensors"], "it lacks the VAE"),
     "strength leaves no step": (["--init-image", "{tmp}/ok.png", "--strength", "0.1", "--sampler", "ddim"],
                                 "leaves no denoising step"),
     "cuda without a GPU": (["--backend", "cuda"], "needs an NVIDIA GPU"),
@@ -181,6 +181,10 @@ def test_errors_are_one_line_and_leave_no_file(case, tiny_sd, tmp_path, capsys, 
     (tmp_path / "text.png").write_text("not an image")
     write_image(tmp_path / "ok.png", (64, 64), seed=0)
     (tmp_path / "dir.png").mkdir()
+    if case == "single file without a VAE":
+        from safetensors.numpy import save_file
+        save_file({k: np.ascontiguousarray(v) for k, v in tiny_sd.original.items()
+                   if not k.startswith("first_stage_model.")}, str(tmp_path / "novae.safetensors"))
     before = sorted(tmp_path.rglob("*"))
     extra, message = ERRORS[case]
     extra = [a.format(tmp=tmp_path, single=tiny_sd.single_safetensors) for a in extra]
