@@ -50,14 +50,16 @@ MODELS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CL
 @dataclass
 class Demo:
     sd: object          # tinysd.StableDiffusion
-    real: bool          # True for trained SD v1.5 weights, False for the tiny random model
+    real: bool          # a real checkpoint (SD v1.5, or TINYSD_NOTEBOOK_MODEL's), not the tiny random model
     name: str           # where the weights came from
     size: int           # picture side in pixels (512 for SD v1.5, 64 for the tiny model)
     steps: int          # sampler steps the notebooks use
 
     def describe(self):
+        if self.real and self.name == SD15:
+            return f"Running on trained SD v1.5 weights ({SD15}, from the Hugging Face cache)."
         if self.real:
-            return f"Running on trained SD v1.5 weights from {self.name}."
+            return f"Running on the checkpoint {self.name} (TINYSD_NOTEBOOK_MODEL)."
         return (f"Running on a tiny SD-v1-shaped model with seeded random weights ({self.name}, "
                 f"{self.sd.unet.num_parameters() / 1e6:.1f} M U-Net parameters, {self.size}×{self.size} pictures): "
                 "SD v1's blocks, narrower. Random weights draw noise, so the pictures below show "

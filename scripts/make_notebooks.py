@@ -234,7 +234,7 @@ NOTEBOOKS["02_noise_schedules.ipynb"] = [
     noise = Generator(0).randn(x0.shape)              # ε, the same for every t
     ts = [0, 100, 200, 300, 500, 999]
     noisy = [ddpm.add_noise(x0, noise, step) for step in ts]
-    show([np.clip(x[0].transpose(1, 2, 0) / 2 + 0.5, 0, 1) for x in noisy], [f"t = {s}" for s in ts], size=1.8)
+    show([np.clip(x[0].transpose(1, 2, 0) / 2 + 0.5, 0, 1) for x in noisy], [f"t = {s}" for s in ts], size=1.5)
 
     step = 300
     by_hand = np.sqrt(abar[step]) * x0 + np.sqrt(1 - abar[step]) * noise
@@ -305,8 +305,8 @@ NOTEBOOKS["03_inside_the_unet.ipynb"] = [
     from tinysd.unet import timestep_embedding
 
     unet = sd.unet
-    h_lat = w_lat = demo.size // 8
-    latents = Generator(0).randn((1, unet.in_channels, h_lat, w_lat))
+    size = demo.size if demo.real else 2 * demo.size     # the tiny model at 128 px: 16×16 latents
+    latents = Generator(0).randn((1, unet.in_channels, size // 8, size // 8))
     context = sd.encode_prompt("a cat in space", guidance=False)   # (1, 77, D)
     t = 500
 
@@ -319,14 +319,14 @@ NOTEBOOKS["03_inside_the_unet.ipynb"] = [
     for i, block in enumerate(unet.down_blocks):
         h, block_skips = block(h, temb, context)
         skips += block_skips
-        print(f"{'down_blocks.%d' % i:18} {tuple(h.shape)}   {type(block).__name__}, keeps {len(block_skips)} skips")
+        print(f"{'down_blocks.%d' % i:18} {str(tuple(h.shape)):18} {type(block).__name__}, keeps {len(block_skips)} skips")
     h = unet.mid_block(h, temb, context)
     print(f"{'mid_block':18} {tuple(h.shape)}")
     for i, block in enumerate(unet.up_blocks):
         n = len(block.resnets)
         block_skips, skips = skips[-n:], skips[:-n]
         h = block(h, block_skips, temb, context, size=skips[-1].shape[2:] if skips else None)
-        print(f"{'up_blocks.%d' % i:18} {tuple(h.shape)}   {type(block).__name__}, used {n} skips")
+        print(f"{'up_blocks.%d' % i:18} {str(tuple(h.shape)):18} {type(block).__name__}, used {n} skips")
     eps = unet.conv_out(unet.conv_norm_out(h, silu=True))
     print(f"{'conv_out':18} {tuple(eps.shape)}")
 
@@ -369,12 +369,14 @@ NOTEBOOKS["03_inside_the_unet.ipynb"] = [
     code("""
     ts = np.arange(1000)
     emb = timestep_embedding(ts, unet.time_proj_dim, unet.flip_sin_to_cos, unet.freq_shift)   # (1000, dim)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3))
     axes[0].imshow(emb.T, aspect="auto", cmap="RdBu_r", interpolation="nearest")
     axes[0].set_xlabel("t")
     axes[0].set_ylabel("channel (cos half, then sin half)")
-    for i in (0, 2, 5, unet.time_proj_dim // 4):
-        axes[1].plot(ts, emb[:, i], label=f"channel {i}")
+    half = unet.time_proj_dim // 2
+    for i in (half // 4, half // 2, 3 * half // 4):
+        period = 2 * np.pi * 10000 ** (i / half)
+        axes[1].plot(ts, emb[:, i], label=f"channel {i}: cos, period {period:.0f}")
     axes[1].set_xlabel("t")
     axes[1].legend(fontsize=8)
     plt.show()
@@ -413,7 +415,6 @@ NOTEBOOKS["03_inside_the_unet.ipynb"] = [
             p /= p.sum(axis=-1, keepdims=True)
             self.maps[len(q)] = self.maps.get(len(q), 0) + p.mean(axis=0)
 
-    size = demo.size if demo.real else 2 * demo.size     # the tiny model at 128 px: 16×16 latents
     prompt = "a red apple on a wooden table"
     recorder = CrossAttentionRecorder()
     original = unet.ops
@@ -477,11 +478,11 @@ NOTEBOOKS["04_sampling_loop.ipynb"] = [
     ts = [t for t, _, _ in trace]
     z = np.concatenate([lat for _, lat, _ in trace])
     x0 = np.concatenate([x for _, _, x in trace])
-    pictures = sd.decode(np.concatenate([z, x0]))                 # one batch: (2·steps, H, W, 3)
-    keep = np.linspace(0, steps - 1, min(steps, 6)).round().astype(int)
-    show(pictures[keep], [f"z_t after t={ts[i]:.0f}" for i in keep], size=1.9)
-    show(pictures[steps + keep], [f"x̂₀ at t={ts[i]:.0f}" for i in keep], size=1.9)
-    print("the last latent decoded is the output:", np.abs(pictures[steps - 1] - out.images[0]).max())
+    keep = np.linspace(0, steps - 1, min(steps, 5)).round().astype(int)
+    # one picture at a time: at 512×512 a decode holds about 1 GB of activations
+    show([sd.decode(z[i:i + 1])[0] for i in keep], [f"z_t after t={ts[i]:.0f}" for i in keep], size=2)
+    show([sd.decode(x0[i:i + 1])[0] for i in keep], [f"x̂₀ at t={ts[i]:.0f}" for i in keep], size=2)
+    print("the last latent decoded is the output:", np.abs(sd.decode(z[-1:])[0] - out.images[0]).max())
     """),
     code("""
     fig, ax = plt.subplots(figsize=(6, 2.8))
@@ -501,9 +502,9 @@ NOTEBOOKS["04_sampling_loop.ipynb"] = [
     """),
     code("""
     scales = [1.0, 3.0, 7.5, 15.0]
-    latents = np.concatenate([sd(prompt, num_inference_steps=steps, seed=seed, scheduler="ddim",
-                                 guidance_scale=s, output_type="latent").images for s in scales])
-    show(sd.decode(latents), [f"guidance {s}" for s in scales], size=2.2)
+    pictures = [sd(prompt, num_inference_steps=steps, seed=seed, scheduler="ddim", guidance_scale=s,
+                   output_type="np").images[0] for s in scales]
+    show(pictures, [f"guidance {s}" for s in scales], size=2.2)
     """),
     md("""
     ## Samplers at equal steps
@@ -515,14 +516,14 @@ NOTEBOOKS["04_sampling_loop.ipynb"] = [
     """),
     code("""
     samplers = ["ddim", "pndm", "euler", "euler_a", "heun", "dpmpp_2m_karras"]
-    latents, calls = [], []
+    pictures, calls = [], []
     for name in samplers:
         count = []
-        result = sd(prompt, num_inference_steps=steps, seed=seed, scheduler=name, output_type="latent",
+        result = sd(prompt, num_inference_steps=steps, seed=seed, scheduler=name, output_type="np",
                     callback=lambda i, t, lat: count.append(i))
-        latents.append(result.images)
+        pictures.append(result.images[0])
         calls.append(len(count))
-    show(sd.decode(np.concatenate(latents)), [f"{n}\\n{c} U-Net calls" for n, c in zip(samplers, calls)], size=1.9)
+    show(pictures, [f"{n}\\n{c} U-Net calls" for n, c in zip(samplers, calls)], size=1.9)
     """),
 ]
 
@@ -590,10 +591,12 @@ NOTEBOOKS["05_vae.ipynb"] = [
     Decode the latent with one channel set to zero at a time:
     """),
     code("""
-    ablated = np.repeat(z, 4, axis=0)
+    ablated = []
     for c in range(4):
-        ablated[c, c] = 0
-    show(sd.decode(ablated), [f"channel {c} zeroed" for c in range(4)], size=2.2)
+        z_c = z.copy()
+        z_c[:, c] = 0
+        ablated.append(sd.decode(z_c)[0])
+    show(ablated, [f"channel {c} zeroed" for c in range(4)], size=2.2)
     """),
 ]
 
@@ -628,9 +631,9 @@ NOTEBOOKS["06_img2img_and_inpainting.ipynb"] = [
         ts = strength_timesteps(sampler, steps, s)
         print(f"strength {s}: {len(ts)} of {steps} steps, starting at t = {ts[0]}")
 
-    latents = np.concatenate([sd(prompt, image=picture, strength=s, num_inference_steps=steps, seed=seed,
-                                 scheduler="ddim", output_type="latent").images for s in strengths])
-    show([picture] + list(sd.decode(latents)), ["input"] + [f"strength {s}" for s in strengths], size=1.9)
+    outputs = [sd(prompt, image=picture, strength=s, num_inference_steps=steps, seed=seed, scheduler="ddim",
+                  output_type="np").images[0] for s in strengths]
+    show([picture] + outputs, ["input"] + [f"strength {s}" for s in strengths], size=1.9)
     """),
     md("""
     ## Inpainting
@@ -671,9 +674,13 @@ NOTEBOOKS["07_kernels.ipynb"] = [
     """, MODEL_NOTE),
     SETUP,
     code("""
+    import os
     import time
 
-    from tinysd.backend import BACKENDS, NumpyBackend, get_backend
+    import numba
+    from tinysd.backend import get_backend
+
+    print(f"{os.cpu_count()} CPU cores, Numba runs {numba.get_num_threads()} threads")
 
     try:
         import tinysd.kernels  # noqa: F401  registers 'cpu' and 'cuda' where they import
@@ -692,7 +699,9 @@ NOTEBOOKS["07_kernels.ipynb"] = [
 
     Shapes from one SD v1 U-Net level at 512×512 (64×64 latents, 320 channels) would take
     minutes in plain NumPy on a laptop; these are the same ops at a quarter of that size.
-    Each backend's first call compiles (Numba) and is timed apart; then the best of a few runs.
+    Each backend's first call is timed apart: it compiles the Numba kernels, or loads them from
+    Numba's on-disk cache (`cache=True`) after the first run on a machine. Then the best of a
+    few runs.
     """),
     code("""
     rng = np.random.default_rng(0)
@@ -715,7 +724,7 @@ NOTEBOOKS["07_kernels.ipynb"] = [
         "geglu": lambda b, a: b.geglu(a(x_ff)),
     }
 
-    def timed(backend, op, repeat=3):
+    def timed(backend, op, repeat=5):
         \"\"\"(output as NumPy, first-call seconds, best-of-`repeat` seconds); inputs moved outside the timing.\"\"\"
         cache = {}
         to_device = lambda arr: cache.setdefault(id(arr), backend.asarray(arr))
@@ -757,7 +766,7 @@ NOTEBOOKS["07_kernels.ipynb"] = [
         ax.bar(xs + i * width, [r[f"{bname} ms"] for r in rows], width, label=bname)
     ax.set_xticks(xs + width * (len(backends) - 1) / 2, [r["op"] for r in rows], rotation=20, fontsize=8)
     ax.set_yscale("log")
-    ax.set_ylabel("ms (best of 3)")
+    ax.set_ylabel("ms (best of 5)")
     ax.legend()
     plt.show()
     for bname in others:
