@@ -40,6 +40,8 @@ SD15_CONFIGS = Path(__file__).parent / "data" / "sd-v1-5"
 PARTS = ("unet", "vae", "text_encoder")
 SINGLE_FILES = (".safetensors", ".ckpt")
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+# Models shipped inside the package, by name: ordinary diffusers folders (see training/).
+PACKAGED = {"shapes": Path(__file__).parent / "data" / "shapes"}
 
 
 class CheckpointError(ValueError):
@@ -300,8 +302,9 @@ def _is_offline():
 
 
 def resolve(source=DEFAULT_MODEL, *, variant=None, cache_dir=None, local_files_only=False):
-    """A local Path for `source`: an existing file or folder as is, else a Hugging Face model id
-    ("org/name", a diffusers repo) or a single file in one ("org/name/v1-5-pruned-emaonly.safetensors").
+    """A local Path for `source`: a packaged model's name ("shapes", see PACKAGED), an existing
+    file or folder as is, else a Hugging Face model id ("org/name", a diffusers repo) or a single
+    file in one ("org/name/v1-5-pruned-emaonly.safetensors").
 
     A model id is looked up in huggingface_hub's cache first (so a model diffusers already
     downloaded is reused): the fp32 weights, or the fp16 variant if only that is cached. If it
@@ -309,6 +312,8 @@ def resolve(source=DEFAULT_MODEL, *, variant=None, cache_dir=None, local_files_o
     huggingface_hub). variant="fp16" asks for the half-size files. Offline and not cached:
     ModelNotFoundError saying what to pass instead.
     """
+    if str(source) in PACKAGED:
+        return PACKAGED[str(source)]
     path = Path(source).expanduser()
     if path.exists():
         return path
