@@ -21,7 +21,28 @@ from tinysd.kernels.elementwise import exp
 F32 = np.float32
 
 
-@njit(fastmath={"reassoc", "contract"}, cache=True)
+@njit(fastmath=True, cache=True)
+def _row_max(row, n):
+    """max(row[:n]), n ≥ 1, scores are finite. Not inlined: its fastmath flags (which let LLVM
+    vectorise the reduction) would be lost in a caller compiled without them."""
+    m = row[0]
+    for j in range(1, n):
+        m = max(m, row[j])
+    return m
+
+
+@njit(fastmath=True, cache=True)
+def _exp_and_sum(row, n, m):
+    """row[:n] ← e^(row[:n] − m), returns their sum."""
+    total = F32(0.0)
+    for j in range(n):
+        p = exp(row[j] - m)
+        row[j] = p
+        total += p
+    return total
+
+
+@njit(cache=True)
 def _softmax_tile(S, m, l, O, q0, k0, causal):
     """Turn the score tile S (Tq, Tk) into P = e^(S − m') in place and rescale l and O by
     e^(m − m'), as above. With `causal`, query q0+r sees keys ≤ q0+r: P is 0 past that."""
@@ -32,14 +53,8 @@ def _softmax_tile(S, m, l, O, q0, k0, causal):
         if n <= 0:
             row[:] = 0.0
             continue
-        m_new = m[r]
-        for j in range(n):
-            m_new = max(m_new, row[j])
-        total = F32(0.0)
-        for j in range(n):
-            p = exp(row[j] - m_new)
-            row[j] = p
-            total += p
+        m_new = max(m[r], _row_max(row, n))                     # m[r] = −inf on the first tile
+        total = _exp_and_sum(row, n, m_new)
         row[n:] = 0.0
         correction = exp(m[r] - m_new)
         l[r] = l[r] * correction + total
@@ -62,14 +77,14 @@ def attention_kernel(q, k, v, heads, causal, out, tile_q, tile_k):
         q0 = (task % n_qt) * tile_q
         q1 = min(Nq, q0 + tile_q)
         c0, c1 = h * d, (h + 1) * d                              # this head's channels
-        S = np.empty((q1 - q0, tile_k), np.float32)
+        S_buf = np.empty((q1 - q0) * tile_k, np.float32)
         O = np.zeros((q1 - q0, d), np.float32)
         m = np.full(q1 - q0, -np.inf, np.float32)
         l = np.zeros(q1 - q0, np.float32)
         k_end = min(Nk, q1) if causal else Nk
         for k0 in range(0, k_end, tile_k):
             k1 = min(k_end, k0 + tile_k)
-            St = S[:, :k1 - k0]
+            St = S_buf[:(q1 - q0) * (k1 - k0)].reshape(q1 - q0, k1 - k0)   # contiguous: rows vectorise
             gemm(q[b, q0:q1, c0:c1], k[b, k0:k1, c0:c1], St, scale, 0.0, True)   # Q Kᵀ/√d
             _softmax_tile(St, m, l, O, q0, k0, causal)
             gemm(St, v[b, k0:k1, c0:c1], O, 1.0, 1.0, False)                     # O += P V

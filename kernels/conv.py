@@ -13,19 +13,23 @@ Stride s: split the padded input into its s² phases xpad[:, p::s, q::s]; tap (i
 a stride-1 shift by (i//s, j//s) of phase (i%s, j%s). Small images: the batch is laid
 end to end in one flat row so each weight matrix is read once, not once per image.
 Large images: output rows go in chunks, so the scratch stays a few MB (VAE decode at 512²).
+
+The copies around the products (padding, bias and crop) run on one thread: they are a few
+percent of the work, and a Numba thread pool waking up between BLAS calls only fights
+OpenBLAS's own threads for the cores.
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from tinysd.kernels.blas import gemm
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def pad_phases(x, pt, pl, s, Hq, Wq, tail):
     """x (B, Cin, H, W) -> xq (s², Cin, B·Hq·Wq + tail): phase (p, q) of the zero-padded image
     at [p·s + q, c, (b·Hq + u)·Wq + v] = xpad[b, c, u·s + p, v·s + q]."""
     B, Cin, H, W = x.shape
     xq = np.empty((s * s, Cin, B * Hq * Wq + tail), np.float32)
-    for pc in prange(s * s * Cin):
+    for pc in range(s * s * Cin):
         ph, c = pc // Cin, pc % Cin
         p, q = ph // s, ph % s
         row = xq[ph, c]
@@ -42,12 +46,12 @@ def pad_phases(x, pt, pl, s, Hq, Wq, tail):
     return xq
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def add_bias_crop(acc, bias, out, g0, g1, Hq, Wq):
     """Scatter the flat products acc (Cout, (g1−g0)·Wq) of global rows g0..g1 (row g = b·Hq + y)
     into out (B, Cout, Ho, Wo), adding the bias and dropping wrap-around rows and columns."""
     B, Cout, Ho, Wo = out.shape
-    for o in prange(Cout):
+    for o in range(Cout):
         for g in range(g0, g1):
             b, y = g // Hq, g % Hq
             if y < Ho:
