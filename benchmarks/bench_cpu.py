@@ -259,7 +259,8 @@ def main(argv=None):
     for row in args.row_list:
         for side in sides:
             print(f"{side:>10s} {row} ...", flush=True)
-            results[side][row] = spawn(args, side, row)
+            r = results[side][row] = spawn(args, side, row)
+            print(f"{'':11s}{r['seconds']:.2f} s, peak RSS {r['peak_rss_mb'] / 1024:.2f} GB", flush=True)
     import torch
     print(f"\n{os.cpu_count()} CPUs, {args.threads} threads, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.1f}, median of {args.repeat}, image: {args.steps} steps")
