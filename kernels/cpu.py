@@ -51,7 +51,7 @@ def _unary(kernel, x):
 class CpuBackend(NumpyBackend):
     name = "cpu"
     attention_tiles = (128, 512)    # (queries, keys) per tile: the score tile is 256 KB, in L2
-    conv_chunk_bytes = 4 << 20      # conv scratch per chunk of output rows
+    conv_chunk_bytes = 16 << 20     # conv scratch per chunk of output rows (fits L3)
 
     def asarray(self, x):
         """As NumpyBackend. 4-D arrays (conv weights (Cout, Cin, kh, kw)) keep their shape and
