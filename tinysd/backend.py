@@ -86,7 +86,7 @@ class NumpyBackend:
 
     def gelu(self, x):
         """Exact GELU: x·Φ(x) = ½x(1 + erf(x/√2))."""
-        return (0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))).astype(np.float32, copy=False)
+        return 0.5 * x * (1.0 + erf(x * np.float32(1 / np.sqrt(2.0))))   # float32 throughout
 
     def quick_gelu(self, x):
         """CLIP's GELU approximation: x·σ(1.702x)."""
