@@ -159,6 +159,15 @@ def test_shipped_vocabulary_equals_folder():
         assert folder.encoder == shipped.encoder and folder.bpe_ranks == shipped.bpe_ranks
 
 
+def test_tokenizer_json_folder_equals_shipped(reference, tmp_path):
+    """A folder saved by transformers ≥ 5 holds tokenizer.json only: same vocabulary and merges."""
+    reference.save_pretrained(tmp_path)
+    if (tmp_path / "vocab.json").exists():
+        pytest.skip("this transformers saves vocab.json + merges.txt")
+    folder, shipped = CLIPTokenizer.from_folder(tmp_path), CLIPTokenizer()
+    assert folder.encoder == shipped.encoder and folder.bpe_ranks == shipped.bpe_ranks
+
+
 def test_bad_input(tmp_path):
     tok = CLIPTokenizer()
     with pytest.raises(TypeError, match="prompt must be"):

@@ -184,23 +184,38 @@ def load_clip_bpe(path=CLIP_BPE_FILE) -> tuple[dict[str, int], list[tuple[str, s
 
 
 def load_vocab_merges(folder) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A diffusers/transformers tokenizer folder (vocab.json, merges.txt) -> (vocab, merges).
+    """A diffusers/transformers tokenizer folder -> (vocab, merges).
 
-    `folder` may also be a model folder holding a tokenizer/ folder.
+    Reads vocab.json + merges.txt (the published SD folders), or else tokenizer.json (what
+    transformers ≥ 5 saves). `folder` may also be a model folder holding a tokenizer/ folder.
     """
     folder = Path(folder)
-    if (folder / "tokenizer" / "vocab.json").is_file():
+    if (folder / "tokenizer").is_dir():
         folder = folder / "tokenizer"
+    if not (folder / "vocab.json").is_file() and (folder / "tokenizer.json").is_file():
+        return _load_tokenizer_json(folder / "tokenizer.json")
     for name in ("vocab.json", "merges.txt"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} not found: a tokenizer folder holds "
-                                    "vocab.json and merges.txt")
+                                    "vocab.json and merges.txt (or tokenizer.json)")
     with open(folder / "vocab.json", encoding="utf-8") as f:
         vocab = json.load(f)
     with open(folder / "merges.txt", encoding="utf-8") as f:
         merges = [_parse_merge(line, folder / "merges.txt", n) for n, line in enumerate(f, 1)
                   if line.strip() and not line.startswith("#version")]
     return vocab, merges
+
+
+def _load_tokenizer_json(path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The BPE model inside a `tokenizers` tokenizer.json: its vocab and its merges, which are
+    stored as "a b" strings or as [a, b] pairs depending on the version that wrote them."""
+    with open(path, encoding="utf-8") as f:
+        model = json.load(f).get("model", {})
+    if model.get("type") != "BPE" or "vocab" not in model or "merges" not in model:
+        raise ValueError(f"{path}: not a BPE tokenizer (expected model.type 'BPE' with vocab and merges)")
+    merges = [tuple(m) if isinstance(m, list) else _parse_merge(m, path, n)
+              for n, m in enumerate(model["merges"], 1)]
+    return model["vocab"], merges
 
 
 def _parse_merge(line: str, path, line_no: int) -> tuple[str, str]:
