@@ -11,8 +11,14 @@
 Built once per session (a few seconds); tests skip where torch/diffusers/transformers or the
 shared tokenizer files are absent.
 """
+import os
 import sys
 from pathlib import Path
+
+if not (os.path.exists("/dev/nvidiactl") or os.path.isdir("/proc/driver/nvidia/gpus")):
+    # No GPU: the CUDA kernel tests run in numba's simulator. numba reads this once, when it is
+    # first imported, so it is set here, before any test module imports numba.
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 import pytest
 
