@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flops import count_flops
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a photograph of an astronaut riding a horse"
 ROWS = {"text": "text encoder, batch 2", "unet": "U-Net step, CFG batch 2, 64×64",
@@ -133,32 +135,6 @@ def tinysd_runner(folder, row, x, steps, backend_name):
             return ops.numpy(sd.vae.decode(ops.asarray(x["z"])))
         return sd(PROMPT, num_inference_steps=steps, seed=0, output_type="np").images
     return run, load_s, ops
-
-
-def count_flops(ops, fn):
-    """FLOPs (2 per multiply-add) of the linear, conv2d and attention calls fn() makes; returns
-    (fn's result, flops)."""
-    total = [0]
-    linear, conv2d, attention = ops.linear, ops.conv2d, ops.attention
-
-    def counted_linear(x, weight, bias=None):
-        total[0] += 2 * int(np.prod(x.shape[:-1])) * weight.shape[0] * weight.shape[1]
-        return linear(x, weight, bias)
-
-    def counted_conv2d(x, weight, bias=None, stride=1, padding=0):
-        y = conv2d(x, weight, bias, stride, padding)
-        total[0] += 2 * int(np.prod(y.shape)) * int(np.prod(weight.shape[1:]))
-        return y
-
-    def counted_attention(q, k, v, heads, causal=False):
-        total[0] += 4 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]     # Q Kᵀ and P V
-        return attention(q, k, v, heads, causal)
-
-    ops.linear, ops.conv2d, ops.attention = counted_linear, counted_conv2d, counted_attention
-    try:
-        return fn(), total[0]
-    finally:
-        del ops.linear, ops.conv2d, ops.attention
 
 
 def agreement(row, out, ref):

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flops import count_flops
+
 SD15 = Path(__file__).resolve().parents[1] / "tinysd" / "data" / "sd-v1-5"
 FP32_LANES_PER_SM = {7: 64, 8: 128, 9: 128, 10: 128, 12: 128}   # by major compute capability (8.0: 64)
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -61,32 +63,6 @@ def median_seconds(fn, sync, repeat):
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def count_flops(backend, fn):
-    """FLOPs of the linear, conv2d and attention calls fn() makes on `backend` (2 per multiply-add)."""
-    total = [0]
-    linear, conv2d, attention = backend.linear, backend.conv2d, backend.attention
-
-    def counted_linear(x, weight, bias=None):
-        total[0] += 2 * int(np.prod(x.shape[:-1])) * weight.shape[0] * weight.shape[1]
-        return linear(x, weight, bias)
-
-    def counted_conv2d(x, weight, bias=None, stride=1, padding=0):
-        y = conv2d(x, weight, bias, stride, padding)
-        total[0] += 2 * int(np.prod(y.shape)) * int(np.prod(weight.shape[1:]))
-        return y
-
-    def counted_attention(q, k, v, heads, causal=False):
-        total[0] += 4 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]    # QKᵀ and PV
-        return attention(q, k, v, heads, causal)
-
-    backend.linear, backend.conv2d, backend.attention = counted_linear, counted_conv2d, counted_attention
-    try:
-        fn()
-    finally:
-        del backend.linear, backend.conv2d, backend.attention
-    return total[0]
 
 
 def fp32_peak_tflops():
@@ -159,7 +135,7 @@ def tinysd_cells(sd, backend, rows, steps, repeat):
     }
     cells = {}
     for row in rows:
-        flops = count_flops(backend, run[row]) if row != "image" else None
+        flops = count_flops(backend, run[row])[1] if row != "image" else None
         cells[row] = {"seconds": median_seconds(run[row], cuda.synchronize, repeat), "flops": flops}
     return cells
 
