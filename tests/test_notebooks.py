@@ -70,6 +70,9 @@ def test_notebook_runs(name, workdir, monkeypatch):
     # The tiny model's matrices are too small for BLAS threads to pay; on a busy machine the
     # threads' spinning makes a notebook 10× slower.
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    # conftest turns on numba's CUDA simulator for the kernel tests; a notebook timing the
+    # `cuda` backend in the simulator would take hours, so notebooks see the machine as it is
+    monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)
     folder = workdir / "notebooks"
     nb = nbformat.read(folder / name, as_version=4)
     for cell in nb.cells:
