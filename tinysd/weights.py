@@ -313,7 +313,11 @@ def resolve(source=DEFAULT_MODEL, *, variant=None, cache_dir=None, local_files_o
     ModelNotFoundError saying what to pass instead.
     """
     if str(source) in PACKAGED:
-        return PACKAGED[str(source)]
+        folder = PACKAGED[str(source)]
+        if not (folder / "model_index.json").exists():
+            raise ModelNotFoundError(f"the packaged model {source!r} is not in this installation ({folder} is "
+                                     f"missing); train it with training/train_{source}.py")
+        return folder
     path = Path(source).expanduser()
     if path.exists():
         return path
