@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tinysd.backend import NumpyBackend
+from tinysd.backend import NumpyBackend, conv_output_size
 
 _NO_GPU = ("--backend cuda needs an NVIDIA GPU with CUDA; none was found ({why}). "
            "Use --backend cpu, or set NUMBA_ENABLE_CUDASIM=1 to run the CUDA kernels in numba's "
@@ -218,12 +218,8 @@ class CudaBackend(NumpyBackend):
     def conv2d(self, x, weight, bias=None, stride=1, padding=0):
         x, weight = self.asarray(x), self.asarray(weight)
         B, Cin, H, W = x.shape
-        Cout, wcin, kh, kw = weight.shape
-        if wcin != Cin:
-            raise ValueError(f"conv2d: input has {Cin} channels, weight {weight.shape} expects {wcin}")
-        pt, pb, pl, pr = (padding,) * 4 if np.isscalar(padding) else padding
-        Ho = (H + pt + pb - kh) // stride + 1
-        Wo = (W + pl + pr - kw) // stride + 1
+        Cout, _, kh, kw = weight.shape
+        (pt, pb, pl, pr), Ho, Wo = conv_output_size(x.shape, weight.shape, stride, padding)
         out = self._empty((B, Cout, Ho, Wo))
         self.k.conv2d(x.data, weight.data, None if bias is None else self.asarray(bias).data,
                       stride, pt, pl, out.data)

@@ -45,11 +45,9 @@ class NumpyBackend:
         """
         B, Cin, H, W = x.shape
         Cout, _, kh, kw = weight.shape
-        pt, pb, pl, pr = (padding,) * 4 if np.isscalar(padding) else padding
+        (pt, pb, pl, pr), Ho, Wo = conv_output_size(x.shape, weight.shape, stride, padding)
         if pt or pb or pl or pr:
             x = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-        Ho = (H + pt + pb - kh) // stride + 1
-        Wo = (W + pl + pr - kw) // stride + 1
         out = np.zeros((B, Cout, Ho * Wo), dtype=np.float32)
         for i in range(kh):
             for j in range(kw):
@@ -145,6 +143,18 @@ class NumpyBackend:
     def take(self, table, ids):
         """Embedding lookup: rows of `table` (V, C) at integer `ids` (B, N) -> (B, N, C)."""
         return table[np.asarray(ids)]
+
+
+def conv_output_size(x_shape, weight_shape, stride, padding):
+    """((top, bottom, left, right) padding, Ho, Wo) of a conv; checks the channels agree.
+
+    Ho = (H + top + bottom − kh) // stride + 1, and likewise Wo.
+    """
+    (_, Cin, H, W), (_, Cin_w, kh, kw) = x_shape, weight_shape
+    if Cin_w != Cin:
+        raise ValueError(f"conv2d: input has {Cin} channels, weight {tuple(weight_shape)} expects {Cin_w}")
+    pt, pb, pl, pr = (padding,) * 4 if np.isscalar(padding) else padding
+    return (pt, pb, pl, pr), (H + pt + pb - kh) // stride + 1, (W + pl + pr - kw) // stride + 1
 
 
 BACKENDS = {"numpy": NumpyBackend}
