@@ -4,6 +4,8 @@ same seeded random weights, prompt, seed (torch CPU generator), sampler and step
 Bounds (float32): final latents within 1e-3 relative to their scale, final images within
 0.5/255 mean absolute difference. One denoising step more or less moves the image by far more.
 """
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -119,11 +121,7 @@ def test_fp16_variant_matches_diffusers_on_the_same_weights(tiny_sd):
     sd = tinysd.load(tiny_sd.folder, backend="numpy", variant="fp16")
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd.folder, variant="fp16", torch_dtype=torch.float32,
                                                              safety_checker=None, requires_safety_checker=False)
-
-    class Tiny:  # the reference pipeline from the fp16 files, with the same components API
-        pass
-    ref = Tiny()
-    ref.pipe, ref.folder = pipe, tiny_sd.folder
+    ref = SimpleNamespace(pipe=pipe, folder=tiny_sd.folder)   # the reference from the fp16 files
     assert_same_picture(run_tinysd(sd, "txt2img", "euler_a"), run_reference(ref, "txt2img", "euler_a"))
 
 
