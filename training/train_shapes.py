@@ -1,6 +1,6 @@
 """Train "shapes": a small SD v1 (same architecture, narrow) on captioned pictures of shapes.
 
-    python training/train_shapes.py                      # ~35 min on 2 free CPU cores
+    python training/train_shapes.py                      # ~65 min on 2 free CPU cores
     python training/train_shapes.py --resume             # continue from the work folder's checkpoints
     python training/train_shapes.py --vae-steps 20 --unet-steps 20 --out /tmp/shapes-debug   # smoke run
 
@@ -48,10 +48,13 @@ TOKENIZER = REPO.parent / "shared" / "reference" / "sd-v1-5" / "tokenizer"
 SCALING_FACTOR = 0.18215                                         # SD v1's latent scale, kept as is
 
 # SD v1's topology (block types, 2 ResNets per down block, 3 per up block, attention in the
-# first three levels and the middle, 8 heads, 32 norm groups), only narrower. The first width
-# is 64 so that every GroupNorm(32) sees 2+ channels per group. CLIP keeps head size 64.
+# first three levels and the middle, 8 heads, 32 norm groups), only narrower. The U-Net's first
+# width is 64 so that every GroupNorm(32) sees 2+ channels per group. CLIP keeps head size 64.
+# The VAE is SD v1's too (4 levels = 8x down, 4 latent channels, mid-block attention) but with
+# one ResNet per level and 32 channels at the two full-resolution levels: at 64 px those levels
+# cost most of a training step, and flat-coloured shapes need little width there.
 UNET = dict(block_out_channels=[64, 64, 64, 64], cross_attention_dim=64, sample_size=8)
-VAE = dict(block_out_channels=[64, 64, 64, 64], sample_size=64)
+VAE = dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1, sample_size=64)
 TEXT = dict(hidden_size=64, num_attention_heads=1, num_hidden_layers=3, intermediate_size=256, projection_dim=64)
 
 
@@ -174,6 +177,28 @@ def train_vae(vae, args):
 
 
 @torch.no_grad()
+def check_reconstructions(vae, seed, n=300):
+    """Colour, position and shape accuracy of the VAE's reconstructions of n one-object scenes.
+
+    Measured like the final evaluation (evaluate_shapes.measure): a decoder that mixes up hues
+    or blurs outlines caps what the U-Net can reach, so this is read before stage 2 starts.
+    """
+    import evaluate_shapes
+
+    rng = np.random.default_rng((seed, 5))
+    scenes = [shapes_data.sample_scene(rng, two_prob=0.0, allow_held_out=True) for _ in range(n)]
+    images = np.stack([shapes_data.render(s) for s in scenes])
+    x_hat = vae.decode(vae.encode(to_tensor(images)).latent_dist.mean).sample
+    pictures = ((x_hat.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    hits = {"colour": [], "position": [], "shape": []}
+    for scene, picture in zip(scenes, pictures):
+        got, want = evaluate_shapes.measure(picture), scene.things[0]
+        for k in hits:
+            hits[k].append(got[k] == getattr(want, k))
+    return {k: float(np.mean(v)) for k, v in hits.items()}
+
+
+@torch.no_grad()
 def encode_all(vae, images, batch=64):
     """Latent means and standard deviations (N, 4, 8, 8) of uint8 images (N, 64, 64, 3)."""
     means, stds = [], []
@@ -290,12 +315,12 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--vae-steps", type=int, default=900)
-    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-5)
-    p.add_argument("--dataset-size", type=int, default=4000)
-    p.add_argument("--unet-steps", type=int, default=500)
+    p.add_argument("--dataset-size", type=int, default=16000)
+    p.add_argument("--unet-steps", type=int, default=3500)
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--uncond-prob", type=float, default=0.1)
@@ -316,6 +341,8 @@ def main(argv=None):
 
     losses = {"vae": train_vae(vae, args)}
     vae.requires_grad_(False)
+    recon = check_reconstructions(vae, args.seed)
+    print("VAE reconstructions, accuracy as measured by evaluate_shapes:", json.dumps(recon))
     stats_rng = np.random.default_rng((args.seed, 4))
     stats = normalise_latents(vae, shapes_data.sample_batch(stats_rng, 1000)[0])
     data = make_dataset(vae, tokenizer, args)
@@ -324,6 +351,7 @@ def main(argv=None):
     publish(vae, unet, text_encoder, args.out)
     plot_losses(losses, args.plot)
     log = {"args": vars(args), "minutes": (time.time() - began) / 60, **stats,
+           "vae_reconstruction_accuracy": recon,
            "final_loss": {k: float(np.mean(v[-100:])) for k, v in losses.items()}}
     (Path(args.work) / "train_log.json").write_text(json.dumps(log, indent=1))
     print(json.dumps({k: log[k] for k in ("minutes", "final_loss")}))
