@@ -10,12 +10,13 @@ running max m, the running sum l of e^(s − m) and the unnormalised output O; f
 and at the end O/l. Only one Tq×Tk score tile per thread exists at a time, never a full
 Nq×Nk matrix. The two products of a tile are BLAS sgemm calls on strided views of the
 (B, N, heads·d) tensors: no head is ever copied out. Tiles run in parallel over the cores
-(prange over batch × heads × query tiles); each calls a single-threaded sgemm on its core.
+(prange over batch × heads × query tiles); each calls sgemm on its own core, so the caller
+runs the kernel inside `blas_single_threaded()`.
 """
 import numpy as np
 from numba import njit, prange
 
-from tinysd.kernels.blas import blas_threads_local, gemm
+from tinysd.kernels.blas import gemm
 from tinysd.kernels.elementwise import exp
 
 F32 = np.float32
@@ -71,7 +72,6 @@ def attention_kernel(q, k, v, heads, causal, out, tile_q, tile_k):
     scale = 1.0 / np.sqrt(d)
     n_qt = (Nq + tile_q - 1) // tile_q
     for task in prange(B * heads * n_qt):
-        threads = blas_threads_local(1)                          # this core, these tiles
         b = task // (heads * n_qt)
         h = (task // n_qt) % heads
         q0 = (task % n_qt) * tile_q
@@ -90,4 +90,3 @@ def attention_kernel(q, k, v, heads, causal, out, tile_q, tile_k):
             gemm(St, v[b, k0:k1, c0:c1], O, 1.0, 1.0, False)                     # O += P V
         for r in range(q1 - q0):
             out[b, q0 + r, c0:c1] = O[r] / l[r]
-        blas_threads_local(threads)

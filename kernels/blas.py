@@ -6,12 +6,13 @@ into a bigger array (a row stride, unit inner stride), an output that is a view 
 head's columns of a (B, N, C) tensor) and accumulation C += A·B (β = 1). So we call the
 Fortran `sgemm` that SciPy exports for Cython, the same OpenBLAS, multi-threaded.
 """
+import contextlib
 import ctypes
 
 import llvmlite.binding as llvm
 import numpy as np
 import scipy.linalg.cython_blas
-from numba import cfunc, njit, types
+from numba import njit, types
 from numba.extending import get_cython_function_address
 
 # void sgemm(char *transa, char *transb, int *m, int *n, int *k, float *alpha, float *a,
@@ -47,22 +48,42 @@ def gemm(a, b, c, alpha=1.0, beta=0.0, trans_b=False):
            s + 4, c.ctypes.data, i + 20)
 
 
-@cfunc(types.intc(types.intc))
-def _keep_threads(n):
-    return 0
+def _openblas(*names):
+    """The first of `names` exported by the OpenBLAS behind SciPy's BLAS, or None (SciPy's wheels
+    prefix OpenBLAS's own functions with `scipy_`; other builds do not)."""
+    lib = ctypes.CDLL(scipy.linalg.cython_blas.__file__)       # dlsym also searches its dependencies
+    for name in names:
+        try:
+            return getattr(lib, name)
+        except AttributeError:
+            pass
+    return None
 
 
-def _threads_local_address():
-    """OpenBLAS ≥ 0.3.27 can set the thread count of the calling thread only. The kernels that
-    run many small products in parallel (attention tiles) use it to keep each product on its
-    own core; other BLAS builds get a no-op and their own threading."""
+_get_threads = _openblas("scipy_openblas_get_num_threads", "openblas_get_num_threads")
+_set_threads = _openblas("scipy_openblas_set_num_threads", "openblas_set_num_threads")
+
+
+@contextlib.contextmanager
+def blas_single_threaded():
+    """Run the block with OpenBLAS on one thread, then give it back its thread count.
+
+    For kernels that call sgemm from every core at once (attention tiles in a prange): each call
+    should stay on its own core. Set around the whole parallel region, from one thread: OpenBLAS's
+    thread count is one global, and `openblas_set_num_threads_local` set and restored per task
+    races between the cores and can leave every later GEMM on a single thread.
+    """
+    if _get_threads is None or _set_threads is None:
+        yield
+        return
+    threads = _get_threads()
+    _set_threads(1)
     try:
-        fn = ctypes.CDLL(scipy.linalg.cython_blas.__file__).openblas_set_num_threads_local
-        return ctypes.cast(fn, ctypes.c_void_p).value
-    except (OSError, AttributeError):
-        return _keep_threads.address
+        yield
+    finally:
+        _set_threads(threads)
 
 
-llvm.add_symbol("tinysd_blas_threads_local", _threads_local_address())
-blas_threads_local = types.ExternalFunction("tinysd_blas_threads_local", types.intc(types.intc))
-blas_threads_local.__doc__ = "Set this thread's BLAS thread count; returns the previous one."
+def blas_threads():
+    """OpenBLAS's current thread count (None if this BLAS does not say)."""
+    return None if _get_threads is None else int(_get_threads())

@@ -15,7 +15,7 @@ from tinysd.kernels import attention as _attention
 from tinysd.kernels import conv as _conv
 from tinysd.kernels import elementwise as _el
 from tinysd.kernels import norm as _norm
-from tinysd.kernels.blas import gemm
+from tinysd.kernels.blas import blas_single_threaded, gemm
 
 
 def _f32(x):
@@ -138,7 +138,8 @@ class CpuBackend(NumpyBackend):
             raise ValueError(f"attention: {q.shape[2]} channels do not split into {heads} heads")
         out = np.empty_like(q)
         tile_q, tile_k = self.attention_tiles
-        _attention.attention_kernel(q, k, v, int(heads), bool(causal), out, tile_q, tile_k)
+        with blas_single_threaded():                     # the tiles run one per core
+            _attention.attention_kernel(q, k, v, int(heads), bool(causal), out, tile_q, tile_k)
         return out
 
     def to_tokens(self, x):

@@ -172,6 +172,20 @@ def test_attention_strided_inputs_and_torch():
     close(got, expected.numpy())
 
 
+def test_attention_gives_blas_its_threads_back():
+    """The attention tiles run sgemm one per core; afterwards every other GEMM must get all
+    of OpenBLAS's threads again (a per-task set/restore once raced and left it at 1)."""
+    from tinysd.kernels.blas import blas_threads
+
+    before = blas_threads()
+    if before is None:
+        pytest.skip("this BLAS does not report its thread count")
+    q = randn(2, 300, 8 * 16)
+    for _ in range(3):
+        cpu.attention(q, q, q, 8)
+    assert blas_threads() == before
+
+
 def test_upsample_nearest2x():
     x = randn(2, 3, 5, 7)
     out = cpu.upsample_nearest2x(x[:, :, :, ::-1])
