@@ -82,6 +82,41 @@ def test_conv2d_chunked_rows_and_strided_input():
     close(small.conv2d(x, w, b, 2, 1), ref.conv2d(x, w, b, 2, 1))
 
 
+WINOGRAD_CASES = [   # (B, Cin, Cout, H, W, padding): odd sizes (a half tile at the edge), asymmetric padding
+    (1, 3, 5, 7, 9, 1), (2, 8, 4, 6, 6, 0), (2, 33, 17, 13, 10, 1), (1, 4, 6, 5, 8, (0, 1, 0, 1)),
+    (3, 16, 32, 11, 7, (1, 0, 2, 1)),
+]
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES)
+def test_conv2d_winograd(case):
+    """3×3 stride-1 convs by Winograd F(2×2, 3×3), chunks of 5 tiles so every chunk edge and a
+    chunk ending inside a picture are crossed, equal to the direct convolution."""
+    B, Cin, Cout, H, W, p = case
+    wino = CpuBackend()
+    wino.winograd_min_tiles = 1
+    wino.winograd_chunk_bytes = 16 * 4 * (Cin + Cout) * 5
+    x, w, b = randn(B, Cin, H, W, scale=2.0), randn(Cout, Cin, 3, 3), randn(Cout)
+    expected = ref.conv2d(x, w, b, 1, p)
+    close(wino.conv2d(x, wino.asarray(w), b, 1, p), expected)
+    close(wino.conv2d(x[:, :, :, ::-1], w, None, 1, p), ref.conv2d(x[:, :, :, ::-1], w, None, 1, p))
+
+
+def test_conv2d_winograd_is_taken_for_big_images():
+    from tinysd.kernels import winograd
+
+    calls = []
+    original = winograd.conv3x3_kernel
+    winograd.conv3x3_kernel = lambda *a: calls.append(a) or original(*a)
+    try:
+        x, w = randn(2, 4, 32, 32), randn(4, 4, 3, 3)                 # 2·16·16 = 512 tiles
+        close(cpu.conv2d(x, w, None, 1, 1), ref.conv2d(x, w, None, 1, 1))
+        close(cpu.conv2d(x[:, :, :8, :8], w, None, 1, 1), ref.conv2d(x[:, :, :8, :8], w, None, 1, 1))
+    finally:
+        winograd.conv3x3_kernel = original
+    assert len(calls) == 1                                            # the 8×8 one went the direct way
+
+
 def test_conv2d_rejects_channel_mismatch():
     with pytest.raises(ValueError, match="channels"):
         cpu.conv2d(randn(1, 3, 4, 4), randn(2, 4, 3, 3))
