@@ -1,6 +1,6 @@
 """Train "shapes": a small SD v1 (same architecture, narrow) on captioned pictures of shapes.
 
-    python training/train_shapes.py                      # ~65 min on 2 free CPU cores
+    python training/train_shapes.py                      # ~55 min on 2 free CPU cores
     python training/train_shapes.py --resume             # continue from the work folder's checkpoints
     python training/train_shapes.py --vae-steps 20 --unet-steps 20 --out /tmp/shapes-debug   # smoke run
 
@@ -320,7 +320,7 @@ def parse_args(argv=None):
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-5)
     p.add_argument("--dataset-size", type=int, default=16000)
-    p.add_argument("--unet-steps", type=int, default=3500)
+    p.add_argument("--unet-steps", type=int, default=2500)
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--uncond-prob", type=float, default=0.1)
