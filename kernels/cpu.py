@@ -11,7 +11,7 @@ import mmap
 import numba
 import numpy as np
 
-from tinysd.backend import NumpyBackend
+from tinysd.backend import NumpyBackend, conv_output_size
 from tinysd.kernels import attention as _attention
 from tinysd.kernels import conv as _conv
 from tinysd.kernels import elementwise as _el
@@ -86,31 +86,27 @@ class CpuBackend(NumpyBackend):
 
     def conv2d(self, x, weight, bias=None, stride=1, padding=0):
         x = _f32(x)
-        B, Cin, H, W = x.shape
-        Cout, Cin_w, kh, kw = weight.shape
-        if Cin_w != Cin:
-            raise ValueError(f"conv2d: input has {Cin} channels, weight {tuple(weight.shape)} expects {Cin_w}")
-        pt, pb, pl, pr = (padding,) * 4 if np.isscalar(padding) else padding
-        Ho = (H + pt + pb - kh) // stride + 1
-        Wo = (W + pl + pr - kw) // stride + 1
+        B, Cin = x.shape[:2]
+        Cout, _, kh, kw = weight.shape
+        (pt, pb, pl, pr), Ho, Wo = conv_output_size(x.shape, weight.shape, stride, padding)
         bias = np.zeros(Cout, np.float32) if bias is None else _f32(bias)
         out = np.empty((B, Cout, Ho, Wo), np.float32)
         if kh == kw == 1 and stride == 1 and not (pt or pb or pl or pr):
             _conv.conv1x1_kernel(x, _f32(weight.reshape(Cout, Cin)), bias, out)
-        elif kh == kw == 3 and stride == 1 and B * -(-Ho // 2) * -(-Wo // 2) >= self.winograd_min_tiles:
-            self._conv3x3_winograd(x, weight, bias, pt, pl, out)
+            return out
+        w = _f32(weight.transpose(0, 2, 3, 1))            # (Cout, kh, kw, Cin); no copy for weights from asarray
+        tiles = B * -(-Ho // 2) * -(-Wo // 2)               # 2×2 output tiles, for Winograd
+        if kh == kw == 3 and stride == 1 and tiles >= self.winograd_min_tiles:
+            self._conv3x3_winograd(x, w, bias, pt, pl, out, tiles)
         else:
-            w = _f32(weight.transpose(0, 2, 3, 1))        # no copy for weights from asarray
             _conv.conv2d_kernel(x, w, bias, int(stride), int(pt), int(pb), int(pl), int(pr), out,
                                 int(self.conv_chunk_bytes))
         return out
 
-    def _conv3x3_winograd(self, x, weight, bias, pt, pl, out):
-        B, Cin = x.shape[:2]
-        Cout, Ho, Wo = out.shape[1:]
+    def _conv3x3_winograd(self, x, w, bias, pt, pl, out, tiles):
+        Cin, Cout = x.shape[1], out.shape[1]
         U = np.empty((16, Cout, Cin), np.float32)
-        _winograd.weight_transform(_f32(weight.transpose(0, 2, 3, 1)), U)
-        tiles = B * -(-Ho // 2) * -(-Wo // 2)
+        _winograd.weight_transform(w, U)
         per_task = self.winograd_chunk_bytes // (16 * 4 * (Cin + Cout))     # V and M in the scratch
         per_task = max(1, min(max(per_task, 32), -(-tiles // (2 * numba.get_num_threads()))))
         with blas_single_threaded():                        # one GEMM per core, chunks in parallel
