@@ -20,6 +20,10 @@ if not (os.path.exists("/dev/nvidiactl") or os.path.isdir("/proc/driver/nvidia/g
     # first imported, so it is set here, before any test module imports numba.
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
+# torch loads libgomp when imported, before tinysd's cpu backend can ask it not to spin
+# (kernels/cpu.py); libgomp reads this once, when it loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
