@@ -129,8 +129,10 @@ class CpuBackend(NumpyBackend):
         Cin, Cout = x.shape[1], out.shape[1]
         U = np.empty((16, Cout, Cin), np.float32)
         _winograd.weight_transform(w, U)
-        per_task = self.winograd_chunk_bytes // (16 * 4 * (Cin + Cout))     # V and M in the scratch
-        per_task = max(1, min(max(per_task, 32), -(-tiles // (2 * numba.get_num_threads()))))
+        Tx = -(-out.shape[3] // 2)                          # tiles per tile row; chunks are whole tile rows
+        per_task = self.winograd_chunk_bytes // (16 * 4 * (Cin + Cout))     # tiles whose V and M fit the scratch
+        per_task = max(per_task, 32, Tx) // Tx                               # ... in tile rows
+        per_task = max(1, min(per_task, -(-(tiles // Tx) // (2 * numba.get_num_threads()))))
         with blas_single_threaded():                        # one GEMM per core, chunks in parallel
             _winograd.conv3x3_kernel(x, U, bias, int(pt), int(pl), out, per_task)
 

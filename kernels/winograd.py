@@ -17,7 +17,8 @@ elementwise product becomes 16 matrix products, one per position ξ of the 4×4 
     M[ξ] (Cout, tiles) = U[ξ] (Cout, Cin) @ V[ξ] (Cin, tiles),   U = G g Gᵀ,  V = Bᵀ d B
 
 Those 16 GEMMs are where the time goes (BLAS sgemm); the transforms around them are a few
-adds per value. The tiles of the whole batch are cut into chunks; each chunk (transform in, 16
+adds per value, run a tile row at a time so that the tiles are the SIMD lanes. The tile rows of
+the whole batch are cut into chunks; each chunk (transform in, 16
 GEMMs, transform out) runs on one core, the chunks in parallel (prange), so there is one thread
 pool and BLAS runs single-threaded inside it (the caller wraps the call in
 `blas_single_threaded()`). The weights are transformed on every call (no second copy kept in
@@ -54,82 +55,96 @@ def weight_transform(w, U):
                 U[4 * a + 3, o, c] = g2
 
 
-@njit(inline="always")
-def _bt(d0, d1, d2, d3):
-    """Bᵀ applied to one column (or row) of 4."""
-    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
-
-
 @njit(cache=True)
-def input_transform(x, pt, pl, Ty, Tx, t0, V):
-    """V[ξ, c, i] = (Bᵀ d B)[ξ] for tiles t0 + i, tile t = (b·Ty + ty)·Tx + tx, where d is the
-    4×4 patch of x (B, Cin, H, W) whose top-left is (2ty − pt, 2tx − pl), zero outside x."""
+def input_transform(x, pt, pl, Ty, Tx, r0, V):
+    """V[ξ, c, i] = (Bᵀ d B)[ξ] for the tiles of tile rows r0, r0 + 1, ... (tile row r = b·Ty + ty,
+    tile i = (r − r0)·Tx + tx), where d is the 4×4 patch of x (B, Cin, H, W) whose top-left is
+    (2ty − pt, 2tx − pl), zero outside x.
+
+    A tile row at a time, so that every inner loop runs over the tiles of the row (SIMD lanes):
+    the row's 4 input rows are copied zero-padded into d (4, 2·Tx + 2), Bᵀ combines them into e
+    (same shape), and B then combines columns 2tx … 2tx + 3 of e into the tile's 16 values.
+    """
     B, Cin, H, W = x.shape
-    n = V.shape[2]
-    d = np.empty((4, 4), np.float32)
+    rows = V.shape[2] // Tx
+    L = 2 * Tx + 2                                   # input columns −pl … 2Tx + 1 − pl
+    d = np.zeros((4, L), np.float32)
+    e = np.empty((4, L), np.float32)
+    width = min(W, L - pl)
     for c in range(Cin):
-        for i in range(n):
-            t = t0 + i
-            b, ty, tx = t // (Ty * Tx), (t // Tx) % Ty, t % Tx
-            y0, x0 = 2 * ty - pt, 2 * tx - pl
-            if 0 <= y0 and y0 + 4 <= H and 0 <= x0 and x0 + 4 <= W:
-                for r in range(4):
-                    for s in range(4):
-                        d[r, s] = x[b, c, y0 + r, x0 + s]
-            else:
-                for r in range(4):
-                    for s in range(4):
-                        y, xx = y0 + r, x0 + s
-                        d[r, s] = x[b, c, y, xx] if 0 <= y < H and 0 <= xx < W else 0.0
-            for s in range(4):                               # Bᵀ d, column by column
-                d[0, s], d[1, s], d[2, s], d[3, s] = _bt(d[0, s], d[1, s], d[2, s], d[3, s])
-            for r in range(4):                               # (Bᵀ d) B, row by row
-                v0, v1, v2, v3 = _bt(d[r, 0], d[r, 1], d[r, 2], d[r, 3])
-                V[4 * r + 0, c, i] = v0
-                V[4 * r + 1, c, i] = v1
-                V[4 * r + 2, c, i] = v2
-                V[4 * r + 3, c, i] = v3
+        for k in range(rows):
+            r = r0 + k
+            b, y0, i0 = r // Ty, 2 * (r % Ty) - pt, k * Tx
+            for q in range(4):
+                y = y0 + q
+                if 0 <= y < H:
+                    for j in range(width):
+                        d[q, pl + j] = x[b, c, y, j]
+                else:
+                    d[q, pl:pl + width] = 0.0
+            for j in range(L):                       # Bᵀ d: rows combined
+                e[0, j] = d[0, j] - d[2, j]
+                e[1, j] = d[1, j] + d[2, j]
+                e[2, j] = d[2, j] - d[1, j]
+                e[3, j] = d[1, j] - d[3, j]
+            for a in range(4):                       # (Bᵀ d) B: columns combined, tile by tile
+                for t in range(Tx):
+                    e0, e1, e2, e3 = e[a, 2 * t], e[a, 2 * t + 1], e[a, 2 * t + 2], e[a, 2 * t + 3]
+                    V[4 * a + 0, c, i0 + t] = e0 - e2
+                    V[4 * a + 1, c, i0 + t] = e1 + e2
+                    V[4 * a + 2, c, i0 + t] = e2 - e1
+                    V[4 * a + 3, c, i0 + t] = e1 - e3
 
 
 @njit(cache=True)
-def output_transform(M, bias, Ty, Tx, t0, out):
-    """out[b, o, 2ty + u, 2tx + v] = (Aᵀ m A)[u, v] + bias[o] with m = M[:, o, i] as 4×4, for
-    tiles t0 + i; rows and columns past the output's edge are dropped."""
+def output_transform(M, bias, Ty, Tx, r0, out):
+    """out[b, o, 2ty + u, 2tx + v] = (Aᵀ m A)[u, v] + bias[o] with m = M[:, o, i] as 4×4, for the
+    tiles of tile rows r0, r0 + 1, ... (numbered as in `input_transform`); rows and columns past
+    the output's edge are dropped. A tile row at a time: the row's two output rows are made in
+    y (2, 2·Tx), the tiles as SIMD lanes, then copied into out."""
     B, Cout, Ho, Wo = out.shape
-    n = M.shape[2]
+    rows = M.shape[2] // Tx
+    y = np.empty((2, 2 * Tx), np.float32)
     for o in range(Cout):
-        for i in range(n):
-            t = t0 + i
-            b, ty, tx = t // (Ty * Tx), (t // Tx) % Ty, t % Tx
-            y, xx = 2 * ty, 2 * tx
-            q = np.empty(8, np.float32)                      # Aᵀ m: 2 rows of 4
-            for s in range(4):
-                m0, m1, m2, m3 = M[s, o, i], M[4 + s, o, i], M[8 + s, o, i], M[12 + s, o, i]
-                q[s] = m0 + m1 + m2
-                q[4 + s] = m1 - m2 - m3
-            for u in range(2):
-                if y + u < Ho:
-                    r0, r1, r2, r3 = q[4 * u], q[4 * u + 1], q[4 * u + 2], q[4 * u + 3]
-                    out[b, o, y + u, xx] = r0 + r1 + r2 + bias[o]
-                    if xx + 1 < Wo:
-                        out[b, o, y + u, xx + 1] = r1 - r2 - r3 + bias[o]
+        for k in range(rows):
+            r = r0 + k
+            b, y0, i0 = r // Ty, 2 * (r % Ty), k * Tx
+            for t in range(Tx):
+                i = i0 + t
+                m = M[:, o, i]
+                p0 = m[0] + m[4] + m[8]                 # Aᵀ m: row 0 (p) and row 1 (q) of 4
+                p1 = m[1] + m[5] + m[9]
+                p2 = m[2] + m[6] + m[10]
+                p3 = m[3] + m[7] + m[11]
+                q0 = m[4] - m[8] - m[12]
+                q1 = m[5] - m[9] - m[13]
+                q2 = m[6] - m[10] - m[14]
+                q3 = m[7] - m[11] - m[15]
+                y[0, 2 * t] = p0 + p1 + p2 + bias[o]    # (Aᵀ m) A
+                y[0, 2 * t + 1] = p1 - p2 - p3 + bias[o]
+                y[1, 2 * t] = q0 + q1 + q2 + bias[o]
+                y[1, 2 * t + 1] = q1 - q2 - q3 + bias[o]
+            for u in range(min(2, Ho - y0)):
+                for j in range(Wo):
+                    out[b, o, y0 + u, j] = y[u, j]
 
 
 @njit(parallel=True, cache=True)
 def conv3x3_kernel(x, U, bias, pt, pl, out, chunk):
     """x (B, Cin, H, W), U (16, Cout, Cin) from `weight_transform`, out (B, Cout, Ho, Wo):
     stride-1 3×3 convolution with padding (pt, pl) at the top and left (the bottom and right
-    padding are implied by Ho, Wo). Tiles go `chunk` at a time, one chunk per prange task."""
+    padding are implied by Ho, Wo). Tiles go `chunk` tile rows at a time, one chunk per prange
+    task."""
     B, Cout, Ho, Wo = out.shape
     Cin = x.shape[1]
     Ty, Tx = (Ho + 1) // 2, (Wo + 1) // 2
-    T = B * Ty * Tx
-    for k in prange((T + chunk - 1) // chunk):
-        t0 = k * chunk
-        n = min(chunk, T - t0)
+    R = B * Ty                                       # tile rows of the whole batch
+    for k in prange((R + chunk - 1) // chunk):
+        r0 = k * chunk
+        n = min(chunk, R - r0) * Tx
         V = np.empty((16, Cin, n), np.float32)
         M = np.empty((16, Cout, n), np.float32)
-        input_transform(x, pt, pl, Ty, Tx, t0, V)
+        input_transform(x, pt, pl, Ty, Tx, r0, V)
         for xi in range(16):
             gemm(U[xi], V[xi], M[xi], 1.0, 0.0, False)
-        output_transform(M, bias, Ty, Tx, t0, out)
+        output_transform(M, bias, Ty, Tx, r0, out)

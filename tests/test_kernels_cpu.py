@@ -90,8 +90,9 @@ WINOGRAD_CASES = [   # (B, Cin, Cout, H, W, padding): odd sizes (a half tile at 
 
 @pytest.mark.parametrize("case", WINOGRAD_CASES)
 def test_conv2d_winograd(case):
-    """3×3 stride-1 convs by Winograd F(2×2, 3×3), chunks of 5 tiles so every chunk edge and a
-    chunk ending inside a picture are crossed, equal to the direct convolution."""
+    """3×3 stride-1 convs by Winograd F(2×2, 3×3), equal to the direct convolution. The scratch
+    is kept small, so the chunks are a few tile rows (a quarter of the batch's at most) and their
+    edges fall inside pictures and across picture boundaries."""
     B, Cin, Cout, H, W, p = case
     wino = CpuBackend()
     wino.winograd_min_tiles = 1
