@@ -1,7 +1,9 @@
 """Where a backend spends its time: seconds and GFLOP/s per primitive op for one U-Net step with
 CFG (batch 2, 64×64 latents) and one 512×512 VAE decode, on SD v1.5-sized random weights.
 
-    python benchmarks/profile_ops.py [--backend cpu] [--model FOLDER] [--parts unet,vae]
+    python benchmarks/profile_ops.py [--backend cpu] [--model FOLDER] [--parts unet,vae] [--by-shape]
+
+--by-shape splits each op's row by its operands' shapes (which conv or attention is slow).
 
 FOLDER defaults to the one bench_cpu.py writes (/tmp/tinysd-bench/sd-v1-5-random). The first
 call of each part warms up (Numba compile or cache load) and is not counted.
@@ -31,8 +33,18 @@ def flops_of(name, args, out):
     return 0
 
 
-def profiled(backend, fn):
-    """Run fn() with every op in OPS timed; returns {op: [seconds, flops, calls]}."""
+def shape_key(name, args):
+    """e.g. "conv2d 320→320 3×3 at 64×64 ×2" or "attention (16, 4096, 40) × (16, 77, 40)"."""
+    if name == "conv2d":
+        (B, Cin, H, W), (Cout, _, kh, kw) = args[0].shape, args[1].shape
+        return f"{name} {Cin}→{Cout} {kh}×{kw} at {H}×{W} ×{B}"
+    arrays = [a for a in args[:2] if hasattr(a, "shape")]
+    return f"{name} " + " × ".join(str(tuple(a.shape)) for a in arrays)
+
+
+def profiled(backend, fn, by_shape=False):
+    """Run fn() with every op in OPS timed; returns {op: [seconds, flops, calls]} (keys
+    `shape_key(op, args)` with `by_shape`)."""
     table = defaultdict(lambda: [0.0, 0, 0])
     originals = {name: getattr(backend, name) for name in OPS}
 
@@ -40,7 +52,7 @@ def profiled(backend, fn):
         def timed(*args, **kwargs):
             start = time.perf_counter()
             out = op(*args, **kwargs)
-            row = table[name]
+            row = table[shape_key(name, args) if by_shape else name]
             row[0] += time.perf_counter() - start
             row[1] += flops_of(name, args, out)
             row[2] += 1
@@ -64,6 +76,7 @@ def main():
     parser.add_argument("--backend", default="cpu")
     parser.add_argument("--model", default="/tmp/tinysd-bench/sd-v1-5-random")
     parser.add_argument("--parts", default="unet,vae")
+    parser.add_argument("--by-shape", action="store_true", help="one row per op and operand shapes")
     args = parser.parse_args()
 
     import tinysd
@@ -79,13 +92,14 @@ def main():
     }
     for part in args.parts.split(","):
         runs[part]()                                   # warm-up: compile or load the kernels
-        table, total = profiled(sd.ops, runs[part])
+        table, total = profiled(sd.ops, runs[part], args.by_shape)
         print(f"\n{part} on {args.backend}: {total:.2f} s")
-        print(f"  {'op':20} {'calls':>6} {'seconds':>8} {'share':>6} {'GFLOP/s':>8}")
+        width = max(20, *(len(k) for k in table))
+        print(f"  {'op':{width}} {'calls':>6} {'seconds':>8} {'share':>6} {'GFLOP/s':>8}")
         for name, (sec, flops, calls) in sorted(table.items(), key=lambda kv: -kv[1][0]):
             rate = f"{flops / sec / 1e9:8.1f}" if flops else f"{'':8}"
-            print(f"  {name:20} {calls:6d} {sec:8.2f} {sec / total:6.1%} {rate}")
-        print(f"  {'(outside the ops)':20} {'':6} {total - sum(r[0] for r in table.values()):8.2f}")
+            print(f"  {name:{width}} {calls:6d} {sec:8.2f} {sec / total:6.1%} {rate}")
+        print(f"  {'(outside the ops)':{width}} {'':6} {total - sum(r[0] for r in table.values()):8.2f}")
 
 
 if __name__ == "__main__":
