@@ -14,6 +14,11 @@ a stride-1 shift by (i//s, j//s) of phase (i%s, j%s). Small images: the batch is
 end to end in one flat row so each weight matrix is read once, not once per image.
 Large images: output rows go in chunks, so the scratch stays a few MB (VAE decode at 512²).
 
+Tiny images (the U-Net's 8×8 level): the shifted windows waste a large share of the
+product on wrap-around columns (28 % at 8×8) and each tap's product is too thin for BLAS to run
+fast. There the taps are unrolled once into an im2col matrix (kh·kw·Cin, B·Ho·Wo) and the whole
+convolution is a single GEMM with K = kh·kw·Cin (`im2col_conv2d_kernel`).
+
 The copies around the products (padding, bias and crop) run on one thread: they are a few
 percent of the work, and a Numba thread pool waking up between BLAS calls only fights
 OpenBLAS's own threads for the cores.
@@ -88,6 +93,36 @@ def conv2d_kernel(x, w, bias, s, pt, pb, pl, pr, out, chunk_bytes):
                 gemm(w2[:, t * Cin:(t + 1) * Cin], xq[(i % s) * s + j % s, :, shift:shift + a.shape[1]],
                      a, 1.0, 0.0 if t == 0 else 1.0, False)
         add_bias_crop(a, bias, out, g0, g1, Hq, Wq)
+
+
+@njit(cache=True)
+def im2col_conv2d_kernel(x, w, bias, s, pt, pl, out):
+    """As `conv2d_kernel`, by one GEMM: out (Cout, B·Ho·Wo) = w (Cout, kh·kw·Cin) @ cols, where
+    cols[(i·kw + j)·Cin + c, (b·Ho + y)·Wo + x] = xpad[b, c, y·s + i, x·s + j] (the row order of
+    the tap-major weights)."""
+    B, Cin, H, W = x.shape
+    Cout, kh, kw, _ = w.shape
+    Ho, Wo = out.shape[2], out.shape[3]
+    P = Ho * Wo
+    cols = np.zeros((kh * kw * Cin, B * P), np.float32)
+    for tc in range(kh * kw * Cin):
+        t, c = tc // Cin, tc % Cin
+        i, j = t // kw, t % kw
+        for b in range(B):
+            for y in range(Ho):
+                yy = y * s + i - pt
+                if 0 <= yy < H:
+                    for xo in range(Wo):
+                        xx = xo * s + j - pl
+                        if 0 <= xx < W:
+                            cols[tc, b * P + y * Wo + xo] = x[b, c, yy, xx]
+    acc = np.empty((Cout, B * P), np.float32)
+    gemm(w.reshape(Cout, kh * kw * Cin), cols, acc, 1.0, 0.0, False)
+    for b in range(B):
+        for o in range(Cout):
+            dst = out[b, o].reshape(P)
+            for p in range(P):
+                dst[p] = acc[o, b * P + p] + bias[o]
 
 
 @njit(cache=True)

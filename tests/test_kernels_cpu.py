@@ -62,14 +62,20 @@ CONV_CASES = [  # B, Cin, Cout, H, W, k, stride, padding
 ]
 
 
+@pytest.mark.parametrize("path", ["shifted", "im2col"])
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_conv2d(case):
+def test_conv2d(case, path):
+    """Both direct paths (shifted GEMMs, one im2col GEMM), Winograd kept out of the way."""
     B, Cin, Cout, H, W, k, s, p = case
+    be = CpuBackend()
+    be.winograd_min_tiles = 1 << 30
+    be.im2col_max_pixels = 1 << 30 if path == "im2col" else 0
     x, w, b = randn(B, Cin, H, W), randn(Cout, Cin, k, k), randn(Cout)
     expected = ref.conv2d(x, w, b, s, p)
-    close(cpu.conv2d(x, cpu.asarray(w), b, s, p), expected)
-    close(cpu.conv2d(x, w, b, s, p), expected)                         # weights not via asarray
-    close(cpu.conv2d(x, w, None, s, p), ref.conv2d(x, w, None, s, p))
+    close(be.conv2d(x, be.asarray(w), b, s, p), expected)
+    close(be.conv2d(x, w, b, s, p), expected)                         # weights not via asarray
+    close(be.conv2d(x, w, None, s, p), ref.conv2d(x, w, None, s, p))
+    close(be.conv2d(x[:, :, ::-1], w, b, s, p), ref.conv2d(x[:, :, ::-1], w, b, s, p))   # not C order
 
 
 def test_conv2d_chunked_rows_and_strided_input():
