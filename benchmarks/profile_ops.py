@@ -1,7 +1,8 @@
-"""Where a backend spends its time: seconds and GFLOP/s per primitive op for one U-Net step with
-CFG (batch 2, 64×64 latents) and one 512×512 VAE decode, on SD v1.5-sized random weights.
+"""Where a backend spends its time: seconds and GFLOP/s per primitive op for the text encoder
+(batch 2), one U-Net step with CFG (batch 2, 64×64 latents) and one 512×512 VAE decode, on SD
+v1.5-sized random weights.
 
-    python benchmarks/profile_ops.py [--backend cpu] [--model FOLDER] [--parts unet,vae] [--by-shape]
+    python benchmarks/profile_ops.py [--backend cpu] [--model FOLDER] [--parts text,unet,vae] [--by-shape]
 
 --by-shape splits each op's row by its operands' shapes (which conv or attention is slow).
 
@@ -75,7 +76,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="cpu")
     parser.add_argument("--model", default="/tmp/tinysd-bench/sd-v1-5-random")
-    parser.add_argument("--parts", default="unet,vae")
+    parser.add_argument("--parts", default="text,unet,vae")
     parser.add_argument("--by-shape", action="store_true", help="one row per op and operand shapes")
     args = parser.parse_args()
 
@@ -86,6 +87,7 @@ def main():
     sd = tinysd.load(args.model, backend=args.backend)
     rng = np.random.default_rng(0)
     runs = {
+        "text": lambda: sd.encode_prompt("a photograph of an astronaut riding a horse"),
         "unet": lambda: sd.unet(sd.ops.asarray(rng.standard_normal((2, 4, 64, 64), dtype=np.float32)), 999,
                                 sd.ops.asarray(rng.standard_normal((2, 77, 768), dtype=np.float32))),
         "vae": lambda: sd.vae.decode(rng.standard_normal((1, 4, 64, 64), dtype=np.float32)),
