@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-OPS = ("conv2d", "linear", "attention", "group_norm", "layer_norm", "geglu", "silu", "to_tokens",
+OPS = ("conv2d", "linear", "linear_geglu", "attention", "group_norm", "layer_norm", "geglu", "silu", "to_tokens",
        "to_image", "upsample_nearest2x", "concat")
 
 
 def flops_of(name, args, out):
-    if name == "linear":
+    if name in ("linear", "linear_geglu"):
         x, w = args[0], args[1]
         return 2 * int(np.prod(x.shape[:-1])) * w.shape[0] * w.shape[1]
     if name == "conv2d":

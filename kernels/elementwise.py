@@ -1,4 +1,5 @@
-"""Elementwise kernels: SiLU, GELU, CLIP's quick GELU, GEGLU, nearest 2× up-sampling.
+"""Elementwise kernels: SiLU, GELU, CLIP's quick GELU, GEGLU (alone and fused with the linear
+before it), nearest 2× up-sampling.
 
 Their NumPy twins are the methods of `tinysd.backend.NumpyBackend`. Numba calls libm's scalar
 `expf`/`erff` (no SVML here), ~10× slower than a vector loop, so `exp` and `erf` below are
@@ -6,6 +7,8 @@ written as range reduction + polynomial in plain float32 arithmetic, which LLVM 
 """
 import numpy as np
 from numba import njit, prange
+
+from tinysd.kernels.blas import gemm
 
 F32 = np.float32
 LOG2E = F32(1.4426950408889634)
@@ -101,6 +104,30 @@ def geglu_kernel(x, out):
     for m in prange(M):
         for f in range(F):
             out[m, f] = x[m, f] * gelu(x[m, F + f])
+
+
+@njit(parallel=True, cache=True)
+def linear_geglu_kernel(x, w, bias, out, tile):
+    """out (N, F) = h·GELU(gate) with [h | gate] = x wᵀ + bias, x (N, K), w (2F, K): the GEGLU
+    feed-forward's first half. Output tiles of tile × tile go one per task; each makes its h and
+    gate blocks by two single-threaded sgemm into scratch that stays in L2, so the (N, 2F)
+    projection (84 MB in the U-Net's 64×64 blocks) is never written out and read back. The
+    caller holds `blas_single_threaded()`."""
+    N, F = out.shape
+    n_f = (F + tile - 1) // tile
+    for task in prange(((N + tile - 1) // tile) * n_f):
+        r0, f0 = (task // n_f) * tile, (task % n_f) * tile
+        r1, f1 = min(N, r0 + tile), min(F, f0 + tile)
+        h = np.empty((r1 - r0, f1 - f0), np.float32)
+        gate = np.empty((r1 - r0, f1 - f0), np.float32)
+        for i in range(r1 - r0):
+            h[i] = bias[f0:f1]
+            gate[i] = bias[F + f0:F + f1]
+        gemm(x[r0:r1], w[f0:f1], h, 1.0, 1.0, True)
+        gemm(x[r0:r1], w[F + f0:F + f1], gate, 1.0, 1.0, True)
+        for i in range(r1 - r0):
+            for j in range(f1 - f0):
+                out[r0 + i, f0 + j] = h[i, j] * gelu(gate[i, j])
 
 
 @njit(parallel=True, cache=True)

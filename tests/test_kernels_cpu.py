@@ -51,6 +51,16 @@ def test_linear(lead, n_in, n_out, bias):
     close(cpu.linear(x.astype(np.float64), w.T.copy().T, b), ref.linear(x, w, b))   # other layouts
 
 
+@pytest.mark.parametrize("lead,n_in,features,bias", [((2, 77), 64, 48, True), ((37,), 20, 13, False)])
+def test_linear_geglu(lead, n_in, features, bias):
+    """The fused linear + GEGLU, with tiles of 16 so that rows and features end mid-tile."""
+    fused = CpuBackend()
+    fused.linear_geglu_tile, fused.linear_geglu_min_bytes = 16, 0
+    x, w = randn(*lead, n_in), randn(2 * features, n_in)
+    b = randn(2 * features) if bias else None
+    close(fused.linear_geglu(x, fused.asarray(w), b), ref.geglu(ref.linear(x, w, b)))
+
+
 CONV_CASES = [  # B, Cin, Cout, H, W, k, stride, padding
     (2, 5, 7, 9, 11, 3, 1, 1),
     (1, 3, 4, 8, 8, 3, 2, (0, 1, 0, 1)),    # VAE encoder down-sampling: pad right/bottom only

@@ -59,7 +59,7 @@ class GEGLU(Module):
         self.proj = Linear(dim_in, dim_out * 2)
 
     def __call__(self, x):
-        return self.ops.geglu(self.proj(x))
+        return self.ops.linear_geglu(x, self.proj.weight, getattr(self.proj, "bias", None))
 
 
 class BasicTransformerBlock(Module):

@@ -96,6 +96,11 @@ class NumpyBackend:
         h, gate = np.split(x, 2, axis=-1)
         return h * self.gelu(gate)
 
+    def linear_geglu(self, x, weight, bias=None):
+        """geglu(linear(x, weight, bias)), the feed-forward's first half as one op, so that a
+        backend can fuse them: the (N, 2F) projection then never has to exist all at once."""
+        return self.geglu(self.linear(x, weight, bias))
+
     # -- attention -------------------------------------------------------------------------------
     def attention(self, q, k, v, heads, causal=False):
         """Multi-head scaled dot-product attention, softmax(Q Kᵀ/√d) V per head.
