@@ -104,34 +104,53 @@ WINOGRAD_CASES = [   # (B, Cin, Cout, H, W, padding): odd sizes (a half tile at 
 ]
 
 
+def winograd_backend(m, chunk_tiles):
+    """A cpu backend that takes Winograd F(m×m, 3×3) for every 3×3 stride-1 conv."""
+    be = CpuBackend()
+    be.winograd43_min_tiles = 1 if m == 4 else 1 << 30
+    be.winograd_min_tiles = 1
+    be.winograd_chunk_tiles = chunk_tiles
+    return be
+
+
+@pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("case", WINOGRAD_CASES)
-def test_conv2d_winograd(case):
-    """3×3 stride-1 convs by Winograd F(2×2, 3×3), equal to the direct convolution. The scratch
-    is kept small, so the chunks are a few tile rows (a quarter of the batch's at most) and their
-    edges fall inside pictures and across picture boundaries."""
+def test_conv2d_winograd(case, m):
+    """3×3 stride-1 convs by Winograd F(2×2, 3×3) and F(4×4, 3×3), equal to the direct
+    convolution. Chunks of ~5 tiles, i.e. one or two tile rows, so that chunk edges fall inside
+    pictures and across picture boundaries."""
     B, Cin, Cout, H, W, p = case
-    wino = CpuBackend()
-    wino.winograd_min_tiles = 1
-    wino.winograd_chunk_bytes = 16 * 4 * (Cin + Cout) * 5
+    wino = winograd_backend(m, chunk_tiles=5)
     x, w, b = randn(B, Cin, H, W, scale=2.0), randn(Cout, Cin, 3, 3), randn(Cout)
     expected = ref.conv2d(x, w, b, 1, p)
     close(wino.conv2d(x, wino.asarray(w), b, 1, p), expected)
     close(wino.conv2d(x[:, :, :, ::-1], w, None, 1, p), ref.conv2d(x[:, :, :, ::-1], w, None, 1, p))
 
 
+def test_conv2d_winograd43_accuracy_at_sd_widths():
+    """F(4×4, 3×3)'s rounding grows with the channels summed (transform entries up to 8 and
+    1/24); at SD's 512 input channels it must stay well inside the parity tests' 1e-4."""
+    x, w, b = randn(1, 512, 14, 14), randn(64, 512, 3, 3, scale=0.05), randn(64)
+    expected = ref.conv2d(x, w, b, 1, 1)
+    got = winograd_backend(4, chunk_tiles=128).conv2d(x, w, b, 1, 1)
+    assert np.abs(got - expected).max() <= 3e-5 * np.abs(expected).max()
+
+
 def test_conv2d_winograd_is_taken_for_big_images():
-    from tinysd.kernels import winograd
+    from tinysd.kernels import winograd, winograd43
 
     calls = []
-    original = winograd.conv3x3_kernel
-    winograd.conv3x3_kernel = lambda *a: calls.append(a) or original(*a)
+    originals = winograd.conv3x3_kernel, winograd43.conv3x3_kernel
+    winograd.conv3x3_kernel = lambda *a: calls.append(2) or originals[0](*a)
+    winograd43.conv3x3_kernel = lambda *a: calls.append(4) or originals[1](*a)
     try:
-        x, w = randn(2, 4, 32, 32), randn(4, 4, 3, 3)                 # 2·16·16 = 512 tiles
-        close(cpu.conv2d(x, w, None, 1, 1), ref.conv2d(x, w, None, 1, 1))
-        close(cpu.conv2d(x[:, :, :8, :8], w, None, 1, 1), ref.conv2d(x[:, :, :8, :8], w, None, 1, 1))
+        x, w = randn(2, 4, 64, 64), randn(4, 4, 3, 3)
+        for size in (64, 32, 8):      # 4×4 tiles: 512, 128 (2×2 tiles: 512), none: direct
+            xs = x[:, :, :size, :size]
+            close(cpu.conv2d(xs, w, None, 1, 1), ref.conv2d(xs, w, None, 1, 1))
     finally:
-        winograd.conv3x3_kernel = original
-    assert len(calls) == 1                                            # the 8×8 one went the direct way
+        winograd.conv3x3_kernel, winograd43.conv3x3_kernel = originals
+    assert calls == [4, 2]
 
 
 def test_conv2d_rejects_channel_mismatch():
