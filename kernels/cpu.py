@@ -39,7 +39,6 @@ from tinysd.kernels import conv as _conv
 from tinysd.kernels import elementwise as _el
 from tinysd.kernels import norm as _norm
 from tinysd.kernels import winograd as _winograd
-from tinysd.kernels import winograd43 as _winograd43
 from tinysd.kernels.blas import blas_single_threaded, gemm
 
 
@@ -81,8 +80,8 @@ class CpuBackend(NumpyBackend):
     # the tiles outnumber them): F(4×4, 3×3) (4× fewer multiplies) with at least this many 4×4
     # output tiles (VAE decoder, U-Net 64×64 level), else F(2×2, 3×3) (2.25×) with at least this
     # many 2×2 tiles. Below both, e.g. 1280 channels at 16×16, the direct GEMMs are faster.
-    winograd43_min_tiles = 256
-    winograd_min_tiles = 256
+    winograd_f4_min_tiles = 256
+    winograd_f2_min_tiles = 256
     winograd_chunk_tiles = 128      # tiles per task (whole tile rows): 16 or 36 GEMMs with N = 128
     # Other convs with at most this many output pixels (batch included) go as one im2col GEMM:
     # the U-Net's 8×8 level, where the shifted GEMMs are thin and 28 % wasted (1280 channels:
@@ -129,10 +128,10 @@ class CpuBackend(NumpyBackend):
             return out
         w = _f32(weight.transpose(0, 2, 3, 1))            # (Cout, kh, kw, Cin); no copy for weights from asarray
         winograd = kh == kw == 3 and stride == 1
-        if winograd and B * -(-Ho // 4) * -(-Wo // 4) >= self.winograd43_min_tiles:
-            self._conv3x3_winograd(_winograd43, 4, x, w, bias, pt, pl, out)
-        elif winograd and B * -(-Ho // 2) * -(-Wo // 2) >= self.winograd_min_tiles:
-            self._conv3x3_winograd(_winograd, 2, x, w, bias, pt, pl, out)
+        if winograd and B * -(-Ho // 4) * -(-Wo // 4) >= self.winograd_f4_min_tiles:
+            self._conv3x3_winograd(4, x, w, bias, pt, pl, out)
+        elif winograd and B * -(-Ho // 2) * -(-Wo // 2) >= self.winograd_f2_min_tiles:
+            self._conv3x3_winograd(2, x, w, bias, pt, pl, out)
         elif B * Ho * Wo <= self.im2col_max_pixels:
             _conv.im2col_conv2d_kernel(x, w, bias, int(stride), int(pt), int(pl), out)
         else:
@@ -140,17 +139,17 @@ class CpuBackend(NumpyBackend):
                                 int(self.conv_chunk_bytes))
         return out
 
-    def _conv3x3_winograd(self, impl, m, x, w, bias, pt, pl, out):
-        """Winograd F(m×m, 3×3) by `impl`: kernels/winograd.py (m = 2) or winograd43.py (m = 4)."""
+    def _conv3x3_winograd(self, m, x, w, bias, pt, pl, out):
+        """Winograd F(m×m, 3×3), m = 2 or 4 (kernels/winograd.py)."""
         Cin, Cout = x.shape[1], out.shape[1]
         U = np.empty(((m + 2) ** 2, Cout, Cin), np.float32)      # one (Cout, Cin) matrix per ξ
-        impl.weight_transform(w, U)
+        (_winograd.weight_transform_f2 if m == 2 else _winograd.weight_transform_f4)(w, U)
         Tx = -(-out.shape[3] // m)                              # tiles per tile row
         rows = x.shape[0] * -(-out.shape[2] // m)               # tile rows in the batch
         per_task = max(1, round(self.winograd_chunk_tiles / Tx))                 # in tile rows,
         per_task = min(per_task, -(-rows // (2 * numba.get_num_threads())))      # 2+ tasks per core
         with blas_single_threaded():                        # one GEMM per core, chunks in parallel
-            impl.conv3x3_kernel(x, U, bias, int(pt), int(pl), out, per_task)
+            _winograd.conv3x3_kernel(x, U, bias, int(pt), int(pl), out, per_task)
 
     def group_norm(self, x, num_groups, weight, bias, eps, silu=False):
         x = _f32(x)

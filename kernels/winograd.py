@@ -1,5 +1,5 @@
-"""3×3 convolution (stride 1) by Winograd's minimal filtering F(2×2, 3×3) (Lavin & Gray 2016).
-NumPy twin: `NumpyBackend.conv2d`.
+"""3×3 convolution (stride 1) by Winograd's minimal filtering algorithms F(2×2, 3×3) and
+F(4×4, 3×3) (Lavin & Gray 2016). NumPy twin: `NumpyBackend.conv2d`.
 
 A 3×3 filter g slid over a 4×4 input tile d gives a 2×2 output tile; written with small fixed
 matrices,
@@ -23,19 +23,60 @@ GEMMs, transform out) runs on one core, the chunks in parallel (prange), so ther
 pool and BLAS runs single-threaded inside it (the caller wraps the call in
 `blas_single_threaded()`). The weights are transformed on every call (no second copy kept in
 memory): worth it only when the tiles outnumber the output channels by far, which
-`CpuBackend.conv2d` checks before it picks this path.
+`CpuBackend.conv2d` checks before it picks a Winograd path.
 
 In float32 the transforms only add and halve, so the result stays within ~1e-6 of the direct
 convolution's (the ±1 and ½ entries of F(2×2, 3×3) are why it is the accurate Winograd size).
+
+F(4×4, 3×3) is the same scheme with 6×6 input tiles and 4×4 output tiles:
+
+        Bᵀ = | 4  0 -5  0  1  0 |    G = |  1/4     0     0  |    Aᵀ = | 1  1  1  1  1  0 |
+             | 0 -4 -4  1  1  0 |        | -1/6  -1/6  -1/6  |         | 0  1 -1  2 -2  0 |
+             | 0  4 -4 -1  1  0 |        | -1/6   1/6  -1/6  |         | 0  1  1  4  4  0 |
+             | 0 -2 -1  2  1  0 |        | 1/24  1/12   1/6  |         | 0  1 -1  8 -8  1 |
+             | 0  2 -1 -2  1  0 |        | 1/24 -1/12   1/6  |
+             | 0  4  0 -5  0  1 |        |  0     0      1   |
+
+36 multiplies make 16 outputs, 2.25 per output instead of 9: 4× fewer multiply-adds than the
+direct convolution, 1.8× fewer than F(2×2, 3×3), paid for with 36 GEMMs per chunk, bigger
+transforms (the weights' too: 36·Cout·Cin values per call) and less accuracy: the entries 4, 5,
+8 and 1/24 grow the rounding error to ~1e-6 – 2e-5 relative, still well inside the 1e-4 of the
+parity tests. `CpuBackend.conv2d` takes it for the big images (VAE decoder, the U-Net's 64×64
+level), where the GEMMs dominate, F(2×2, 3×3) for the middle sizes.
 """
 import numpy as np
 from numba import njit, prange
 
 from tinysd.kernels.blas import gemm
 
+F32 = np.float32
+
+
+@njit(inline="always")
+def _load_rows(x, b, c, y0, pl, width, d):
+    """d[q, pl + j] = x[b, c, y0 + q, j] for the tile row's d.shape[0] input rows, j < width;
+    rows outside x are zero (d's columns outside x stay zero from its allocation)."""
+    H = x.shape[2]
+    for q in range(d.shape[0]):
+        y = y0 + q
+        if 0 <= y < H:
+            for j in range(width):
+                d[q, pl + j] = x[b, c, y, j]
+        else:
+            d[q, pl:pl + width] = 0.0
+
+
+@njit(inline="always")
+def _store_rows(y, out, b, o, y0):
+    """out[b, o, y0 + u, :] = y[u, :Wo] for the tile row's output rows that lie inside out."""
+    Ho, Wo = out.shape[2], out.shape[3]
+    for u in range(min(y.shape[0], Ho - y0)):
+        for j in range(Wo):
+            out[b, o, y0 + u, j] = y[u, j]
+
 
 @njit(parallel=True, cache=True)
-def weight_transform(w, U):
+def weight_transform_f2(w, U):
     """w (Cout, 3, 3, Cin) tap-major -> U (16, Cout, Cin), U[4a + b] = (G g Gᵀ)[a, b]."""
     Cout, _, _, Cin = w.shape
     for o in prange(Cout):
@@ -56,7 +97,7 @@ def weight_transform(w, U):
 
 
 @njit(cache=True)
-def input_transform(x, pt, pl, Ty, Tx, r0, V):
+def input_transform_f2(x, pt, pl, Ty, Tx, r0, V):
     """V[ξ, c, i] = (Bᵀ d B)[ξ] for the tiles of tile rows r0, r0 + 1, ... (tile row r = b·Ty + ty,
     tile i = (r − r0)·Tx + tx), where d is the 4×4 patch of x (B, Cin, H, W) whose top-left is
     (2ty − pt, 2tx − pl), zero outside x.
@@ -75,13 +116,7 @@ def input_transform(x, pt, pl, Ty, Tx, r0, V):
         for k in range(rows):
             r = r0 + k
             b, y0, i0 = r // Ty, 2 * (r % Ty) - pt, k * Tx
-            for q in range(4):
-                y = y0 + q
-                if 0 <= y < H:
-                    for j in range(width):
-                        d[q, pl + j] = x[b, c, y, j]
-                else:
-                    d[q, pl:pl + width] = 0.0
+            _load_rows(x, b, c, y0, pl, width, d)
             for j in range(L):                       # Bᵀ d: rows combined
                 e[0, j] = d[0, j] - d[2, j]
                 e[1, j] = d[1, j] + d[2, j]
@@ -97,9 +132,9 @@ def input_transform(x, pt, pl, Ty, Tx, r0, V):
 
 
 @njit(cache=True)
-def output_transform(M, bias, Ty, Tx, r0, out):
+def output_transform_f2(M, bias, Ty, Tx, r0, out):
     """out[b, o, 2ty + u, 2tx + v] = (Aᵀ m A)[u, v] + bias[o] with m = M[:, o, i] as 4×4, for the
-    tiles of tile rows r0, r0 + 1, ... (numbered as in `input_transform`); rows and columns past
+    tiles of tile rows r0, r0 + 1, ... (numbered as in `input_transform_f2`); rows and columns past
     the output's edge are dropped. A tile row at a time: the row's two output rows are made in
     y (2, 2·Tx), the tiles as SIMD lanes, then copied into out."""
     B, Cout, Ho, Wo = out.shape
@@ -124,27 +159,140 @@ def output_transform(M, bias, Ty, Tx, r0, out):
                 y[0, 2 * t + 1] = p1 - p2 - p3 + bias[o]
                 y[1, 2 * t] = q0 + q1 + q2 + bias[o]
                 y[1, 2 * t + 1] = q1 - q2 - q3 + bias[o]
-            for u in range(min(2, Ho - y0)):
-                for j in range(Wo):
-                    out[b, o, y0 + u, j] = y[u, j]
+            _store_rows(y, out, b, o, y0)
+
+
+@njit(inline="always")
+def _g6(g0, g1, g2):
+    """G applied to one column (or row) of 3: 6 values."""
+    return (F32(0.25) * g0,
+            F32(-1 / 6) * (g0 + g1 + g2),
+            F32(-1 / 6) * (g0 - g1 + g2),
+            F32(1 / 24) * g0 + F32(1 / 12) * g1 + F32(1 / 6) * g2,
+            F32(1 / 24) * g0 - F32(1 / 12) * g1 + F32(1 / 6) * g2,
+            g2)
+
+
+@njit(parallel=True, cache=True)
+def weight_transform_f4(w, U):
+    """w (Cout, 3, 3, Cin) tap-major -> U (36, Cout, Cin), U[6a + b] = (G g Gᵀ)[a, b]."""
+    Cout, _, _, Cin = w.shape
+    for o in prange(Cout):
+        t = np.empty((6, 3), np.float32)                     # G g: 6 rows of 3
+        for c in range(Cin):
+            for j in range(3):
+                t[0, j], t[1, j], t[2, j], t[3, j], t[4, j], t[5, j] = _g6(w[o, 0, j, c], w[o, 1, j, c], w[o, 2, j, c])
+            for a in range(6):                               # (G g) Gᵀ
+                u0, u1, u2, u3, u4, u5 = _g6(t[a, 0], t[a, 1], t[a, 2])
+                U[6 * a + 0, o, c] = u0
+                U[6 * a + 1, o, c] = u1
+                U[6 * a + 2, o, c] = u2
+                U[6 * a + 3, o, c] = u3
+                U[6 * a + 4, o, c] = u4
+                U[6 * a + 5, o, c] = u5
+
+
+@njit(inline="always")
+def _bt6(d0, d1, d2, d3, d4, d5):
+    """Bᵀ applied to one column (or row) of 6."""
+    return (F32(4) * d0 - F32(5) * d2 + d4,
+            -F32(4) * (d1 + d2) + d3 + d4,
+            F32(4) * (d1 - d2) - d3 + d4,
+            F32(2) * (d3 - d1) - d2 + d4,
+            F32(2) * (d1 - d3) - d2 + d4,
+            F32(4) * d1 - F32(5) * d3 + d5)
+
+
+@njit(cache=True)
+def input_transform_f4(x, pt, pl, Ty, Tx, r0, V):
+    """V[ξ, c, i] = (Bᵀ d B)[ξ] for the tiles of tile rows r0, r0 + 1, ... (tile row r = b·Ty + ty,
+    tile i = (r − r0)·Tx + tx), d the 6×6 patch of x (B, Cin, H, W) at (4ty − pt, 4tx − pl), zero
+    outside x. A tile row at a time, the tiles as SIMD lanes, as in `input_transform_f2`."""
+    B, Cin, H, W = x.shape
+    rows = V.shape[2] // Tx
+    L = 4 * Tx + 2                                   # input columns −pl … 4Tx + 1 − pl
+    d = np.zeros((6, L), np.float32)
+    e = np.empty((6, L), np.float32)
+    width = min(W, L - pl)
+    for c in range(Cin):
+        for k in range(rows):
+            r = r0 + k
+            b, y0, i0 = r // Ty, 4 * (r % Ty) - pt, k * Tx
+            _load_rows(x, b, c, y0, pl, width, d)
+            for j in range(L):                       # Bᵀ d: rows combined
+                e[0, j], e[1, j], e[2, j], e[3, j], e[4, j], e[5, j] = _bt6(
+                    d[0, j], d[1, j], d[2, j], d[3, j], d[4, j], d[5, j])
+            for a in range(6):                       # (Bᵀ d) B: columns combined, tile by tile
+                for t in range(Tx):
+                    s = 4 * t
+                    v0, v1, v2, v3, v4, v5 = _bt6(e[a, s], e[a, s + 1], e[a, s + 2], e[a, s + 3], e[a, s + 4], e[a, s + 5])
+                    V[6 * a + 0, c, i0 + t] = v0
+                    V[6 * a + 1, c, i0 + t] = v1
+                    V[6 * a + 2, c, i0 + t] = v2
+                    V[6 * a + 3, c, i0 + t] = v3
+                    V[6 * a + 4, c, i0 + t] = v4
+                    V[6 * a + 5, c, i0 + t] = v5
+
+
+@njit(inline="always")
+def _at6(m0, m1, m2, m3, m4, m5):
+    """Aᵀ applied to one column (or row) of 6: 4 values."""
+    return (m0 + m1 + m2 + m3 + m4,
+            m1 - m2 + F32(2) * (m3 - m4),
+            m1 + m2 + F32(4) * (m3 + m4),
+            m1 - m2 + F32(8) * (m3 - m4) + m5)
+
+
+@njit(cache=True)
+def output_transform_f4(M, bias, Ty, Tx, r0, out):
+    """out[b, o, 4ty + u, 4tx + v] = (Aᵀ m A)[u, v] + bias[o], m = M[:, o, i] as 6×6, for the tiles
+    of tile rows r0, r0 + 1, ...; rows and columns past the output's edge are dropped. The row's
+    four output rows are made in y (4, 4·Tx), the tiles as SIMD lanes, then copied into out."""
+    B, Cout, Ho, Wo = out.shape
+    rows = M.shape[2] // Tx
+    y = np.empty((4, 4 * Tx), np.float32)
+    p = np.empty((4, 6), np.float32)
+    for o in range(Cout):
+        for k in range(rows):
+            r = r0 + k
+            b, y0, i0 = r // Ty, 4 * (r % Ty), k * Tx
+            for t in range(Tx):
+                i = i0 + t
+                for s in range(6):                   # Aᵀ m: 4 rows of 6
+                    p[0, s], p[1, s], p[2, s], p[3, s] = _at6(M[s, o, i], M[6 + s, o, i], M[12 + s, o, i],
+                                                             M[18 + s, o, i], M[24 + s, o, i], M[30 + s, o, i])
+                for u in range(4):                   # (Aᵀ m) A
+                    y0u, y1u, y2u, y3u = _at6(p[u, 0], p[u, 1], p[u, 2], p[u, 3], p[u, 4], p[u, 5])
+                    y[u, 4 * t] = y0u + bias[o]
+                    y[u, 4 * t + 1] = y1u + bias[o]
+                    y[u, 4 * t + 2] = y2u + bias[o]
+                    y[u, 4 * t + 3] = y3u + bias[o]
+            _store_rows(y, out, b, o, y0)
 
 
 @njit(parallel=True, cache=True)
 def conv3x3_kernel(x, U, bias, pt, pl, out, chunk):
-    """x (B, Cin, H, W), U (16, Cout, Cin) from `weight_transform`, out (B, Cout, Ho, Wo):
-    stride-1 3×3 convolution with padding (pt, pl) at the top and left (the bottom and right
-    padding are implied by Ho, Wo). Tiles go `chunk` tile rows at a time, one chunk per prange
-    task."""
+    """x (B, Cin, H, W), U from `weight_transform_f2` (16, Cout, Cin) or `weight_transform_f4`
+    (36, Cout, Cin), out (B, Cout, Ho, Wo): stride-1 3×3 convolution with padding (pt, pl) at the
+    top and left (the bottom and right padding are implied by Ho, Wo), by F(2×2, 3×3) or
+    F(4×4, 3×3) as U says. Tiles go `chunk` tile rows at a time, one chunk per prange task."""
     B, Cout, Ho, Wo = out.shape
     Cin = x.shape[1]
-    Ty, Tx = (Ho + 1) // 2, (Wo + 1) // 2
+    m = 2 if U.shape[0] == 16 else 4                 # output tile side
+    Ty, Tx = (Ho + m - 1) // m, (Wo + m - 1) // m
     R = B * Ty                                       # tile rows of the whole batch
     for k in prange((R + chunk - 1) // chunk):
         r0 = k * chunk
         n = min(chunk, R - r0) * Tx
-        V = np.empty((16, Cin, n), np.float32)
-        M = np.empty((16, Cout, n), np.float32)
-        input_transform(x, pt, pl, Ty, Tx, r0, V)
-        for xi in range(16):
+        V = np.empty((U.shape[0], Cin, n), np.float32)
+        M = np.empty((U.shape[0], Cout, n), np.float32)
+        if m == 2:
+            input_transform_f2(x, pt, pl, Ty, Tx, r0, V)
+        else:
+            input_transform_f4(x, pt, pl, Ty, Tx, r0, V)
+        for xi in range(U.shape[0]):
             gemm(U[xi], V[xi], M[xi], 1.0, 0.0, False)
-        output_transform(M, bias, Ty, Tx, r0, out)
+        if m == 2:
+            output_transform_f2(M, bias, Ty, Tx, r0, out)
+        else:
+            output_transform_f4(M, bias, Ty, Tx, r0, out)

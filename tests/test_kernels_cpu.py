@@ -78,7 +78,7 @@ def test_conv2d(case, path):
     """Both direct paths (shifted GEMMs, one im2col GEMM), Winograd kept out of the way."""
     B, Cin, Cout, H, W, k, s, p = case
     be = CpuBackend()
-    be.winograd_min_tiles = 1 << 30
+    be.winograd_f2_min_tiles = 1 << 30
     be.im2col_max_pixels = 1 << 30 if path == "im2col" else 0
     x, w, b = randn(B, Cin, H, W), randn(Cout, Cin, k, k), randn(Cout)
     expected = ref.conv2d(x, w, b, s, p)
@@ -107,8 +107,8 @@ WINOGRAD_CASES = [   # (B, Cin, Cout, H, W, padding): odd sizes (a half tile at 
 def winograd_backend(m, chunk_tiles):
     """A cpu backend that takes Winograd F(m×m, 3×3) for every 3×3 stride-1 conv."""
     be = CpuBackend()
-    be.winograd43_min_tiles = 1 if m == 4 else 1 << 30
-    be.winograd_min_tiles = 1
+    be.winograd_f4_min_tiles = 1 if m == 4 else 1 << 30
+    be.winograd_f2_min_tiles = 1
     be.winograd_chunk_tiles = chunk_tiles
     return be
 
@@ -127,7 +127,7 @@ def test_conv2d_winograd(case, m):
     close(wino.conv2d(x[:, :, :, ::-1], w, None, 1, p), ref.conv2d(x[:, :, :, ::-1], w, None, 1, p))
 
 
-def test_conv2d_winograd43_accuracy_at_sd_widths():
+def test_conv2d_winograd_f4_accuracy_at_sd_widths():
     """F(4×4, 3×3)'s rounding grows with the channels summed (transform entries up to 8 and
     1/24); at SD's 512 input channels it must stay well inside the parity tests' 1e-4."""
     x, w, b = randn(1, 512, 14, 14), randn(64, 512, 3, 3, scale=0.05), randn(64)
@@ -137,20 +137,19 @@ def test_conv2d_winograd43_accuracy_at_sd_widths():
 
 
 def test_conv2d_winograd_is_taken_for_big_images():
-    from tinysd.kernels import winograd, winograd43
+    from tinysd.kernels import winograd
 
-    calls = []
-    originals = winograd.conv3x3_kernel, winograd43.conv3x3_kernel
-    winograd.conv3x3_kernel = lambda *a: calls.append(2) or originals[0](*a)
-    winograd43.conv3x3_kernel = lambda *a: calls.append(4) or originals[1](*a)
+    tile_sides = []
+    original = winograd.conv3x3_kernel
+    winograd.conv3x3_kernel = lambda x, U, *a: tile_sides.append(2 if len(U) == 16 else 4) or original(x, U, *a)
     try:
         x, w = randn(2, 4, 64, 64), randn(4, 4, 3, 3)
         for size in (64, 32, 8):      # 4×4 tiles: 512, 128 (2×2 tiles: 512), none: direct
             xs = x[:, :, :size, :size]
             close(cpu.conv2d(xs, w, None, 1, 1), ref.conv2d(xs, w, None, 1, 1))
     finally:
-        winograd.conv3x3_kernel, winograd43.conv3x3_kernel = originals
-    assert calls == [4, 2]
+        winograd.conv3x3_kernel = original
+    assert tile_sides == [4, 2]
 
 
 def test_conv2d_rejects_channel_mismatch():
