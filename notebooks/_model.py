@@ -1,162 +1,114 @@
-"""The model the notebooks run on: SD v1.5 where its weights are on this machine, else a tiny one.
+"""The model the notebooks run on: SD v1.5 where its weights are on this machine, else the packaged "shapes" model.
 
     from _model import load_demo
-    demo = load_demo()        # demo.sd (a tinysd.StableDiffusion), demo.real, demo.size, demo.steps
+    demo = load_demo()        # demo.sd (a tinysd.StableDiffusion), demo.shapes, demo.size, demo.steps
+    demo.prompt("a red apple on a wooden table", "a red circle in the center")   # the one that suits the model
 
 SD v1.5 is used when `tinysd.weights.resolve` finds it already downloaded (nothing is fetched).
-Otherwise the notebooks run on a tiny SD-v1-shaped model with seeded random weights: the same
-block types, depths and head count as SD v1, widths divided by 10-40. It is written once, with
-NumPy only, as a diffusers folder (configs + safetensors) under ~/.cache/tinysd/, and loaded
-with `tinysd.load` like any checkpoint. Random weights draw noise, so its pictures show the
-mechanics (shapes, schedules, which step changes what), not a cat.
+Otherwise the notebooks run on `tinysd.load("shapes")`: SD v1's architecture, narrower, trained
+by this project (training/) on 64×64 pictures of coloured shapes with captions such as
+"a small red circle on the left". It ships inside the package, so it needs no download, and
+draws a picture in about a second with the plain NumPy backend.
 
-TINYSD_NOTEBOOK_MODEL=tiny forces the tiny model (the tests set it); a model id, folder or file
-in it is loaded instead of SD v1.5.
+TINYSD_NOTEBOOK_MODEL=shapes forces the shapes model (the tests set it); a model id, folder or
+file in it is loaded instead of SD v1.5.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import tinysd
-from tinysd.text_encoder import CLIPTextModel
-from tinysd.tokenizer import CLIPTokenizer
-from tinysd.unet import UNet2DConditionModel
-from tinysd.vae import AutoencoderKL
+from tinysd.weights import PACKAGED
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SD15_CONFIGS = Path(tinysd.__file__).parent / "data" / "sd-v1-5"
-CACHE = Path(os.environ.get("TINYSD_CACHE", Path.home() / ".cache" / "tinysd"))
-TINY_NAME = "tiny-random-sd-v1"
-
-# SD v1.5's configs with narrower widths (the test suite's tiny models use the same numbers);
-# sample_size 8 makes 8×8 latents, 64×64 pictures.
-TINY = {
-    "unet": dict(block_out_channels=[32, 64, 64, 64], cross_attention_dim=32, sample_size=8),
-    "vae": dict(block_out_channels=[32, 64, 64, 64], sample_size=64),
-    "text_encoder": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, projection_dim=32),
-}
-WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-                "text_encoder": "model.safetensors"}
-MODELS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+# training/shapes_data.py draws the shapes model's pictures: beside notebooks/ in a checkout, or
+# beside the tinysd package where it is installed editable (the tests run a copy of notebooks/).
+TRAINING = next((d for d in (Path(__file__).resolve().parents[1] / "training",
+                             Path(tinysd.__file__).resolve().parents[1] / "training")
+                 if (d / "shapes_data.py").is_file()), None)
 
 
 @dataclass
 class Demo:
     sd: object          # tinysd.StableDiffusion
-    real: bool          # a real checkpoint (SD v1.5, or TINYSD_NOTEBOOK_MODEL's), not the tiny random model
     name: str           # where the weights came from
-    size: int           # picture side in pixels (512 for SD v1.5, 64 for the tiny model)
+    shapes: bool        # the packaged shapes model: prompts and pictures must be coloured shapes
+    size: int           # picture side in pixels (512 for SD v1.5, 64 for the shapes model)
     steps: int          # sampler steps the notebooks use
 
+    def prompt(self, sd15_text, shapes_text):
+        """The text the running model can draw: a caption like its training data's for the shapes model."""
+        return shapes_text if self.shapes else sd15_text
+
+    def picture(self):
+        """The picture notebooks 5 and 6 encode and repaint, size×size uint8 RGB: a photograph for
+        SD v1.5; for the shapes model, whose VAE has only seen shapes, a scene from its training data."""
+        return shapes_picture(self.size) if self.shapes else photo(self.size)
+
     def describe(self):
-        if self.real and self.name == SD15:
+        if self.name == SD15:
             return f"Running on trained SD v1.5 weights ({SD15}, from the Hugging Face cache)."
-        if self.real:
+        if not self.shapes:
             return f"Running on the checkpoint {self.name} (TINYSD_NOTEBOOK_MODEL)."
-        return (f"Running on a tiny SD-v1-shaped model with seeded random weights ({self.name}, "
-                f"{self.sd.unet.num_parameters() / 1e6:.1f} M U-Net parameters, {self.size}×{self.size} pictures): "
-                "SD v1's blocks, narrower. Random weights draw noise, so the pictures below show "
-                "the mechanics, not a cat. With SD v1.5 downloaded (diffusers' cache), the same "
-                "notebook draws real pictures.")
+        millions = sum(m.num_parameters() for m in (self.sd.unet, self.sd.vae, self.sd.text_encoder)) / 1e6
+        return (f'Running on the packaged "shapes" model (tinysd.load("shapes"), {millions:.1f} M parameters, '
+                f"{self.size}×{self.size} pictures): SD v1's architecture, narrower, trained by this project "
+                "(training/) on captioned pictures of coloured shapes. It draws a coloured circle, square, "
+                "triangle or star from a caption; the position words are followed only some of the time. "
+                "With SD v1.5 in the Hugging Face cache, the same notebook draws real pictures.")
 
 
 def load_demo(backend=None):
-    """SD v1.5 if it is already on disk (and not overridden by TINYSD_NOTEBOOK_MODEL), else the tiny model.
+    """SD v1.5 if it is already on disk (and not overridden by TINYSD_NOTEBOOK_MODEL), else the shapes model.
 
-    backend: None picks 'numpy' for the tiny model (no compile time) and tinysd's default for SD v1.5.
+    backend: None picks 'numpy' for the shapes model (no compile time) and tinysd's default for SD v1.5.
     """
     choice = os.environ.get("TINYSD_NOTEBOOK_MODEL", "")
-    if choice and choice != "tiny":
-        return Demo(tinysd.load(choice, backend=backend), True, choice, 512, 25)
+    if choice and choice != "shapes" and not is_shapes(choice):
+        sd = tinysd.load(choice, backend=backend)
+        return Demo(sd, choice, False, sd.unet.config.get("sample_size", 64) * 8, 25)
     folder = None if choice else sd15_on_disk()
     if folder is not None:
-        return Demo(tinysd.load(str(folder), backend=backend), True, SD15, 512, 25)
-    folder = tiny_model_folder()
-    return Demo(tinysd.load(str(folder), backend=backend or "numpy"), False, folder.name, 64, 10)
+        return Demo(tinysd.load(str(folder), backend=backend), SD15, False, 512, 25)
+    sd = tinysd.load("shapes", backend=backend or "numpy")
+    return Demo(sd, "shapes", True, sd.unet.config["sample_size"] * 8, 20)
+
+
+def is_shapes(choice):
+    """Whether a TINYSD_NOTEBOOK_MODEL path points at the packaged shapes folder."""
+    return Path(choice).exists() and Path(choice).resolve() == PACKAGED["shapes"].resolve()
 
 
 def sd15_on_disk():
     """SD v1.5's folder in the Hugging Face cache, or None where it was never downloaded."""
     from tinysd.weights import resolve
+    with warnings.catch_warnings():   # huggingface_hub imports tqdm.auto, which warns in Jupyter without ipywidgets
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        try:
+            return resolve(SD15, local_files_only=True)
+        except (FileNotFoundError, ValueError):
+            return None
+
+
+def shapes_picture(size=64):
+    """A blue square to the left of a green triangle on white, drawn by the training data's renderer
+    (training/shapes_data.py), size×size uint8 RGB. The square lies inside the box notebook 6 repaints."""
+    if TRAINING is None:
+        raise FileNotFoundError("training/shapes_data.py is not here: run the notebooks from a tinysd checkout")
+    sys.path.insert(0, str(TRAINING))
     try:
-        return resolve(SD15, local_files_only=True)
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def tiny_model_folder(seed=0):
-    """The tiny random model's diffusers folder, written on first use."""
-    digest = hashlib.sha1(json.dumps(tiny_configs(), sort_keys=True).encode()).hexdigest()[:8]
-    folder = CACHE / f"{TINY_NAME}-seed{seed}-{digest}"   # a new folder when the configs change
-    if not (folder / "model_index.json").is_file():
-        write_tiny_model(folder, seed)
-    return folder
-
-
-def tiny_configs():
-    """part -> config dict: SD v1.5's published configs, narrowed by TINY."""
-    configs = {}
-    for part in ("unet", "vae", "text_encoder"):
-        cfg = json.loads((SD15_CONFIGS / part / "config.json").read_text())
-        configs[part] = {**cfg, **TINY[part]}
-    configs["scheduler"] = json.loads((SD15_CONFIGS / "scheduler" / "scheduler_config.json").read_text())
-    return configs
-
-
-def random_state_dict(module, rng):
-    """Seeded random weights for every key of `module`, in the published key layout.
-
-    Matrices and kernels ~ N(0, 1/fan_in) (keeps activations O(1)); norm scales ~ 1 + N(0, 0.1²);
-    biases ~ N(0, 0.05²).
-    """
-    state = {}
-    for key, param in module.named_parameters():
-        shape = param.shape
-        noise = rng.standard_normal(shape, dtype=np.float32)
-        if len(shape) >= 2:
-            state[key] = noise / np.float32(np.sqrt(np.prod(shape[1:])))
-        elif "norm" in key and key.endswith("weight"):
-            state[key] = 1 + np.float32(0.1) * noise
-        else:
-            state[key] = np.float32(0.05) * noise
-    return state
-
-
-def write_tiny_model(folder, seed=0):
-    """Write the tiny random model as a diffusers folder: configs, safetensors, tokenizer files."""
-    from safetensors.numpy import save_file
-
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".partial")
-    rng = np.random.default_rng(seed)
-    configs = tiny_configs()
-    for part, cls in MODELS.items():
-        (tmp / part).mkdir(parents=True, exist_ok=True)
-        (tmp / part / "config.json").write_text(json.dumps(configs[part], indent=2))
-        save_file(random_state_dict(cls(configs[part]), rng), str(tmp / part / WEIGHT_FILES[part]))
-    (tmp / "scheduler").mkdir(exist_ok=True)
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"], indent=2))
-    write_tokenizer(tmp / "tokenizer")
-    (tmp / "model_index.json").write_text((SD15_CONFIGS / "model_index.json").read_text())
-    tmp.replace(folder)   # complete or absent: a killed run leaves only the .partial folder
-    return folder
-
-
-def write_tokenizer(folder):
-    """CLIP's vocabulary (shipped with tinysd) as vocab.json + merges.txt."""
-    tok = CLIPTokenizer()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(tok.encoder), encoding="utf-8")
-    merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-                                       encoding="utf-8")
+        from shapes_data import Scene, Thing, render
+    finally:
+        sys.path.remove(str(TRAINING))
+    things = (Thing("square", "blue", "left", "large", (20, 32), 10.0),       # centre (x, y), radius: pixels
+              Thing("triangle", "green", "right", "large", (46, 33), 11.0))
+    return render(Scene(things, "white"), size)
 
 
 def photo(size=256):

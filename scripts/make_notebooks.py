@@ -6,8 +6,8 @@
 
 The notebooks are defined here, cell by cell, so a change to one is a reviewable diff of Python
 text; the .ipynb files are the generated, executed result a reader opens (with pictures).
-They run on SD v1.5 where it is already downloaded, else on the tiny random model of
-notebooks/_model.py (TINYSD_NOTEBOOK_MODEL=tiny forces that). tests/test_notebooks.py checks
+They run on SD v1.5 where it is already downloaded, else on the packaged "shapes" model
+(notebooks/_model.py; TINYSD_NOTEBOOK_MODEL=shapes forces it). tests/test_notebooks.py checks
 that the committed files match these sources and that each runs top to bottom.
 """
 from __future__ import annotations
@@ -42,8 +42,11 @@ SETUP = code("""
 
 MODEL_NOTE = """
 The first cell loads the model: SD v1.5 if it is in your Hugging Face cache (nothing is
-downloaded), else a tiny SD-v1-shaped model with seeded random weights that runs in seconds.
-Random weights draw noise: with them the pictures show the mechanics, not a cat.
+downloaded), else the "shapes" model that ships with tinysd: SD v1's architecture, narrower,
+trained by this project on 64×64 pictures of coloured shapes (`training/`). It draws a picture
+in about a second from captions like "a red circle on the left": the colour and the shape
+follow the prompt, the position only some of the time. `demo.prompt(sd15_text, shapes_text)`
+picks the prompt the running model can draw.
 """
 
 NOTEBOOKS = {}
@@ -69,7 +72,8 @@ NOTEBOOKS["01_tokenizer_and_text_encoder.ipynb"] = [
     one piece, rare ones as several. `</w>` marks the end of a word.
     """),
     code("""
-    prompt = "A photograph of an astronaut riding a horse, trending on ArtStation"
+    prompt = demo.prompt("A photograph of an astronaut riding a horse, trending on ArtStation",
+                         "a small blue square above a green triangle on a black background")
     pieces = sd.tokenizer.tokenize(prompt)
     ids = sd.tokenizer(prompt)              # (1, 77) int64: start, the pieces' ids, end, padding
     for piece, i in zip(pieces, ids[0, 1:]):
@@ -140,11 +144,13 @@ NOTEBOOKS["01_tokenizer_and_text_encoder.ipynb"] = [
     the whole prompt. They are not blank: SD v1 cross-attends to all 77 rows, padding included.
     """),
     code("""
-    a, b = "a cat sitting on a sofa", "a cat sitting on a rocket"
+    a, b = demo.prompt(("a cat sitting on a sofa", "a cat sitting on a rocket"),
+                       ("a red circle on the left", "a red circle on the right"))
     ctx_a = sd.ops.numpy(sd.text_encoder(tok(a)))[0]
     ctx_b = sd.ops.numpy(sd.text_encoder(tok(b)))[0]
     diff = np.abs(ctx_a - ctx_b).max(axis=1)
-    print("shared prefix: start +", len(tok.tokenize("a cat sitting on a")), "pieces")
+    shared = next(i for i, (x, y) in enumerate(zip(tok.tokenize(a), tok.tokenize(b))) if x != y)
+    print("shared prefix: start +", shared, "pieces")
     print("max |difference| per row, first 10:", np.round(diff[:10], 4))
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 3))
@@ -305,9 +311,9 @@ NOTEBOOKS["03_inside_the_unet.ipynb"] = [
     from tinysd.unet import timestep_embedding
 
     unet = sd.unet
-    size = demo.size if demo.real else 2 * demo.size     # the tiny model at 128 px: 16×16 latents
+    size = demo.size                                     # 512 px: 64×64 latents; the shapes model's 64 px: 8×8
     latents = Generator(0).randn((1, unet.in_channels, size // 8, size // 8))
-    context = sd.encode_prompt("a cat in space", guidance=False)   # (1, 77, D)
+    context = sd.encode_prompt(demo.prompt("a cat in space", "a yellow star"), guidance=False)   # (1, 77, D)
     t = 500
 
     sinusoid = timestep_embedding(np.array([t]), unet.time_proj_dim, unet.flip_sin_to_cos, unet.freq_shift)
@@ -415,7 +421,7 @@ NOTEBOOKS["03_inside_the_unet.ipynb"] = [
             p /= p.sum(axis=-1, keepdims=True)
             self.maps[len(q)] = self.maps.get(len(q), 0) + p.mean(axis=0)
 
-    prompt = "a red apple on a wooden table"
+    prompt = demo.prompt("a red apple on a wooden table", "a blue square above a green triangle")
     recorder = CrossAttentionRecorder()
     original = unet.ops
     unet.set_backend(recorder)
@@ -429,9 +435,16 @@ NOTEBOOKS["03_inside_the_unet.ipynb"] = [
     """),
     md("""
     Averaged over heads, layers and steps at the finest resolution, one map per piece of the
-    prompt and one for the end token; bright pixels attend to that token. In trained SD v1 the
-    start token takes much of every pixel's attention (a "sink"), and the maps of the nouns
-    outline where their objects are drawn. With random weights attention is nearly uniform.
+    prompt and one for the end token; bright pixels attend to that token (each map has its own
+    colour scale). In trained SD v1 the start token takes much of every pixel's attention (a
+    "sink"), and the maps of the nouns outline where their objects are drawn.
+
+    The shapes model's finest cross-attention runs on its 8×8 latent, so each map pixel covers
+    8×8 picture pixels: coarse, but readable. There the colour words light up their own object
+    ("blue" the upper shape, "green" the lower one) and the first "a" the background. Since
+    CLIP's attention is causal (notebook 1), a later word's row has read the words before it, so
+    words such as "triangle" or "above" need not point at their own object only. Most of the
+    attention goes to the padding rows, which have read the whole prompt.
     """),
     code("""
     pieces = sd.tokenizer.tokenize(prompt)
@@ -468,7 +481,8 @@ NOTEBOOKS["04_sampling_loop.ipynb"] = [
     latent z_t and x̂₀ shows the picture emerge. DDIM keeps z_t at unit variance, so both decode.
     """),
     code("""
-    prompt, seed, steps = "a lighthouse on a cliff at sunset, oil painting", 0, demo.steps
+    prompt = demo.prompt("a lighthouse on a cliff at sunset, oil painting", "a blue square above a green triangle")
+    seed, steps = 0, demo.steps
     trace = []
 
     def callback(step, t, latents, pred_original_sample):
@@ -538,7 +552,8 @@ NOTEBOOKS["05_vae.ipynb"] = [
     before decoding, so the diffusion sees latents of about unit variance. Code: `tinysd/vae.py`,
     `StableDiffusion.encode` / `decode` in `tinysd/pipeline.py`.
     """, MODEL_NOTE, """
-    With random weights the round trip below does not give the picture back; with SD v1.5 it does.
+    The picture to encode is a photograph for SD v1.5. The shapes model's VAE has only ever seen
+    pictures of shapes, so it gets one like its training data, drawn by `training/shapes_data.py`.
     """),
     SETUP,
     md("## Encode"),
@@ -546,7 +561,7 @@ NOTEBOOKS["05_vae.ipynb"] = [
     from tinysd.pipeline import preprocess_image
     from tinysd.rng import Generator
 
-    pixels = photo(demo.size)                          # (H, W, 3) uint8
+    pixels = demo.picture()                            # (H, W, 3) uint8
     x = preprocess_image(pixels)                       # (1, 3, H, W) in [-1, 1]
     posterior = sd.vae.encode(x)                       # q(z|x) = N(mean, std²)
     z = sd.encode(x, Generator(0))                     # 0.18215 · (mean + std · noise)
@@ -557,7 +572,8 @@ NOTEBOOKS["05_vae.ipynb"] = [
     """),
     md("""
     The 4 latent channels as images. With SD v1.5's VAE they look like a coarse, oddly coloured
-    version of the picture: the latent is still spatial, one latent pixel per 8×8 patch.
+    version of the picture: the latent is still spatial, one latent pixel per 8×8 patch. The
+    shapes model's latent is 8×8 in all, so each object covers only a few latent pixels.
     """),
     code("""
     show([z[0, c] for c in range(4)], [f"channel {c}" for c in range(4)], cmap="RdBu_r", size=2.2)
@@ -566,8 +582,9 @@ NOTEBOOKS["05_vae.ipynb"] = [
     ## Where 0.18215 comes from
 
     Rombach et al. (2022) scale the latent by 1/σ, with σ the standard deviation of the encoded
-    training latents; for SD v1's VAE that is 1/5.49 = 0.18215. One picture gives a rough
-    estimate of the same number:
+    training latents; for SD v1's VAE that is 1/5.49 = 0.18215. The shapes model's training
+    rescaled its VAE's latents so that the same factor holds (`training/README.md`). One picture
+    gives a rough estimate of the same number:
     """),
     code("""
     fig, ax = plt.subplots(figsize=(6, 2.8))
@@ -622,8 +639,9 @@ NOTEBOOKS["06_img2img_and_inpainting.ipynb"] = [
     from tinysd.pipeline import strength_timesteps
     from tinysd.schedulers import make_scheduler
 
-    picture = photo(demo.size)
-    prompt, seed, steps = "a portrait of an astronaut, oil painting", 0, demo.steps
+    picture = demo.picture()                           # a photograph, or for the shapes model a drawn scene
+    prompt = demo.prompt("a portrait of an astronaut, oil painting", "a red square to the left of a yellow triangle")
+    seed, steps = 0, demo.steps
     strengths = [0.2, 0.4, 0.6, 0.8, 1.0]
     for s in strengths:
         sampler = make_scheduler("ddim", sd.scheduler_config)
@@ -634,6 +652,11 @@ NOTEBOOKS["06_img2img_and_inpainting.ipynb"] = [
     outputs = [sd(prompt, image=picture, strength=s, num_inference_steps=steps, seed=seed, scheduler="ddim",
                   output_type="np").images[0] for s in strengths]
     show([picture] + outputs, ["input"] + [f"strength {s}" for s in strengths], size=1.9)
+    """),
+    md("""
+    The shapes model keeps the layout here at every strength (a square on the left, a triangle
+    on the right) but takes up the prompt's colours quickly: half-way at strength 0.2, fully, with
+    a grey background, from 0.4.
     """),
     md("""
     ## Inpainting
@@ -650,7 +673,8 @@ NOTEBOOKS["06_img2img_and_inpainting.ipynb"] = [
     mask = np.zeros((size, size), np.uint8)
     mask[size // 4: 3 * size // 4, size // 8: size // 2] = 255     # a box on the left: repaint it
     kw = dict(image=picture, mask_image=mask, num_inference_steps=steps, seed=seed, scheduler="ddim")
-    latent = sd("a bunch of red roses", output_type="latent", **kw).images
+    repaint = demo.prompt("a bunch of red roses", "a red circle to the left of a green triangle")
+    latent = sd(repaint, output_type="latent", **kw).images
     result = sd.decode(latent)[0]
 
     known = sd.encode(preprocess_image(picture), Generator(seed))   # the encoded picture, as the pipeline drew it
@@ -658,6 +682,11 @@ NOTEBOOKS["06_img2img_and_inpainting.ipynb"] = [
     show([picture, mask, result, changed], ["input", "mask (white: repaint)", "inpainted",
          "|final latent − encoded input|"], size=2.3, cmap="gray")
     print("largest change outside the mask:", changed[mask[::8, ::8] == 0].max())
+    """),
+    md("""
+    On the shapes model the box is only 4×3 latent pixels. With this seed it draws a red circle
+    there; about half of the seeds (4 of seeds 0-7) draw a second green triangle instead: the
+    model does not reliably tie each word to its place (`training/README.md`).
     """),
 ]
 
@@ -680,12 +709,12 @@ NOTEBOOKS["07_kernels.ipynb"] = [
     import numba
     from tinysd.backend import get_backend
 
-    print(f"{os.cpu_count()} CPU cores, Numba runs {numba.get_num_threads()} threads")
-
     try:
         import tinysd.kernels  # noqa: F401  registers 'cpu' and 'cuda' where they import
     except ImportError as e:
         print("tinysd.kernels does not import here:", e)
+    # after the import: asking for the thread count starts OpenMP, whose settings the import makes
+    print(f"{os.cpu_count()} CPU cores, Numba runs {numba.get_num_threads()} threads")
     backends = {}
     for name in ("numpy", "cpu", "cuda"):
         try:
@@ -784,7 +813,7 @@ NOTEBOOKS["07_kernels.ipynb"] = [
 
     unet = sd.unet
     latents = Generator(0).randn((2, unet.in_channels, demo.size // 8, demo.size // 8))
-    context = sd.ops.numpy(sd.encode_prompt("a cat in space"))
+    context = sd.ops.numpy(sd.encode_prompt(demo.prompt("a cat in space", "a yellow star")))
     original = unet.ops
     results = {}
     try:
