@@ -45,14 +45,22 @@ def shape_key(name, args):
 
 def profiled(backend, fn, by_shape=False):
     """Run fn() with every op in OPS timed; returns {op: [seconds, flops, calls]} (keys
-    `shape_key(op, args)` with `by_shape`)."""
+    `shape_key(op, args)` with `by_shape`). An op called by another (linear_geglu → linear)
+    counts in its caller's row only."""
     table = defaultdict(lambda: [0.0, 0, 0])
     originals = {name: getattr(backend, name) for name in OPS}
+    depth = [0]
 
     def wrap(name, op):
         def timed(*args, **kwargs):
+            if depth[0]:
+                return op(*args, **kwargs)
+            depth[0] += 1
             start = time.perf_counter()
-            out = op(*args, **kwargs)
+            try:
+                out = op(*args, **kwargs)
+            finally:
+                depth[0] -= 1
             row = table[shape_key(name, args) if by_shape else name]
             row[0] += time.perf_counter() - start
             row[1] += flops_of(name, args, out)
