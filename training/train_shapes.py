@@ -21,7 +21,8 @@ Two stages, as Stable Diffusion was trained (Rombach et al. 2022):
 Every random draw of step s comes from a generator seeded by (seed, stage, s), so a run is
 reproducible and `--resume` continues it exactly. The result is written with save_pretrained
 (fp16 safetensors in the plain file names) plus the real CLIP tokenizer files and SD v1.5's
-scheduler config, to tinysd/data/shapes/ by default.
+scheduler config, to tinysd/data/shapes/ by default, and once more as an original-layout single
+file beside it (tinysd/data/shapes.safetensors).
 """
 from __future__ import annotations
 
@@ -289,6 +290,25 @@ def publish(vae, unet, text_encoder, out):
         f.chmod(0o755 if f.is_dir() else 0o644)
 
 
+WEIGHT_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder": "text_encoder/model.safetensors"}
+
+
+def write_single_file(folder, path):
+    """The published folder's weights again in the original single-file layout
+    (model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*), fp16, with the
+    key mapping of the tests' reference models (the one diffusers' conversion script uses)."""
+    from safetensors.numpy import load_file, save_file
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from reference_models import diffusers_to_original
+
+    state_dicts = {part: load_file(str(Path(folder) / name)) for part, name in WEIGHT_FILES.items()}
+    tensors = {k: np.ascontiguousarray(v) for k, v in diffusers_to_original(state_dicts).items()}
+    save_file(tensors, str(path))
+    Path(path).chmod(0o644)
+
+
 def plot_losses(losses, path):
     import matplotlib
 
@@ -349,6 +369,7 @@ def main(argv=None):
     losses["unet"] = train_unet(unet, text_encoder, data, tokenizer, args)
 
     publish(vae, unet, text_encoder, args.out)
+    write_single_file(args.out, Path(args.out).with_suffix(".safetensors"))
     plot_losses(losses, args.plot)
     log = {"args": vars(args), "minutes": (time.time() - began) / 60, **stats,
            "vae_reconstruction_accuracy": recon,
