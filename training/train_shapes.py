@@ -290,22 +290,21 @@ def publish(vae, unet, text_encoder, out):
         f.chmod(0o755 if f.is_dir() else 0o644)
 
 
-WEIGHT_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors",
-                "text_encoder": "text_encoder/model.safetensors"}
-
-
 def write_single_file(folder, path):
     """The published folder's weights again in the original single-file layout
-    (model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*), fp16, with the
-    key mapping of the tests' reference models (the one diffusers' conversion script uses)."""
-    from safetensors.numpy import load_file, save_file
+    (model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.text_model.*),
+    fp16, with the key mapping of the tests' reference models (the one diffusers' conversion
+    script uses). The folder is read with tinysd's loader, which names the text encoder's keys
+    as SD v1.5's files do (transformers 5 saves them without the `text_model.` prefix)."""
+    from safetensors.numpy import save_file
+
+    from tinysd.weights import load_checkpoint
 
     sys.path.insert(0, str(REPO / "tests"))
     from reference_models import diffusers_to_original
 
-    state_dicts = {part: load_file(str(Path(folder) / name)) for part, name in WEIGHT_FILES.items()}
-    tensors = {k: np.ascontiguousarray(v) for k, v in diffusers_to_original(state_dicts).items()}
-    save_file(tensors, str(path))
+    tensors = diffusers_to_original(load_checkpoint(str(folder)).state_dicts)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
     Path(path).chmod(0o644)
 
 
