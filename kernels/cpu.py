@@ -79,9 +79,10 @@ class CpuBackend(NumpyBackend):
     # 3×3 stride-1 convs go by Winograd (the weights are transformed per call, cheap only when
     # the tiles outnumber them): F(4×4, 3×3) (4× fewer multiplies) with at least this many 4×4
     # output tiles (VAE decoder, U-Net 64×64 level), else F(2×2, 3×3) (2.25×) with at least this
-    # many 2×2 tiles. Below both, e.g. 1280 channels at 16×16, the direct GEMMs are faster.
+    # many 2×2 tiles (U-Net 32×32 and 16×16 levels with CFG: 1280 channels at 16×16 ×2, 111 →
+    # ~90 ms). Below both, e.g. the 8×8 level, the direct GEMMs are faster.
     winograd_f4_min_tiles = 256
-    winograd_f2_min_tiles = 256
+    winograd_f2_min_tiles = 128
     winograd_chunk_tiles = 128      # tiles per task (whole tile rows): 16 or 36 GEMMs with N = 128
     # Other convs with at most this many output pixels (batch included) go as one im2col GEMM:
     # the U-Net's 8×8 level, where the shifted GEMMs are thin and 28 % wasted (1280 channels:
