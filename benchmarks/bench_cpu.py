@@ -13,8 +13,9 @@ steps. Each (side, row) runs in its own subprocess, so its peak RSS (getrusage) 
 use --threads threads (torch, OpenBLAS, Numba). diffusers runs first and saves its output;
 each tinysd side checks its warm-up output against it before timing (relative max error, or
 mean |Δ| in 1/255 for the image) and stops if they disagree. Seconds: median of --repeat runs
-after the warm-up. GFLOP/s counts the multiply-adds (2 FLOP) of the linear, conv and attention
-ops that tinysd calls for the row, the same count for every column.
+after the warm-up; with --repeat 0, the checked (first) run itself, for the long image row.
+GFLOP/s counts the multiply-adds (2 FLOP) of the linear, conv and attention ops that tinysd
+calls for the row, the same count for every column.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--image", action="store_true", help="add the whole-image row (minutes per side)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps of the image row (default 20)")
     p.add_argument("--sides", default=",".join(SIDES), help="comma-separated: diffusers, numpy, cpu")
-    p.add_argument("--repeat", type=int, default=2, help="timed runs after one warm-up (default 2)")
+    p.add_argument("--repeat", type=int, default=2, help="timed runs after one warm-up (default 2; 0: time the first run)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every side")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/tinysd-bench"),
                    help="where the random SD v1.5-sized model folder is kept (about 4 GB)")
@@ -59,8 +60,8 @@ def parse_args(argv=None):
         p.error(f"--rows: unknown {sorted(set(args.row_list) - set(ROWS))}; choose from {', '.join(ROWS)}")
     if set(args.side_list) - set(SIDES):
         p.error(f"--sides: unknown {sorted(set(args.side_list) - set(SIDES))}; choose from {', '.join(SIDES)}")
-    if args.steps < 1 or args.repeat < 1 or args.threads < 1:
-        p.error("--steps, --repeat and --threads must be at least 1")
+    if args.steps < 1 or args.repeat < 0 or args.threads < 1:
+        p.error("--steps and --threads must be at least 1, --repeat at least 0")
     return args
 
 
@@ -178,7 +179,7 @@ def worker(args):
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    result["seconds"] = statistics.median(times)
+    result["seconds"] = statistics.median(times) if times else first_s
     result["times"] = times
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
@@ -239,7 +240,8 @@ def main(argv=None):
             print(f"{'':11s}{r['seconds']:.2f} s, peak RSS {r['peak_rss_mb'] / 1024:.2f} GB", flush=True)
     import torch
     print(f"\n{os.cpu_count()} CPUs, {args.threads} threads, torch {torch.__version__}, "
-          f"load average {os.getloadavg()[0]:.1f}, median of {args.repeat}, image: {args.steps} steps")
+          f"load average {os.getloadavg()[0]:.1f}, "
+          + (f"median of {args.repeat}" if args.repeat else "first run timed") + f", image: {args.steps} steps")
     print_table(results, args.row_list, sides)
     if args.json:
         args.json.write_text(json.dumps({"threads": args.threads, "steps": args.steps, "repeat": args.repeat,
