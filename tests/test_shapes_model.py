@@ -1,5 +1,5 @@
-"""The packaged "shapes" model (training/): loads offline by name, follows its prompt, and loads
-the same from the diffusers folder and from an original-layout single file made from it."""
+"""The packaged "shapes" model (training/): loads offline by name, follows its prompt, and is
+shipped in both published layouts (diffusers folder, original single file) that load the same."""
 import sys
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from evaluate_shapes import measure  # noqa: E402
 from reference_models import diffusers_to_original  # noqa: E402
 
 SHAPES = PACKAGED["shapes"]
+SINGLE_FILE = SHAPES.with_suffix(".safetensors")          # tinysd/data/shapes.safetensors
 if not (SHAPES / "model_index.json").exists():
     pytest.skip(f"the packaged shapes model is not in {SHAPES}: run training/train_shapes.py", allow_module_level=True)
 
@@ -54,14 +55,16 @@ def test_colour_follows_prompt(shapes, prompt, colour):
     assert got.count(colour) >= 2, f"{prompt!r}: object colours {got} over seeds 0-2"
 
 
-def test_single_file_gives_the_same_latents(shapes, tmp_path):
-    from safetensors.numpy import save_file
+def test_single_file_holds_the_folders_weights_and_gives_the_same_latents(shapes):
+    from safetensors.numpy import load_file
 
-    ckpt = load_checkpoint("shapes")
-    single = tmp_path / "shapes.safetensors"
-    save_file({k: np.ascontiguousarray(v) for k, v in diffusers_to_original(ckpt.state_dicts).items()}, str(single))
-    from_file = tinysd.load(str(single), backend="numpy")
+    assert SINGLE_FILE.stat().st_size <= 30 * 2 ** 20
+    expected = diffusers_to_original(load_checkpoint("shapes").state_dicts)
+    stored = load_file(str(SINGLE_FILE))
+    assert stored.keys() == expected.keys()
+    assert all(stored[k].dtype == np.float16 and np.array_equal(stored[k], expected[k]) for k in expected)
 
+    from_file = tinysd.load(str(SINGLE_FILE), backend="numpy")
     kwargs = dict(seed=7, num_inference_steps=8, height=64, width=64, output_type="latent")
     a = shapes("a green triangle at the top", **kwargs).images
     b = from_file("a green triangle at the top", **kwargs).images
