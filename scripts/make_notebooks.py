@@ -441,7 +441,9 @@ NOTEBOOKS["03_inside_the_unet.ipynb"] = [
 
     The shapes model's finest cross-attention runs on its 8×8 latent, so each map pixel covers
     8×8 picture pixels: coarse, but readable. There the colour words light up their own object
-    ("blue" the upper shape, "green" the lower one) and the first "a" the background. Since
+    ("blue" the blue shape, "green" the green one) and the first "a" the background. (With this
+    seed the model drew the two the other way up, and the square star-like: prompts with two
+    objects are harder for it than prompts with one, see `training/README.md`.) Since
     CLIP's attention is causal (notebook 1), a later word's row has read the words before it, so
     words such as "triangle" or "above" need not point at their own object only. Most of the
     attention goes to the padding rows, which have read the whole prompt.
@@ -655,8 +657,8 @@ NOTEBOOKS["06_img2img_and_inpainting.ipynb"] = [
     """),
     md("""
     The shapes model keeps the layout here at every strength (a square on the left, a triangle
-    on the right) but takes up the prompt's colours quickly: half-way at strength 0.2, fully, with
-    a grey background, from 0.4.
+    on the right) but takes up the prompt's colours quickly: half-way at strength 0.2, fully from
+    0.4; the background turns grey at 0.6 and black from 0.8.
     """),
     md("""
     ## Inpainting
@@ -684,9 +686,9 @@ NOTEBOOKS["06_img2img_and_inpainting.ipynb"] = [
     print("largest change outside the mask:", changed[mask[::8, ::8] == 0].max())
     """),
     md("""
-    On the shapes model the box is only 4×3 latent pixels. With this seed it draws a red circle
-    there; about half of the seeds (4 of seeds 0-7) draw a second green triangle instead: the
-    model does not reliably tie each word to its place (`training/README.md`).
+    On the shapes model the box is only 4×3 latent pixels. With this seed it draws a red shape
+    there (more diamond than circle); 7 of seeds 0-7 draw red in the box, one a second green
+    triangle: the model does not always tie each word to its place (`training/README.md`).
     """),
 ]
 
