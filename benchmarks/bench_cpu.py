@@ -208,7 +208,7 @@ def print_table(results, rows, sides):
     flops = {row: next((results[s][row]["flops"] for s in sides
                         if row in results[s] and results[s][row].get("flops")), None) for row in rows}
     print(f"{'':32s}{'side':>10s}{'seconds':>10s}{'GFLOP/s':>9s}{'× diffusers':>13s}"
-          f"{'peak RSS':>11s}{'load+1st':>10s}{'vs diff.':>10s}")
+          f"{'peak RSS':>11s}{'load+1st':>10s}{'vs diff.':>12s}")
     for row in rows:
         base = results.get("diffusers", {}).get(row, {}).get("seconds")
         for side in sides:
@@ -219,7 +219,7 @@ def print_table(results, rows, sides):
             speedup = f"{base / r['seconds']:12.2f}×" if base else f"{'':13s}"
             err = "" if "error" not in r else (f"{r['error']:.2g}/255" if row == "image" else f"{r['error']:.1e}")
             print(f"{ROWS[row] if side == sides[0] else '':32s}{side:>10s}{r['seconds']:10.2f}{gflops}{speedup}"
-                  f"{r['peak_rss_mb'] / 1024:9.2f} GB{r['load_s'] + r['first_s']:9.1f}s{err:>10s}")
+                  f"{r['peak_rss_mb'] / 1024:9.2f} GB{r['load_s'] + r['first_s']:9.1f}s{err:>12s}")
     for row in rows:
         if flops[row]:
             print(f"{ROWS[row]}: {flops[row] / 1e12:.3f} TFLOP")
