@@ -7,8 +7,15 @@
 The picture, one file per part: tokenizer -> text_encoder -> unet <-> schedulers -> vae,
 tied together by pipeline; weights finds and reads checkpoints; backend holds the op boundary.
 """
+import os
+
 __all__ = ["StableDiffusion", "load"]
 __version__ = "0.1.0"
+
+# The cpu backend's OpenMP threads must not spin between kernels (kernels/cpu.py says why).
+# libgomp reads this once, when something first loads it, e.g. `numba.set_num_threads`, so it
+# is set as soon as tinysd is imported, not only when the cpu backend is.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def __getattr__(name):
