@@ -7,32 +7,12 @@ Inputs are normalised to C-contiguous float32 before a kernel sees them, so ever
 compiles once (and is cached on disk, `cache=True`).
 """
 import mmap
-import os
-
-# Numba's parallel loops run on GNU OpenMP's threads, sgemm on OpenBLAS's own. By default an
-# OpenMP thread spins on its core for a while after each loop, and the OpenBLAS thread that needs
-# that core next waits the spin out: on 2 cores every small GEMM after a prange kernel cost ~1 ms
-# (the tiny "shapes" model took 14 s a picture, 0.4 s with this; the SD U-Net step 14.2 → 11.9 s).
-# Read by libgomp when it loads, i.e. at the first parallel kernel call, after this import:
-# too late if another library (torch) loaded libgomp first, so we say so.
-def _libgomp_loaded():
-    try:
-        with open("/proc/self/maps") as maps:
-            return any("libgomp" in line for line in maps)
-    except OSError:
-        return False
-
-
-if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" and _libgomp_loaded():
-    import warnings
-    warnings.warn("libgomp was loaded before tinysd's cpu backend (by torch?) with spinning "
-                  "threads, which slows the cpu backend's small ops; start Python with "
-                  "OMP_WAIT_POLICY=PASSIVE", RuntimeWarning, stacklevel=2)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import warnings
 
 import numba
 import numpy as np
 
+import tinysd
 from tinysd.backend import NumpyBackend, conv_output_size
 from tinysd.kernels import attention as _attention
 from tinysd.kernels import conv as _conv
@@ -40,6 +20,16 @@ from tinysd.kernels import elementwise as _el
 from tinysd.kernels import norm as _norm
 from tinysd.kernels import winograd as _winograd
 from tinysd.kernels.blas import blas_single_threaded, gemm
+
+# Numba's parallel loops run on GNU OpenMP's threads, sgemm on OpenBLAS's own. By default an
+# OpenMP thread spins on its core for a while after each loop, and the OpenBLAS thread that needs
+# that core next waits the spin out: on 2 cores every small GEMM after a prange kernel cost ~1 ms
+# (the tiny "shapes" model took 14 s a picture, 0.4 s without the spin; the SD U-Net step 14.2 →
+# 11.9 s). `import tinysd` sets OMP_WAIT_POLICY=PASSIVE, unless libgomp was loaded before it.
+if tinysd._openmp_spins:
+    warnings.warn("libgomp was loaded before tinysd (by torch?) with spinning threads, which slows "
+                  "the cpu backend's small ops; import tinysd first or start Python with "
+                  "OMP_WAIT_POLICY=PASSIVE", RuntimeWarning, stacklevel=2)
 
 
 def _f32(x):

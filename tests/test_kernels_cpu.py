@@ -3,6 +3,10 @@
 Random shapes with odd sizes, non-contiguous and float64 inputs; float32 tolerances relative
 to the output's scale. A few ops are also checked against torch where it is installed.
 """
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -282,3 +286,17 @@ def test_kernels_compile_once():
     for kernel in (norm.group_norm_kernel, conv.conv2d_kernel, elementwise.silu_kernel,
                    attention.attention_kernel):
         assert len(kernel.signatures) <= 1, kernel.signatures
+
+
+@pytest.mark.parametrize("first, warns", [("import tinysd.kernels.cpu; import torch", False),
+                                          ("import torch; import tinysd.kernels.cpu", True)])
+def test_openmp_told_not_to_spin(first, warns):
+    """`import tinysd` sets OMP_WAIT_POLICY=PASSIVE before libgomp reads it; where torch loaded
+    libgomp first, the cpu backend says so. In a fresh process, without the tests' own setting."""
+    pytest.importorskip("torch")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = f"{first}; import os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    run = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "PASSIVE"
+    assert ("libgomp was loaded before tinysd" in run.stderr) == warns
