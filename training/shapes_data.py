@@ -32,6 +32,9 @@ JITTER = 2                          # centre and radius wobble, pixels
 # Two objects side by side or one above the other: (position of the first, relation, position of the second)
 PAIRS = (("left", "to the left of", "right"), ("right", "to the right of", "left"),
          ("top", "above", "bottom"), ("bottom", "below", "top"))
+# Only the vertical pairs: their relation words are not the one-object position words, whereas
+# "A to the left of B" puts the word "left" beside objects on both sides (training/README.md).
+VERTICAL_PAIRS = PAIRS[2:]
 
 
 @dataclass(frozen=True)
@@ -75,12 +78,12 @@ def make_thing(rng, shape, colour, position, size):
     return Thing(shape, colour, position, size, (x + int(dx), y + int(dy)), float(radius))
 
 
-def sample_scene(rng, two_prob=0.3, allow_held_out=False):
-    """A random scene: one object (70%) or two (30%, small, in one of PAIRS' arrangements)."""
+def sample_scene(rng, two_prob=0.3, allow_held_out=False, pairs=PAIRS):
+    """A random scene: one object (70%) or two (30%, small, in one of `pairs`' arrangements)."""
     while True:
         background = rng.choice(list(BACKGROUNDS))
         if rng.random() < two_prob:
-            first, _, second = PAIRS[rng.integers(len(PAIRS))]
+            first, _, second = pairs[rng.integers(len(pairs))]
             colours = rng.choice(list(COLOURS), size=2, replace=False)
             shapes = rng.choice(SHAPES, size=2)
             things = tuple(make_thing(rng, s, c, p, "small") for s, c, p in zip(shapes, colours, (first, second)))
@@ -151,9 +154,9 @@ def caption(scene, rng):
     return text
 
 
-def sample_batch(rng, n, allow_held_out=False):
+def sample_batch(rng, n, allow_held_out=False, pairs=PAIRS):
     """n pictures (n, 64, 64, 3) uint8 and their captions."""
-    scenes = [sample_scene(rng, allow_held_out=allow_held_out) for _ in range(n)]
+    scenes = [sample_scene(rng, allow_held_out=allow_held_out, pairs=pairs) for _ in range(n)]
     return np.stack([render(s) for s in scenes]), [caption(s, rng) for s in scenes]
 
 

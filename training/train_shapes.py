@@ -237,12 +237,15 @@ def make_dataset(vae, tokenizer, args):
     """The frozen VAE's latents (μ, σ) and token ids of --dataset-size scenes, cached in the work folder."""
     cache = Path(args.work) / "dataset.pt"
     if args.resume and cache.exists():
-        return torch.load(cache)
+        data = torch.load(cache)
+        if data.get("pairs", "all") == args.pairs:
+            return data
     rng = np.random.default_rng((args.seed, 2))
-    images, captions = shapes_data.sample_batch(rng, args.dataset_size)
+    pairs = shapes_data.VERTICAL_PAIRS if args.pairs == "vertical" else shapes_data.PAIRS
+    images, captions = shapes_data.sample_batch(rng, args.dataset_size, pairs=pairs)
     mean, std = encode_all(vae, images)
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    data = {"mean": mean, "std": std, "ids": ids, "captions": captions}
+    data = {"mean": mean, "std": std, "ids": ids, "captions": captions, "pairs": args.pairs}
     torch.save(data, cache)
     return data
 
@@ -343,6 +346,9 @@ def parse_args(argv=None):
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--uncond-prob", type=float, default=0.1)
+    p.add_argument("--pairs", choices=("all", "vertical"), default="all",
+                   help="two-object scenes of the U-Net stage: all four arrangements (the shipped model), "
+                        "or only above/below, so that left/right are one-object words only")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--plot", default=str(REPO / "training" / "shapes_loss.png"))
     return p.parse_args(argv)
