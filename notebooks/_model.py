@@ -60,8 +60,7 @@ class Demo:
         return (f'Running on the packaged "shapes" model (tinysd.load("shapes"), {millions:.1f} M parameters, '
                 f"{self.size}×{self.size} pictures): SD v1's architecture, narrower, trained by this project "
                 "(training/) on captioned pictures of coloured shapes. It draws a coloured circle, square, "
-                "triangle or star from a caption and puts it at the top, bottom or centre as told, but mixes up "
-                "left and right (training/README.md). "
+                "triangle or star from a caption, mostly where the caption says (training/README.md). "
                 "With SD v1.5 in the Hugging Face cache, the same notebook draws real pictures.")
 
 

@@ -658,7 +658,7 @@ NOTEBOOKS["06_img2img_and_inpainting.ipynb"] = [
     md("""
     The shapes model keeps the layout here at every strength (a square on the left, a triangle
     on the right) but takes up the prompt's colours quickly: half-way at strength 0.2, fully from
-    0.4; the background turns grey at 0.6 and black from 0.8.
+    0.4; the background turns grey from 0.6 and black at 1.0.
     """),
     md("""
     ## Inpainting
@@ -687,7 +687,7 @@ NOTEBOOKS["06_img2img_and_inpainting.ipynb"] = [
     """),
     md("""
     On the shapes model the box is only 4×3 latent pixels. With this seed it draws a red shape
-    there (more diamond than circle); 7 of seeds 0-7 draw red in the box, one a second green
+    there (more diamond than circle); 6 of seeds 0-7 draw red in the box, two a second green
     triangle: the model does not always tie each word to its place (`training/README.md`).
     """),
 ]
