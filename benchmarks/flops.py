@@ -4,40 +4,40 @@ import numpy as np
 WRAPPED = ("linear", "linear_geglu", "conv2d", "attention")
 
 
+def op_flops(name, args, out):
+    """FLOPs (2 per multiply-add) of one call of a backend op with positional `args` and result
+    `out`; 0 for the ops that are not GEMM-shaped."""
+    if name in ("linear", "linear_geglu"):
+        x, weight = args[0], args[1]
+        return 2 * int(np.prod(x.shape[:-1])) * weight.shape[0] * weight.shape[1]
+    if name == "conv2d":
+        return 2 * int(np.prod(out.shape)) * int(np.prod(args[1].shape[1:]))
+    if name == "attention":
+        q, k = args[0], args[1]
+        return 4 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]     # Q Kᵀ and P V
+    return 0
+
+
 def count_flops(backend, fn):
     """(fn()'s result, FLOPs of the linear, linear_geglu, conv2d and attention calls it made on
-    `backend`), counting 2 per multiply-add. A backend's linear_geglu may call its linear: that
-    projection is counted once."""
+    `backend`). A backend's linear_geglu may call its linear: that projection is counted once."""
     total, depth = [0], [0]
     ops = {name: getattr(backend, name) for name in WRAPPED}
 
-    def gemm_flops(x, weight):
-        return 2 * int(np.prod(x.shape[:-1])) * weight.shape[0] * weight.shape[1]
+    def counted(name):
+        def call(*args, **kwargs):
+            depth[0] += 1
+            try:
+                out = ops[name](*args, **kwargs)
+            finally:
+                depth[0] -= 1
+            if depth[0] == 0:
+                total[0] += op_flops(name, args, out)
+            return out
+        return call
 
-    def counted_linear(x, weight, bias=None):
-        if depth[0] == 0:
-            total[0] += gemm_flops(x, weight)
-        return ops["linear"](x, weight, bias)
-
-    def counted_linear_geglu(x, weight, bias=None):
-        total[0] += gemm_flops(x, weight)
-        depth[0] += 1
-        try:
-            return ops["linear_geglu"](x, weight, bias)
-        finally:
-            depth[0] -= 1
-
-    def counted_conv2d(x, weight, bias=None, stride=1, padding=0):
-        y = ops["conv2d"](x, weight, bias, stride, padding)
-        total[0] += 2 * int(np.prod(y.shape)) * int(np.prod(weight.shape[1:]))
-        return y
-
-    def counted_attention(q, k, v, heads, causal=False):
-        total[0] += 4 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]     # Q Kᵀ and P V
-        return ops["attention"](q, k, v, heads, causal)
-
-    backend.linear, backend.linear_geglu = counted_linear, counted_linear_geglu
-    backend.conv2d, backend.attention = counted_conv2d, counted_attention
+    for name in WRAPPED:
+        setattr(backend, name, counted(name))
     try:
         return fn(), total[0]
     finally:

@@ -18,20 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from flops import op_flops
+
 OPS = ("conv2d", "linear", "linear_geglu", "attention", "group_norm", "layer_norm", "geglu", "silu", "to_tokens",
        "to_image", "upsample_nearest2x", "concat")
-
-
-def flops_of(name, args, out):
-    if name in ("linear", "linear_geglu"):
-        x, w = args[0], args[1]
-        return 2 * int(np.prod(x.shape[:-1])) * w.shape[0] * w.shape[1]
-    if name == "conv2d":
-        return 2 * int(np.prod(out.shape)) * int(np.prod(args[1].shape[1:]))
-    if name == "attention":
-        q, k = args[0], args[1]
-        return 4 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2]
-    return 0
 
 
 def shape_key(name, args):
@@ -63,7 +53,7 @@ def profiled(backend, fn, by_shape=False):
                 depth[0] -= 1
             row = table[shape_key(name, args) if by_shape else name]
             row[0] += time.perf_counter() - start
-            row[1] += flops_of(name, args, out)
+            row[1] += op_flops(name, args, out)
             row[2] += 1
             return out
         return timed
