@@ -8,8 +8,9 @@
         tiny_sd.state_dicts["unet"]   # diffusers key -> np.ndarray (also "vae", "text_encoder")
         tiny_sd.configs["unet"]       # config dicts (also "vae", "text_encoder", "scheduler")
 
-Built once per session (a few seconds); tests skip where torch/diffusers/transformers or the
-shared tokenizer files are absent.
+Built once per session (a few seconds); tests skip where torch/diffusers/transformers are
+absent. In CI (`CI=true` or `TINYSD_STRICT_SKIPS=1`) any skip except the GPU-only ones fails the
+run: every parity test must run on a fresh clone.
 """
 import os
 import sys
@@ -41,3 +42,28 @@ def tiny_sd(tmp_path_factory):
 def tiny_inpaint_sd(tmp_path_factory):
     """Tiny SD v1 inpainting model: 9-channel U-Net (latent 4 + mask 1 + masked-image latent 4)."""
     return build_reference(tmp_path_factory.mktemp("tiny_inpaint_sd"), size="tiny", inpainting=True, seed=1)
+
+
+# Skips that CI accepts: tests that need hardware the CI machine does not have.
+ALLOWED_SKIP_REASONS = ("needs a CUDA GPU",)
+
+
+def _strict_skips():
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("CI", "TINYSD_STRICT_SKIPS"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In CI, fail the run if a test skipped for any reason but a missing GPU."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if not _strict_skips() or reporter is None:
+        return
+    unexpected = []
+    for report in reporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not any(allowed in reason for allowed in ALLOWED_SKIP_REASONS):
+            unexpected.append(f"{report.nodeid}: {reason}")
+    if unexpected:
+        reporter.write_line(f"{len(unexpected)} unexpected skip(s) (only GPU tests may skip in CI):", red=True)
+        for line in unexpected:
+            reporter.write_line("  " + line, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -45,7 +45,7 @@ import shapes_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SD15 = REPO / "tinysd" / "data" / "sd-v1-5"                      # SD v1.5's published configs
-TOKENIZER = REPO.parent / "shared" / "reference" / "sd-v1-5" / "tokenizer"
+TOKENIZER = SD15 / "tokenizer"                                   # and its tokenizer files
 SCALING_FACTOR = 0.18215                                         # SD v1's latent scale, kept as is
 
 # SD v1's topology (block types, 2 ResNets per down block, 3 per up block, attention in the
