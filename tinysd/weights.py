@@ -23,12 +23,12 @@ Two file formats, both read here from their specifications:
 """
 from __future__ import annotations
 
-import io
+import inspect
 import json
 import math
 import os
-import pickle
 import re
+import reprlib
 import struct
 import zipfile
 import zlib
@@ -73,8 +73,10 @@ class _Malformed(Exception):
 
 
 def _short(value, limit=80):
-    """A name or message from a file, shortened to one line for an error message."""
-    text = " ".join(str(value).split())
+    """A name, value or message from a file, shortened to one line for an error message (reprlib
+    bounds the work on deeply nested values)."""
+    text = value if isinstance(value, str) else str(value) if isinstance(value, BaseException) else reprlib.repr(value)
+    text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -91,7 +93,7 @@ SAFETENSORS_DTYPES = {   # the format's dtype names -> NumPy; BF16 is read as it
     "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "b1",
 }
 SAFETENSORS_MAX_HEADER = 100_000_000   # bytes, the reference library's limit
-SAFETENSORS_MAX_DEPTH = 128            # JSON nesting, serde_json's limit (a valid header needs 3)
+SAFETENSORS_MAX_DEPTH = 127            # JSON nesting serde_json (the reference parser) allows; a header needs 3
 MAX_DIMS = 64                          # NumPy's limit on an array's number of dimensions
 MAX_BYTES = 1 << 62                    # no array, not even an empty or a broadcast one, claims more
 
@@ -103,7 +105,7 @@ def read_safetensors(path):
 
     - bytes 0..8: N, the header's length, little-endian u64; N ≤ 100,000,000 and 8 + N ≤ file size;
     - bytes 8..8+N: the header, UTF-8 JSON (spaces may pad it), an object; in it no key appears twice,
-      nesting is at most 128 deep, and every number is an integer (no fractions, no exponents, no
+      nesting is at most 127 deep, and every number is an integer (no fractions, no exponents, no
       NaN or Infinity);
     - the header's `__metadata__`, if present, maps strings to strings (or is null);
     - every other key names a tensor: {"dtype": one of SAFETENSORS_DTYPES, "shape": [n ≥ 0, ...],
@@ -134,7 +136,7 @@ def read_safetensors(path):
         data = np.zeros(0, np.uint8)
     else:
         try:
-            data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(size - 8 - n,))
+            data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(size - 8 - n,)).view(np.ndarray)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot map the data section ({_short(e)})") from None
     return {name: _safetensors_array(data, dtype, shape, begin, end) for name, dtype, shape, begin, end in entries}
@@ -280,8 +282,11 @@ def _safetensors_array(data, dtype, shape, begin, end):
 
 
 def _bf16_to_f32(bits):
-    """bfloat16 is the top half of a float32: shift the 16 bits up (exact)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    """bfloat16 is the top half of a float32: shift the 16 bits up (exact). In place on the copy,
+    so a 0-d array stays an array."""
+    widened = bits.astype(np.uint32)
+    widened <<= 16
+    return widened.view(np.float32)
 
 
 # .ckpt (PyTorch zip pickle)
@@ -290,12 +295,12 @@ def _bf16_to_f32(bits):
 TORCH_STORAGES = {  # torch's typed storage classes -> the NumPy dtype of their bytes
     "FloatStorage": "<f4", "HalfStorage": "<f2", "BFloat16Storage": "<u2", "DoubleStorage": "<f8",
     "LongStorage": "<i8", "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1",
-    "ByteStorage": "u1", "BoolStorage": "?",
+    "ByteStorage": "u1", "BoolStorage": "b1",
 }
 TORCH_DTYPES = {  # torch.float32 & co., as torch.save writes a dtype that is a value in the dict
     "float32": "<f4", "float": "<f4", "float16": "<f2", "half": "<f2", "float64": "<f8", "double": "<f8",
-    "bfloat16": "<u2", "int64": "<i8", "long": "<i8", "int32": "<i4", "int": "<i4", "int16": "<i2",
-    "short": "<i2", "int8": "i1", "uint8": "u1", "bool": "?",
+    "int64": "<i8", "long": "<i8", "int32": "<i4", "int": "<i4", "int16": "<i2", "short": "<i2",
+    "int8": "i1", "uint8": "u1", "bool": "b1",
 }
 NUMPY_DTYPES = {"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"}
 TORCH_FILE_VERSIONS = range(1, 11)     # the `version` record torch.load accepts
@@ -304,74 +309,42 @@ DEFLATE_MAX_RATIO = 1032               # deflate's largest possible expansion
 MAX_NESTING = 100                      # containers in the pickle nested deeper than this are refused
 
 
-class _Opaque:
-    """Base of every object the unpickler hands to the pickle program: it has no attributes to
-    set, and the pickle's BUILD (which sets an object's state) is refused unless a subclass
-    defines what its state may be."""
+class _Global:
+    """An allow-listed global. `build` checks every argument it gets before it makes anything;
+    `is_class` says whether NEWOBJ may instantiate it (else only REDUCE may call it)."""
 
-    __slots__ = ()
-
-    def __setstate__(self, state):
-        raise _Malformed(f"the pickle tries to set the state of {self!r}, which is not allowed")
-
-    def __repr__(self):
-        return type(self).__name__.strip("_")
-
-
-class _Global(_Opaque):
-    """An allow-listed global: calling it runs `build`, which checks every argument it gets."""
-
-    __slots__ = ("qualname", "build")
-
-    def __init__(self, qualname, build=None):
-        self.qualname, self.build = qualname, build
-
-    def __call__(self, *args):
-        if self.build is None:
-            raise _Malformed(f"the pickle tries to call {self.qualname}, which is not allowed")
-        return self.build(*args)
+    def __init__(self, qualname, build=None, is_class=False):
+        self.qualname, self.build, self.is_class = qualname, build, is_class
+        if build is not None:       # (fewest, most) positional arguments build takes
+            parameters = inspect.signature(build).parameters.values()
+            self.arity = sum(p.default is p.empty for p in parameters), len(parameters)
 
     def __repr__(self):
         return self.qualname
 
 
-class _StorageType(_Opaque):
+class _StorageType:
     """torch.FloatStorage & co. in the pickle: only its name (and so its dtype) is used."""
-
-    __slots__ = ("name", "dtype")
 
     def __init__(self, name):
         self.name, self.dtype = name, np.dtype(TORCH_STORAGES[name])
 
-
-class _Storage(_Opaque):
-    """A storage's bytes, viewed as its dtype (a 1-D array over the file's memmap)."""
-
-    __slots__ = ("type", "array")
-
-    def __init__(self, type, array):
-        self.type, self.array = type, array
-
-    def value(self):
-        return _bf16_to_f32(self.array) if self.type.name == "BFloat16Storage" else self.array
+    def __repr__(self):
+        return f"torch.{self.name}"
 
 
-class _Value(_Opaque):
-    """A finished value (a tensor, a NumPy scalar, a dtype) kept out of reach of BUILD until the end."""
+class _Storage:
+    """A storage's bytes viewed as its dtype (a 1-D array over the file's memmap), and its type name."""
 
-    __slots__ = ("content",)
-
-    def __init__(self, content):
-        self.content = content
+    def __init__(self, name, array):
+        self.name, self.array = name, array
 
     def value(self):
-        return self.content
+        return _bf16_to_f32(self.array) if self.name == "BFloat16Storage" else self.array
 
 
-class _DType(_Opaque):
+class _DType:
     """numpy.dtype(name, align, copy), then BUILD with its state: plain numeric dtypes only."""
-
-    __slots__ = ("name", "dtype")
 
     def __init__(self, name, align=False, copy=False):
         if not (isinstance(name, str) and name in NUMPY_DTYPES and isinstance(align, bool) and isinstance(copy, bool)):
@@ -379,11 +352,13 @@ class _DType(_Opaque):
                              f"dtypes are allowed")
         self.name, self.dtype = name, None
 
-    def __setstate__(self, state):
-        # (version 3, byte order, subarray, names, fields, itemsize, alignment, flags) for a plain dtype
-        if (self.dtype is not None or not isinstance(state, tuple) or len(state) != 8 or state[0] != 3
-                or state[1] not in ("<", ">", "|", "=") or state[2:5] != (None, None, None)
-                or state[5:7] != (-1, -1) or not _is_int(state[7])):
+    def build(self, state):
+        # (version 3, byte order, subarray, names, fields, itemsize, alignment, flags), as NumPy
+        # writes it for a plain numeric dtype
+        if not (self.dtype is None and isinstance(state, tuple) and len(state) == 8 and _equal(state[0], 3)
+                and isinstance(state[1], str) and state[1] in ("<", ">", "|", "=")
+                and state[2] is None and state[3] is None and state[4] is None
+                and _equal(state[5], -1) and _equal(state[6], -1) and _equal(state[7], 0)):
             raise _Malformed(f"numpy dtype {self.name!r} with an unexpected state in the pickle")
         self.dtype = np.dtype(self.name).newbyteorder("=" if state[1] == "|" else state[1])
 
@@ -393,32 +368,27 @@ class _DType(_Opaque):
         return self.dtype
 
 
-class _NDArray(_Opaque):
+class _NDArray:
     """numpy.core.multiarray._reconstruct(numpy.ndarray, (0,), b'b'), then BUILD with the array's
-    state (version, shape, dtype, Fortran order, raw bytes): a plain numeric array, its bytes
-    exactly shape × itemsize."""
-
-    __slots__ = ("array",)
+    state (version 1, shape, dtype, Fortran order, raw bytes): a plain numeric array whose bytes
+    are exactly product(shape) × itemsize."""
 
     def __init__(self):
         self.array = None
 
-    def __setstate__(self, state):
-        if self.array is not None or not isinstance(state, tuple) or len(state) not in (4, 5):
+    def build(self, state):
+        if not (self.array is None and isinstance(state, tuple) and len(state) == 5 and _equal(state[0], 1)):
             raise _Malformed("numpy array with an unexpected state in the pickle")
-        if len(state) == 5:
-            if state[0] != 1:
-                raise _Malformed(f"numpy array state version {_short(state[0])} in the pickle, expected 1")
-            state = state[1:]
-        shape, dtype, fortran, raw = state
+        _, shape, dtype, fortran, raw = state
         if not (isinstance(shape, tuple) and len(shape) <= MAX_DIMS and all(_is_int(n) and n >= 0 for n in shape)):
             raise _Malformed(f"numpy array with shape {_short(shape)} in the pickle")
-        if not isinstance(dtype, _DType) or not isinstance(fortran, bool) or not isinstance(raw, bytes):
-            raise _Malformed("numpy array state in the pickle is not (shape, dtype, order, bytes)")
+        if not (isinstance(dtype, _DType) and isinstance(fortran, bool) and isinstance(raw, bytes)):
+            raise _Malformed("numpy array state in the pickle is not (1, shape, dtype, order, bytes)")
         dtype = dtype.value()
-        if _claimed_bytes(shape, dtype.itemsize) > MAX_BYTES or len(raw) != math.prod(shape) * dtype.itemsize:
+        needed = math.prod(shape) * dtype.itemsize
+        if _claimed_bytes(shape, dtype.itemsize) > MAX_BYTES or len(raw) != needed:
             raise _Malformed(f"numpy array of shape {shape} and dtype {dtype} in the pickle has {len(raw)} bytes, "
-                             f"needs {math.prod(shape) * dtype.itemsize}")
+                             f"needs {needed}")
         self.array = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C")
 
     def value(self):
@@ -427,24 +397,28 @@ class _NDArray(_Opaque):
         return self.array
 
 
-class _ParameterDict(_Opaque):
-    """torch.nn.ParameterDict, as torch.save writes it (a module: NEWOBJ, then BUILD with its
-    __dict__): becomes the plain dict of its `_parameters`."""
+class _ParameterDict:
+    """torch.nn.ParameterDict as torch.save writes it (a module: NEWOBJ, then BUILD with its
+    __dict__); it becomes the plain dict of its `_parameters`."""
 
-    __slots__ = ("parameters",)
+    def __init__(self):
+        self.parameters = None
 
-    def __setstate__(self, state):
+    def build(self, state):
         parameters = state.get("_parameters") if isinstance(state, dict) else None
-        if getattr(self, "parameters", None) is not None or not isinstance(parameters, dict):
+        if self.parameters is not None or not isinstance(parameters, dict):
             raise _Malformed("torch.nn.ParameterDict with an unexpected state in the pickle")
-        if not all(isinstance(k, str) and (v is None or isinstance(v, _Value)) for k, v in parameters.items()):
+        if not all(isinstance(k, str) and (v is None or isinstance(v, np.ndarray)) for k, v in parameters.items()):
             raise _Malformed("torch.nn.ParameterDict whose _parameters are not named tensors")
         self.parameters = {k: v for k, v in parameters.items() if v is not None}
 
     def value(self):
-        if getattr(self, "parameters", None) is None:
+        if self.parameters is None:
             raise _Malformed("torch.nn.ParameterDict is used before its state is set")
         return self.parameters
+
+
+STAND_INS = (_Storage, _DType, _NDArray, _ParameterDict)    # replaced by their value() at the end
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
@@ -453,45 +427,63 @@ def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, backw
     The numbers come from the file, so they are proved to stay inside the storage before the view
     is made: offset, sizes and strides are integers ≥ 0, one stride per dimension, and the element
     farthest from the start, storage[offset + Σ (size−1)·stride], lies inside the storage. With
-    every stride ≥ 0 every element lies between the first and that one. The view is made by
-    np.ndarray(buffer=...), which checks the same bounds again.
+    every stride ≥ 0 every element lies between the first and that one. (Like torch, every
+    number must also fit in 64 bits.) The view is made by
+    np.ndarray(buffer=...), which checks the same bounds again (no as_strided).
     """
     if not isinstance(storage, _Storage):
         raise _Malformed("_rebuild_tensor_v2 called on something that is not a storage")
-    if not (_is_int(offset) and isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
+    if not (_is_int(offset) and isinstance(size, tuple) and isinstance(stride, tuple)
             and all(_is_int(n) for n in (*size, *stride))):
         raise _Malformed(f"tensor offset {_short(offset)}, size {_short(size)}, stride {_short(stride)} are not integers")
-    array, size, stride = storage.array, tuple(size), tuple(stride)
-    what = f"tensor of size {_short(size)} with strides {_short(stride)} at offset {offset}"
+    if not (isinstance(requires_grad, bool) and isinstance(backward_hooks, dict) and (metadata is None or isinstance(metadata, dict))):
+        raise _Malformed("tensor with a requires_grad that is not a bool or backward hooks that are not a dict")
+    array = storage.array
+    what = _Lazy(lambda: f"tensor of size {_short(size)} with strides {_short(stride)} at offset {offset}")
     if len(size) != len(stride) or len(size) > MAX_DIMS:
         raise _Malformed(f"{what}: needs one stride per dimension, at most {MAX_DIMS} dimensions")
-    if offset < 0 or any(n < 0 for n in size) or any(s < 0 for s in stride):
-        raise _Malformed(f"{what}: offset, sizes and strides must be ≥ 0")
+    if not all(0 <= n < 2**63 for n in (offset, *size, *stride)):
+        raise _Malformed(f"{what}: offset, sizes and strides must be ≥ 0 (and fit in 64 bits)")
     if _claimed_bytes(size, array.itemsize) > MAX_BYTES:
         raise _Malformed(f"{what}: larger than any array can be")
+    if requires_grad and array.dtype.kind not in "fc":
+        raise _Malformed(f"{what}: a {storage.name} tensor cannot require gradients")
     if 0 in size:
         view = np.zeros(size, array.dtype)
     else:
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= len(array):
             raise _Malformed(f"{what}: reaches element {last} of a storage of {len(array)} elements")
-        strides = [s * array.itemsize if n > 1 else 0 for n, s in zip(size, stride)]   # a stride of a size-1 dimension is never used
+        strides = [s * array.itemsize if n > 1 else 0 for n, s in zip(size, stride)]   # a size-1 dimension's stride is never used
         view = np.ndarray(size, array.dtype, buffer=array, offset=offset * array.itemsize, strides=strides)
-    if storage.type.name == "BFloat16Storage":
+    if storage.name == "BFloat16Storage":
         view = _bf16_to_f32(view)
     view.flags.writeable = False
-    return _Value(view)
+    return view
 
 
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
-    """torch.nn.Parameter(data): the tensor itself."""
-    if not (isinstance(data, _Value) and isinstance(data.content, np.ndarray)):
-        raise _Malformed("_rebuild_parameter called on something that is not a tensor")
+def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
+    """torch.nn.Parameter(data) (with extra attributes `state`, dropped): the tensor itself."""
+    if not (isinstance(data, np.ndarray) and isinstance(requires_grad, bool) and isinstance(backward_hooks, dict)
+            and (state is None or isinstance(state, dict))):
+        raise _Malformed("_rebuild_parameter with unexpected arguments in the pickle")
     return data
 
 
+def _ordered_dict():
+    """collections.OrderedDict() (its items follow by SETITEMS): a plain dict, which keeps order."""
+    return {}
+
+
+def _set(items=()):
+    if not (isinstance(items, list) and all(_is_key(v) for v in items)):
+        raise _Malformed("a set of something other than numbers and strings in the pickle")
+    return set(items)
+
+
 def _reconstruct(subtype, shape, dtype_code):
-    if subtype is not NUMPY_NDARRAY or shape != (0,) or dtype_code not in (b"b", "b"):
+    if not (subtype is NUMPY_NDARRAY and type(shape) is tuple and len(shape) == 1 and _equal(shape[0], 0)
+            and isinstance(dtype_code, (bytes, str)) and dtype_code in (b"b", "b")):
         raise _Malformed(f"numpy _reconstruct{_short((subtype, shape, dtype_code))} in the pickle; only "
                          f"_reconstruct(numpy.ndarray, (0,), b'b') is allowed")
     return _NDArray()
@@ -501,35 +493,37 @@ def _numpy_scalar(dtype, data):
     """numpy.core.multiarray.scalar(dtype, bytes), as Lightning pickles NumPy numbers."""
     if not (isinstance(dtype, _DType) and isinstance(data, bytes) and len(data) == dtype.value().itemsize):
         raise _Malformed("numpy scalar with unexpected arguments in the pickle")
-    return _Value(np.frombuffer(data, dtype.value(), count=1)[0])
+    return np.frombuffer(data, dtype.value(), count=1)[0]
 
 
-def _codecs_encode(text, encoding="utf-8"):
+def _codecs_encode(text, encoding):
     """Protocol-2 pickles store bytes as _codecs.encode(str, 'latin1')."""
-    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise _Malformed(f"_codecs.encode with unexpected arguments in the pickle")
+    if not (isinstance(encoding, str) and encoding in ("latin1", "latin-1") and isinstance(text, str)
+            and max(text, default="\0") <= "\xff"):
+        raise _Malformed("_codecs.encode with unexpected arguments in the pickle")
     return text.encode("latin1")
 
 
-def _torch_size(sizes=()):
+def _torch_size(sizes):
     if not (isinstance(sizes, (tuple, list)) and all(_is_int(n) and n >= 0 for n in sizes)):
-        raise _Malformed(f"torch.Size{_short(sizes)} in the pickle")
+        raise _Malformed(f"torch.Size({_short(sizes)}) in the pickle")
     return tuple(sizes)
 
 
 NUMPY_NDARRAY = _Global("numpy.ndarray")      # only ever an argument of _reconstruct
 ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"): dict,
-    ("builtins", "set"): set,
-    ("__builtin__", "set"): set,             # protocol-2 pickles name Python 2's module
+    ("collections", "OrderedDict"): _Global("collections.OrderedDict", _ordered_dict, is_class=True),
+    ("builtins", "set"): _Global("builtins.set", _set, is_class=True),
+    ("__builtin__", "set"): _Global("builtins.set", _set, is_class=True),   # protocol 2 names Python 2's module
     ("torch._utils", "_rebuild_tensor_v2"): _Global("torch._utils._rebuild_tensor_v2", _rebuild_tensor_v2),
     ("torch._utils", "_rebuild_parameter"): _Global("torch._utils._rebuild_parameter", _rebuild_parameter),
     ("torch._utils", "_rebuild_parameter_with_state"):
         _Global("torch._utils._rebuild_parameter_with_state", _rebuild_parameter),
-    ("torch.nn.modules.container", "ParameterDict"): _ParameterDict,
-    ("torch", "Size"): _Global("torch.Size", _torch_size),
+    ("torch.nn.modules.container", "ParameterDict"):
+        _Global("torch.nn.modules.container.ParameterDict", _ParameterDict, is_class=True),
+    ("torch", "Size"): _Global("torch.Size", _torch_size, is_class=True),
     ("numpy", "ndarray"): NUMPY_NDARRAY,
-    ("numpy", "dtype"): _DType,
+    ("numpy", "dtype"): _Global("numpy.dtype", _DType, is_class=True),
     ("_codecs", "encode"): _Global("_codecs.encode", _codecs_encode),
     # Lightning keys its callback states by the callback class; the class itself is never called.
     ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"):
@@ -540,55 +534,295 @@ ALLOWED_GLOBALS = {
 }
 
 
-class _StateDictUnpickler(pickle.Unpickler):
-    """Unpickles a torch.save'd object, resolving only ALLOWED_GLOBALS, torch's storage types and
-    dtypes: nothing named in the file is imported, and nothing but the functions above is called."""
+def _equal(x, expected):
+    """x == expected for an int or str from the pickle, without calling == on anything else
+    (an array's == does not answer True or False)."""
+    return type(x) is type(expected) and x == expected
 
-    def __init__(self, file, load_storage):
-        super().__init__(file)
-        self.load_storage = load_storage
 
-    def find_class(self, module, name):
+def _decode(raw, errors="strict"):
+    try:
+        return raw.decode("utf-8", errors)
+    except UnicodeDecodeError as e:
+        raise _Malformed(f"the pickle has a string that is not UTF-8 ({e.reason})") from None
+
+
+def _what(x):
+    """An object of the pickle, named for an error message."""
+    return x.qualname if isinstance(x, _Global) else repr(x) if isinstance(x, _StorageType) else f"a {type(x).__name__}"
+
+
+def _is_key(x):
+    """What a dict key or a set element may be: a number, a string, an allow-listed class (Lightning)."""
+    return x is None or isinstance(x, (bool, int, float, str, bytes, _Global))
+
+
+_INT32, _UINT16, _UINT32, _FLOAT64_BE = (struct.Struct(f) for f in ("<i", "<H", "<I", ">d"))
+
+
+class _Lazy:
+    """A message made only if it is shown."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __str__(self):
+        return self.make()
+
+
+class _Unpickler:
+    """The part of the pickle machine that torch.save's files use (protocol 2), the same opcodes
+    torch's own weights_only unpickler knows, each one method below. A pickle is a program for a
+    stack machine: opcodes push values, build tuples, lists and dicts from the top of the stack,
+    remember values in a memo, and call globals. Here only ALLOWED_GLOBALS can be named, torch's
+    storage types and dtypes stand for themselves, and nothing is ever imported or called
+    but the functions above."""
+
+    def __init__(self, program, load_storage):
+        self.program, self.at, self.load_storage = program, 0, load_storage
+        self.stack, self.marks, self.memo = [], [], {}
+
+    def load(self):
+        program, opcodes = self.program, self.OPCODES
+        while self.at < len(program):
+            code = program[self.at]
+            self.at += 1
+            if code == ord("."):                                    # STOP: the value on top is the result
+                return self.pop()
+            op = opcodes.get(code)
+            if op is None:
+                raise _Malformed(f"the pickle uses opcode {bytes([code])!r} at byte {self.at - 1}, which torch.save's "
+                                 f"protocol 2 does not write (torch.load(weights_only=True) refuses it too)")
+            op(self)
+        raise _Malformed("the pickle ends without its STOP instruction")
+
+    def read(self, n):
+        if self.at + n > len(self.program):
+            raise _Malformed("the pickle ends in the middle of an instruction")
+        self.at += n
+        return self.program[self.at - n: self.at]
+
+    def unpack(self, fmt):          # fmt: a struct.Struct
+        return fmt.unpack(self.read(fmt.size))[0]
+
+    def push(self, value):
+        self.stack.append(value)
+
+    def pop(self):
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            raise _Malformed("the pickle takes a value from an empty stack")
+        return self.stack.pop()
+
+    def top(self):
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            raise _Malformed("the pickle uses a value from an empty stack")
+        return self.stack[-1]
+
+    def pop_mark(self):
+        if not self.marks:
+            raise _Malformed("the pickle closes a MARK it never opened")
+        start = self.marks.pop()
+        items = self.stack[start:]
+        del self.stack[start:]
+        return items
+
+    # values
+    def proto(self):            # PROTO n: the protocol version
+        self.read(1)
+
+    def none(self):             # N
+        self.push(None)
+
+    def true(self):             # \x88 NEWTRUE
+        self.push(True)
+
+    def false(self):            # \x89 NEWFALSE
+        self.push(False)
+
+    def binint(self):           # J: 4-byte signed int
+        self.push(self.unpack(_INT32))
+
+    def binint1(self):          # K: 1-byte unsigned int
+        self.push(self.read(1)[0])
+
+    def binint2(self):          # M: 2-byte unsigned int
+        self.push(self.unpack(_UINT16))
+
+    def long1(self):            # \x8a n: an n-byte two's-complement int
+        self.push(int.from_bytes(self.read(self.read(1)[0]), "little", signed=True))
+
+    def binfloat(self):         # G: 8-byte big-endian float
+        self.push(self.unpack(_FLOAT64_BE))
+
+    def binunicode(self):       # X n: an n-byte UTF-8 string
+        self.push(_decode(self.read(self.unpack(_UINT32)), "surrogatepass"))
+
+    def short_binstring(self):  # U n: an n-byte string (Python 2's str), read as UTF-8 as torch.load does
+        self.push(_decode(self.read(self.read(1)[0])))
+
+    # containers
+    def mark(self):             # (: remember where a variable-length group of values starts
+        self.marks.append(len(self.stack))
+
+    def empty_tuple(self):      # )
+        self.push(())
+
+    def tuple_(self):           # t: the values since the mark, as a tuple
+        self.push(tuple(self.pop_mark()))
+
+    def tuple1(self):           # \x85
+        self.push((self.pop(),))
+
+    def tuple2(self):           # \x86
+        b, a = self.pop(), self.pop()
+        self.push((a, b))
+
+    def tuple3(self):           # \x87
+        c, b, a = self.pop(), self.pop(), self.pop()
+        self.push((a, b, c))
+
+    def empty_list(self):       # ]
+        self.push([])
+
+    def empty_dict(self):       # }
+        self.push({})
+
+    def empty_set(self):        # \x8f
+        self.push(set())
+
+    def append(self):           # a: list.append(value)
+        value = self.pop()
+        self.target(list).append(value)
+
+    def appends(self):          # e: list.extend(the values since the mark)
+        values = self.pop_mark()
+        self.target(list).extend(values)
+
+    def setitem(self):          # s: dict[key] = value
+        value, key = self.pop(), self.pop()
+        self.setitems_of([key, value])
+
+    def setitems(self):         # u: dict[k1] = v1, dict[k2] = v2, ... from the values since the mark
+        self.setitems_of(self.pop_mark())
+
+    def setitems_of(self, items):
+        target = self.target(dict)
+        if len(items) % 2:
+            raise _Malformed("the pickle sets a dict item without a value")
+        for key, value in zip(items[::2], items[1::2]):
+            if not _is_key(key):
+                raise _Malformed(f"the pickle uses a {type(key).__name__.strip('_')} as a dict key")
+            target[key] = value
+
+    def target(self, kind):
+        obj = self.top()
+        if type(obj) is not kind:
+            raise _Malformed(f"the pickle adds items to a {type(obj).__name__.strip('_')}, expected a {kind.__name__}")
+        return obj
+
+    # the memo
+    def binput(self):           # q i: memo[i] = the top value
+        self.memo[self.read(1)[0]] = self.top()
+
+    def long_binput(self):      # r i
+        self.memo[self.unpack(_UINT32)] = self.top()
+
+    def binget(self):           # h i: push memo[i]
+        self.get(self.read(1)[0])
+
+    def long_binget(self):      # j i
+        self.get(self.unpack(_UINT32))
+
+    def get(self, i):
+        if i not in self.memo:
+            raise _Malformed(f"the pickle refers to memo entry {i}, which it never stored")
+        self.push(self.memo[i])
+
+    # globals, calls, objects
+    def global_(self):          # c module\nname\n: an allow-listed global
+        module, name = self.readline(), self.readline()
         if module == "torch" and name in TORCH_STORAGES:
-            return _StorageType(name)
-        if module == "torch" and name in TORCH_DTYPES:
-            return _Value(np.dtype(TORCH_DTYPES[name]))
-        if (module, name) in ALLOWED_GLOBALS:
-            return ALLOWED_GLOBALS[module, name]
-        raise _Malformed(f"the pickle references the global {_short(module)}.{_short(name)}, which is not on the "
-                         f"allow-list of what a checkpoint needs; refusing to load it")
+            self.push(_StorageType(name))
+        elif module == "torch" and name in TORCH_DTYPES:
+            self.push(np.dtype(TORCH_DTYPES[name]))
+        elif (module, name) in ALLOWED_GLOBALS:
+            self.push(ALLOWED_GLOBALS[module, name])
+        else:
+            raise _Malformed(f"the pickle references the global {_short(module)}.{_short(name)}, which is not on "
+                             f"the allow-list of what a checkpoint needs; refusing to load it")
 
-    def persistent_load(self, pid):
-        # torch.save writes each storage as ("storage", storage type, key, location, numel)
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
-                and isinstance(pid[2], str) and _is_int(pid[4]) and pid[4] >= 0):
+    def readline(self):
+        end = self.program.find(b"\n", self.at, self.at + 256)
+        if end < 0:
+            raise _Malformed("the pickle names a global without ending the line")
+        return _decode(self.read(end + 1 - self.at)[:-1])
+
+    def reduce(self):           # R: callable(*args)
+        args, func = self.pop(), self.pop()
+        self.push(self.call(func, args, "call"))
+
+    def newobj(self):           # \x81: cls.__new__(cls, *args)
+        args, cls = self.pop(), self.pop()
+        if not (isinstance(cls, _Global) and cls.is_class):
+            raise _Malformed(f"the pickle makes a new {_what(cls)} object, which is not allowed")
+        self.push(self.call(cls, args, "make"))
+
+    def call(self, func, args, verb):
+        if not (isinstance(func, _Global) and func.build is not None):
+            raise _Malformed(f"the pickle tries to {verb} {_what(func)}, which is not allowed")
+        if not isinstance(args, tuple):
+            raise _Malformed(f"the pickle calls {func} with arguments that are not a tuple")
+        fewest, most = func.arity
+        if not fewest <= len(args) <= most:
+            raise _Malformed(f"the pickle calls {func} with {len(args)} arguments, which it does not take")
+        return func.build(*args)
+
+    def build(self):            # b: set the state of the object on top (NumPy arrays and dtypes, ParameterDict)
+        state, obj = self.pop(), self.top()
+        if isinstance(obj, (_DType, _NDArray, _ParameterDict)):
+            obj.build(state)
+        elif type(obj) is dict and isinstance(state, dict) and all(isinstance(k, str) for k in state):
+            pass     # an OrderedDict's attributes, e.g. state_dict()'s _metadata: not needed
+        else:
+            raise _Malformed(f"the pickle sets the state of a {type(obj).__name__.strip('_')}, which is not allowed")
+
+    def binpersid(self):        # Q: a storage, ("storage", storage type, key, location, numel)
+        pid = self.pop()
+        if not (isinstance(pid, tuple) and len(pid) == 5 and _equal(pid[0], "storage") and isinstance(pid[1], _StorageType)
+                and isinstance(pid[2], str) and isinstance(pid[3], str) and _is_int(pid[4]) and pid[4] >= 0):
             raise _Malformed(f"unexpected persistent id in the pickle: {_short(pid)}")
         _, storage_type, key, _location, numel = pid
-        return _Storage(storage_type, self.load_storage(key, storage_type.dtype, numel))
+        self.push(_Storage(storage_type.name, self.load_storage(key, storage_type.dtype, numel)))
+
+    OPCODES = {ord(code): op for code, op in {
+        "\x80": proto, "N": none, "\x88": true, "\x89": false, "J": binint, "K": binint1, "M": binint2,
+        "\x8a": long1, "G": binfloat, "X": binunicode, "U": short_binstring, "(": mark, ")": empty_tuple,
+        "t": tuple_, "\x85": tuple1, "\x86": tuple2, "\x87": tuple3, "]": empty_list, "}": empty_dict,
+        "\x8f": empty_set, "a": append, "e": appends, "s": setitem, "u": setitems, "q": binput, "r": long_binput,
+        "h": binget, "j": long_binget, "c": global_, "R": reduce, "\x81": newobj, "b": build, "Q": binpersid,
+    }.items()}
 
 
 def _resolve(root):
-    """The unpickled object with every stand-in (_Value, _DType, _NDArray, _ParameterDict,
-    _Storage) replaced by its value. Refuses cycles and nesting deeper than MAX_NESTING."""
+    """The unpickled object with every stand-in (STAND_INS) replaced by its value. Refuses cycles
+    and nesting deeper than MAX_NESTING (a checkpoint has neither)."""
     done, open_ = {}, set()
 
     def visit(obj, depth):
-        if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, bytearray, _Global, type)):
+        if _is_key(obj) or isinstance(obj, (np.ndarray, np.generic, np.dtype)):
             return obj
         if id(obj) in done:
             return done[id(obj)][1]
         if id(obj) in open_:
-            raise _Malformed("the pickle's objects contain themselves (a cycle); a checkpoint has none")
+            raise _Malformed("the pickle's objects contain themselves (a cycle)")
         if depth > MAX_NESTING:
             raise _Malformed(f"the pickle's objects nest more than {MAX_NESTING} levels deep")
         open_.add(id(obj))
-        if isinstance(obj, (_Value, _DType, _NDArray, _ParameterDict, _Storage)):
+        if isinstance(obj, STAND_INS):
             value = obj.value()
             value = visit(value, depth) if isinstance(value, dict) else value
         elif type(obj) is dict:
             for key in obj:
-                if not isinstance(key, (bool, int, float, str, bytes, tuple, _Global)) and key is not None:
-                    raise _Malformed(f"the pickle uses a {type(key).__name__.strip('_')} as a dict key")
                 obj[key] = visit(obj[key], depth + 1)
             value = obj
         elif type(obj) is list:
@@ -596,12 +830,10 @@ def _resolve(root):
             value = obj
         elif type(obj) is tuple:
             value = tuple(visit(v, depth + 1) for v in obj)
-        elif type(obj) in (set, frozenset):
-            if not all(isinstance(v, (bool, int, float, str, bytes)) or v is None for v in obj):
-                raise _Malformed("the pickle puts something other than numbers and strings in a set")
+        elif type(obj) is set:
             value = obj
         else:
-            raise _Malformed(f"the pickle makes an unexpected {type(obj).__name__}")
+            raise _Malformed(f"the pickle leaves a bare {type(obj).__name__.strip('_')} in the checkpoint")
         open_.discard(id(obj))
         done[id(obj)] = obj, value       # holding obj keeps its id from being reused by a new object
         return value
@@ -609,10 +841,9 @@ def _resolve(root):
     return visit(root, 0)
 
 
-# What a malformed archive or pickle can raise from zipfile, zlib, the unpickler and NumPy (the
-# unpickler's opcodes raise TypeError, KeyError, AttributeError, ... on nonsense programs).
-_READ_ERRORS = (zipfile.BadZipFile, zlib.error, pickle.UnpicklingError, EOFError, OSError, ValueError,
-                struct.error, RuntimeError, OverflowError, LookupError, TypeError, AttributeError, MemoryError)
+# What a malformed zip archive can raise from zipfile and zlib (the unpickler raises only _Malformed).
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, struct.error, NotImplementedError,
+               RuntimeError, OverflowError, KeyError, IndexError)
 
 
 def read_ckpt(path):
@@ -620,14 +851,16 @@ def read_ckpt(path):
     NumPy arrays. No torch, and no code from the file runs.
 
     The format (torch.save's, read by torch.load), and the rules checked here:
-    - a zip archive whose entries sit in one folder, <top>/ (the first entry's);
+    - a zip archive whose members sit in one folder, <top>/ (the first member's), each stored or
+      deflated, none encrypted;
     - <top>/version (or <top>/.data/version): the format version, an integer 1..10;
     - <top>/byteorder, if present: "little" (big-endian files are not supported);
-    - <top>/data.pkl: a pickle (≤ MAX_PICKLE_BYTES) of the saved object. Its program may name only
-      ALLOWED_GLOBALS and torch's storage and dtype types; tensors are
+      <top>/.storage_alignment, if present: an integer;
+    - <top>/data.pkl: a pickle (≤ MAX_PICKLE_BYTES) of the saved object, read by _Unpickler:
+      only ALLOWED_GLOBALS and torch's storage and dtype types may be named; tensors are
       _rebuild_tensor_v2(storage, offset, size, stride), each checked against its storage;
-    - <top>/data/<key>: the raw little-endian bytes of each storage, exactly numel × itemsize
-      bytes, stored (memory-mapped from the file, no copy) or deflated (decompressed).
+    - <top>/data/<key>: each storage's raw little-endian bytes, exactly numel × itemsize of them,
+      memory-mapped from the file when stored (as torch.save writes them), else decompressed.
 
     Anything else raises one CheckpointError naming the file and the rule.
     """
@@ -640,24 +873,28 @@ def read_ckpt(path):
             return _read_archive(path, archive)
     except _Malformed as e:
         raise CheckpointError(f"{path}: {e}") from None
-    except CheckpointError:
-        raise
-    except RecursionError:
-        raise CheckpointError(f"{path}: malformed checkpoint: its structure nests too deeply") from None
-    except _READ_ERRORS as e:
+    except (UnicodeDecodeError, MemoryError) as e:
         raise CheckpointError(f"{path}: malformed checkpoint ({type(e).__name__}: {_short(e, 200)})") from None
+    except _ZIP_ERRORS as e:
+        raise CheckpointError(f"{path}: not a readable zip archive ({type(e).__name__}: {_short(e, 200)})") from None
 
 
 def _read_archive(path, archive):
-    names = archive.namelist()
-    top = names[0].split("/")[0] + "/" if names and "/" in names[0] else None
-    if top is None or f"{top}data.pkl" not in names:
+    infos = archive.infolist()
+    top = infos[0].filename.split("/")[0] + "/" if infos and "/" in infos[0].filename else None
+    if top is None or f"{top}data.pkl" not in set(archive.namelist()):
         raise _Malformed("no <top>/data.pkl in the zip archive; not a torch.save checkpoint")
-    _check_version(archive, top, names)
-    if f"{top}byteorder" in names and _read_member(archive, f"{top}byteorder", 16) != b"little":
-        raise _Malformed("the checkpoint is not little-endian (its byteorder record says otherwise); "
-                         "big-endian checkpoints are not supported")
-    whole = np.memmap(path, dtype=np.uint8, mode="r")      # one map of the file; storages are views of it
+    whole = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)   # one map of the file; storages are views of it
+    names = set()
+    for info in infos:
+        if not info.filename.startswith(top):
+            raise _Malformed(f"{_short(info.filename)} is not in the archive's folder {top}")
+        if info.filename in names:
+            raise _Malformed(f"the archive has two members named {_short(info.filename)}")
+        names.add(info.filename)
+        _check_member(info, len(whole))
+        _data_start(whole, info)
+    _check_records(archive, top)
     storages = {}
 
     def load_storage(key, dtype, numel):
@@ -669,42 +906,60 @@ def _read_archive(path, archive):
         return stored
 
     program = _read_member(archive, f"{top}data.pkl", MAX_PICKLE_BYTES)
-    return _resolve(_StateDictUnpickler(io.BytesIO(program), load_storage).load())
+    return _resolve(_Unpickler(program, load_storage).load())
 
 
-def _check_version(archive, top, names):
-    record = next((f"{top}{n}" for n in (".data/version", "version") if f"{top}{n}" in names), None)
-    if record is None:
+def _check_records(archive, top):
+    """The small records torch.load reads before the pickle: version, byteorder, .storage_alignment."""
+    names = set(archive.namelist())
+    version = next((f"{top}{n}" for n in (".data/version", "version") if f"{top}{n}" in names), None)
+    if version is None:
         raise _Malformed("no <top>/version record in the zip archive; not a torch.save checkpoint")
-    text = _read_member(archive, record, 32).strip()
+    text = _read_member(archive, version, 32).strip()
     if not (text.isdigit() and int(text) in TORCH_FILE_VERSIONS):
         raise _Malformed(f"unsupported checkpoint format version {_short(text)} (torch.load reads "
                          f"{TORCH_FILE_VERSIONS.start}..{TORCH_FILE_VERSIONS.stop - 1})")
+    if f"{top}byteorder" in names and _read_member(archive, f"{top}byteorder", 16) != b"little":
+        raise _Malformed("the checkpoint is not little-endian (its byteorder record says otherwise); "
+                         "big-endian checkpoints are not supported")
+    for record in (".format_version", ".data/serialization_id"):      # read (and CRC-checked) by torch.load too
+        if f"{top}{record}" in names:
+            _read_member(archive, f"{top}{record}", 64)
+    if f"{top}.storage_alignment" in names and not _read_member(archive, f"{top}.storage_alignment", 32).strip().isdigit():
+        raise _Malformed("the .storage_alignment record is not an integer")
 
 
-def _read_member(archive, name, limit):
-    """A small zip member's bytes (data.pkl, version, byteorder), at most `limit` of them; zipfile
-    checks the CRC-32."""
-    info = archive.getinfo(name)
-    if info.file_size > limit:
-        raise _Malformed(f"{name} has {info.file_size} bytes, over the limit of {limit}")
-    _check_member(info)
-    with archive.open(info) as f:
-        data = f.read(info.file_size + 1)
-    if len(data) != info.file_size:
-        raise _Malformed(f"{name} holds {len(data)} bytes, its zip entry says {info.file_size}")
-    return data
-
-
-def _check_member(info):
-    if info.flag_bits & 0x1:
-        raise _Malformed(f"{info.filename} is encrypted")
+def _check_member(info, archive_size):
+    """A central-directory entry as torch's zip reader (miniz) accepts it."""
+    if info.flag_bits & (0x1 | 0x20 | 0x40):
+        raise _Malformed(f"{info.filename} is encrypted or patched (zip flags {info.flag_bits:#x})")
+    if info.volume != 0:
+        raise _Malformed(f"{info.filename} is on disk {info.volume} of a multi-disk archive")
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         raise _Malformed(f"{info.filename} uses zip compression method {info.compress_type}; "
                          f"checkpoints are stored or deflated")
     if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > DEFLATE_MAX_RATIO * info.compress_size + 64:
         raise _Malformed(f"{info.filename} claims {info.file_size} bytes from {info.compress_size} deflated ones, "
                          f"more than deflate can hold")
+    if (info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size) or \
+            (info.file_size and not info.compress_size):
+        raise _Malformed(f"{info.filename}: its sizes in the central directory disagree "
+                         f"({info.compress_size} stored, {info.file_size} uncompressed)")
+    if info.header_offset + 30 + info.compress_size > archive_size:
+        raise _Malformed(f"{info.filename} runs past the end of the file")
+
+
+def _read_member(archive, name, limit):
+    """A small zip member's bytes (data.pkl, version, byteorder), at most `limit` of them; zipfile
+    checks its local header and CRC-32."""
+    info = archive.getinfo(name)
+    if info.file_size > limit:
+        raise _Malformed(f"{name} has {info.file_size} bytes, over the limit of {limit}")
+    with archive.open(info) as f:
+        data = f.read(info.file_size + 1)
+    if len(data) != info.file_size:
+        raise _Malformed(f"{name} holds {len(data)} bytes, its zip entry says {info.file_size}")
+    return data
 
 
 def _zip_member_array(archive, whole, name, dtype, numel):
@@ -718,18 +973,18 @@ def _zip_member_array(archive, whole, name, dtype, numel):
     nbytes = numel * dtype.itemsize
     if info.file_size != nbytes:
         raise _Malformed(f"storage {name!r} has {info.file_size} bytes, the pickle says {numel} × {dtype} = {nbytes}")
-    _check_member(info)
     if info.compress_type == zipfile.ZIP_DEFLATED:
         return np.frombuffer(_read_member(archive, name, nbytes), dtype=dtype)
-    start = _stored_data_start(whole, info)
+    start = _data_start(whole, info)
     if info.compress_size != nbytes or start + nbytes > len(whole):
         raise _Malformed(f"storage {name!r} runs past the end of the file")
     return whole[start: start + nbytes].view(dtype)
 
 
-def _stored_data_start(whole, info):
-    """Where a stored member's bytes begin: after its local file header (30 fixed bytes, with the
-    name and "extra" lengths at 26..29, then the name and the extra field)."""
+def _data_start(whole, info):
+    """Where a member's bytes begin: after its local file header (30 fixed bytes starting with
+    PK\\3\\4, with the name and "extra" lengths at 26..29, then the name and the extra field);
+    the name must be the central directory's."""
     h = info.header_offset
     header = bytes(whole[h: h + 30])
     if len(header) < 30 or header[:4] != b"PK\x03\x04":
@@ -857,7 +1112,12 @@ def read_configs(folder):
         file = folder / part / ("scheduler_config.json" if part == "scheduler" else "config.json")
         if not file.exists():
             raise CheckpointError(f"{folder}: missing {part}/{file.name}; not a diffusers SD folder")
-        configs[part] = json.loads(file.read_text())
+        try:
+            configs[part] = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{file}: cannot read it as JSON ({_short(e)})") from None
+        if not isinstance(configs[part], dict):
+            raise CheckpointError(f"{file}: holds a JSON {type(configs[part]).__name__}, expected an object")
     return configs
 
 
