@@ -181,6 +181,8 @@ def _json_object(pairs):
 
 
 def _json_int(text):
+    if text == "-0":                             # a float to the reference parser (serde_json)
+        _json_not_integer(text)
     if len(text.lstrip("-")) > 20:              # u64 has at most 20 digits
         raise _Malformed(f"safetensors header has the number {_short(text)}, larger than any offset or size")
     return int(text)
@@ -302,6 +304,7 @@ TORCH_DTYPES = {  # torch.float32 & co., as torch.save writes a dtype that is a 
     "int64": "<i8", "long": "<i8", "int32": "<i4", "int": "<i4", "int16": "<i2", "short": "<i2",
     "int8": "i1", "uint8": "u1", "bool": "b1",
 }
+TORCH_BF16 = np.dtype(TORCH_STORAGES["BFloat16Storage"])   # bfloat16's bits, as uint16
 NUMPY_DTYPES = {"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"}
 TORCH_FILE_VERSIONS = range(1, 11)     # the `version` record torch.load accepts
 MAX_PICKLE_BYTES = 256 << 20           # data.pkl of an SD checkpoint is < 1 MB; this bounds the unpickler's memory
@@ -334,13 +337,14 @@ class _StorageType:
 
 
 class _Storage:
-    """A storage's bytes viewed as its dtype (a 1-D array over the file's memmap), and its type name."""
+    """A storage: its elements as a 1-D array (a view of the file's memmap; bfloat16 widened to a
+    float32 copy), and its type name."""
 
     def __init__(self, name, array):
         self.name, self.array = name, array
 
     def value(self):
-        return _bf16_to_f32(self.array) if self.name == "BFloat16Storage" else self.array
+        return self.array
 
 
 class _DType:
@@ -399,7 +403,8 @@ class _NDArray:
 
 class _ParameterDict:
     """torch.nn.ParameterDict as torch.save writes it (a module: NEWOBJ, then BUILD with its
-    __dict__); it becomes the plain dict of its `_parameters`."""
+    __dict__); it becomes the plain dict of its `_parameters`, the rest of the module's state
+    (hooks, `_keys`, which torch < 1.12 did not write) is not needed, as in A1111's loader."""
 
     def __init__(self):
         self.parameters = None
@@ -456,8 +461,6 @@ def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, backw
             raise _Malformed(f"{what}: reaches element {last} of a storage of {len(array)} elements")
         strides = [s * array.itemsize if n > 1 else 0 for n, s in zip(size, stride)]   # a size-1 dimension's stride is never used
         view = np.ndarray(size, array.dtype, buffer=array, offset=offset * array.itemsize, strides=strides)
-    if storage.name == "BFloat16Storage":
-        view = _bf16_to_f32(view)
     view.flags.writeable = False
     return view
 
@@ -894,16 +897,21 @@ def _read_archive(path, archive):
         names.add(info.filename)
         _check_member(info, len(whole))
         _data_start(whole, info)
+    _check_end_records(whole, infos)
     _check_records(archive, top)
     storages = {}
 
     def load_storage(key, dtype, numel):
+        """The storage's elements, read once however many tensors view it. bfloat16 is widened here,
+        once per storage, so that no tensor (a broadcast view may claim far more elements than its
+        storage has) is ever copied."""
         if key not in storages:
-            storages[key] = _zip_member_array(archive, whole, f"{top}data/{key}", dtype, numel)
-        stored = storages[key]
-        if stored.dtype != dtype or len(stored) != numel:
-            raise _Malformed(f"storage {_short(key)} is used as {numel} × {dtype} and as {len(stored)} × {stored.dtype}")
-        return stored
+            array = _zip_member_array(archive, whole, f"{top}data/{key}", dtype, numel)
+            storages[key] = dtype, numel, _bf16_to_f32(array) if dtype == TORCH_BF16 else array
+        stored_dtype, stored_numel, array = storages[key]
+        if (stored_dtype, stored_numel) != (dtype, numel):
+            raise _Malformed(f"storage {_short(key)} is used as {numel} × {dtype} and as {stored_numel} × {stored_dtype}")
+        return array
 
     program = _read_member(archive, f"{top}data.pkl", MAX_PICKLE_BYTES)
     return _resolve(_Unpickler(program, load_storage).load())
@@ -929,12 +937,49 @@ def _check_records(archive, top):
         raise _Malformed("the .storage_alignment record is not an integer")
 
 
+def _check_end_records(whole, infos):
+    """The end of the archive as torch's zip reader (miniz) reads it; Python's zipfile trusts less of
+    it. torch.save ends an archive with a zip64 end record, its locator and the classic end record
+    (22 bytes, then a comment): they must describe one disk, agree on the number of entries, the
+    locator must point at the zip64 record, and the central directory's entries must fill the
+    directory exactly, up to the first end record."""
+    tail_start = max(0, len(whole) - (22 + 0xFFFF))
+    tail = bytes(whole[tail_start:])
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        raise _Malformed("no zip end-of-central-directory record")
+    end = tail_start + at
+    disk, cd_disk, here, total, cd_size, cd_offset = struct.unpack_from("<HHHHII", tail, at + 4)
+    first_end = end
+    if at >= 20 and tail[at - 20: at - 16] == b"PK\x06\x07":                    # the zip64 locator
+        z64_disk, z64_offset, disks = struct.unpack_from("<IQI", tail, at - 16)
+        first_end = end - 20 - 56
+        if z64_disk != 0 or disks != 1 or z64_offset != first_end or bytes(whole[first_end: first_end + 4]) != b"PK\x06\x06":
+            raise _Malformed("the zip64 end-record locator does not point at the zip64 end record")
+        disk, cd_disk, here, total, cd_size, cd_offset = struct.unpack_from("<IIQQQQ", bytes(whole[first_end + 16: first_end + 56]))
+    if disk != 0 or cd_disk != 0:
+        raise _Malformed("the zip archive claims to span several disks")
+    if not here == total == len(infos):
+        raise _Malformed(f"the zip end record counts {here} and {total} entries, the central directory has {len(infos)}")
+    at, count = cd_offset, 0                  # each entry: 46 bytes, then its name, extra field and comment
+    while at < first_end and count < len(infos):
+        entry = bytes(whole[at: at + 46])
+        if len(entry) < 46 or entry[:4] != b"PK\x01\x02":
+            break
+        at += 46 + sum(struct.unpack_from("<HHH", entry, 28))
+        count += 1
+    if not (count == len(infos) and at == first_end == cd_offset + cd_size):
+        raise _Malformed("the zip central directory's entries do not fill it up to its end record")
+
+
 def _check_member(info, archive_size):
     """A central-directory entry as torch's zip reader (miniz) accepts it."""
-    if info.flag_bits & (0x1 | 0x20 | 0x40):
+    if info.flag_bits & (0x1 | 0x20 | 0x40 | 0x2000):
         raise _Malformed(f"{info.filename} is encrypted or patched (zip flags {info.flag_bits:#x})")
     if info.volume != 0:
         raise _Malformed(f"{info.filename} is on disk {info.volume} of a multi-disk archive")
+    if info.external_attr & 0x10 or info.filename.endswith("/"):
+        raise _Malformed(f"{info.filename} is marked as a folder, not a file")
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         raise _Malformed(f"{info.filename} uses zip compression method {info.compress_type}; "
                          f"checkpoints are stored or deflated")
