@@ -254,7 +254,7 @@ def mutate_header_json(header, data, rng):
         depth = rng.choice([10, 126, 127, 128, 129, 1000, 100000])
         text = text.replace('"NESTED"', "[" * depth + "1" + "]" * depth)
     if rng.random() < 0.1:                                                # forget to fix the length
-        return pack_safetensors(text, data, length=len(text) + rng.choice([-3, -1, 1, 3])), f"json:{edit}"
+        return pack_safetensors(text, data, length=max(0, len(text) + rng.choice([-3, -1, 1, 3]))), f"json:{edit}"
     return pack_safetensors(text, data, rng), f"json:{edit}"
 
 
@@ -308,8 +308,10 @@ class CkptSeed:
 
     def rezip(self, members):
         import io
+        import warnings
         out = io.BytesIO()
-        with zipfile.ZipFile(out, "w") as z:
+        with zipfile.ZipFile(out, "w") as z, warnings.catch_warnings():
+            warnings.simplefilter("ignore")             # "Duplicate name": the point of the mutation
             for name, data, *compress in members:
                 z.writestr(zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0)), data,
                            compress_type=compress[0] if compress else zipfile.ZIP_STORED)
@@ -504,6 +506,8 @@ def canonical(obj, seen=None):
                 obj = t.numpy()
             except (TypeError, RuntimeError):
                 return ["tensor", str(t.dtype), list(t.shape)]
+        elif isinstance(obj, torch.storage.TypedStorage):   # a bare storage: its elements, as tinysd gives them
+            return canonical(torch.empty(0, dtype=obj.dtype).set_(obj), seen)
         elif isinstance(obj, torch.dtype):
             return ["dtype", str(obj).replace("torch.", "")]
         elif isinstance(obj, torch.Size):
@@ -531,6 +535,10 @@ def canonical(obj, seen=None):
         return [type(obj).__name__, [canonical(v, seen) for v in obj]]
     if isinstance(obj, (set, frozenset)):
         return ["set", sorted(repr(v) for v in obj)]
+    if type(obj).__name__ == "_Global":                    # tinysd's stand-in for an allow-listed global
+        return ["global", obj.qualname]
+    if isinstance(obj, type) or callable(obj):             # the global itself, as torch returns it
+        return ["global", f"{obj.__module__}.{obj.__qualname__}"]
     return ["object", type(obj).__qualname__]
 
 
@@ -552,8 +560,10 @@ def make_loader(reader):
 
     warnings.filterwarnings("ignore")
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    torch.serialization.add_safe_globals([
-        torch.nn.modules.container.ParameterDict, multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, set,
+    torch.serialization.add_safe_globals([      # what tinysd allows beyond torch's defaults, under both NumPy names
+        torch.nn.modules.container.ParameterDict, np.ndarray, np.dtype, set,
+        *((getattr(multiarray, f), f"{m}.{f}") for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+          for f in ("_reconstruct", "scalar")),
         *(type(np.dtype(c)) for c in ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"))])
 
     def load(path):
@@ -639,7 +649,7 @@ def reason(message):
     message = re.sub(r"^\S+\.(safetensors|ckpt): ", "", message)
     message = re.sub(r"/\S+\.(safetensors|ckpt)", "FILE", message)
     message = re.sub(r"'([^']*)'|`([^`]*)`|\"([^\"]*)\"",          # keep class and attribute names
-                     lambda m: m[0] if re.fullmatch(r"[A-Za-z_]\w{2,}", m[1] or m[2] or m[3] or "") else "'…'", message)
+                     lambda m: m[0] if re.fullmatch(r"[A-Z_]\w{2,}", m[1] or m[2] or m[3] or "") else "'…'", message)
     message = re.sub(r"-?\d+(\.\d+)?", "N", message)
     return message[:110]
 

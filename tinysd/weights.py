@@ -16,10 +16,15 @@ Two file formats, both read here from their specifications:
 
 - safetensors: 8 bytes little-endian header length N, N bytes of JSON
   {name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the raw little-endian data;
-  each tensor is a view into one `np.memmap` of the file.
-- .ckpt: a PyTorch zip archive, `<top>/data.pkl` (the pickled dict) and `<top>/data/<key>`
-  (each storage's raw bytes). The pickle is read by an Unpickler that knows only the handful of
-  globals a state dict needs, so no code from the file ever runs.
+  each tensor is a view into one `np.memmap` of the file (read_safetensors).
+- .ckpt (also .pt, .bin): a PyTorch zip archive, `<top>/data.pkl` (the pickled object) and
+  `<top>/data/<key>` (each storage's raw bytes). The pickle is run by a small unpickler of our
+  own that knows the opcodes torch.save writes and resolves only the handful of globals that
+  checkpoints, embeddings and LoRA files need, so no code from the file ever runs (read_ckpt).
+
+Every rule of each format is one check, and a file that breaks one raises one CheckpointError
+naming the file and the rule: no other exception, no crash (scripts/fuzz_readers.py and
+tests/test_fuzz_readers.py load mutated files by the hundred thousand to keep it so).
 """
 from __future__ import annotations
 
@@ -239,8 +244,8 @@ def _safetensors_layout(header, data_size):
                              f"but the file has only {data_size} data bytes")
         end, previous = stop, name
     if end != data_size:
-        raise _Malformed(f"{data_size - end} bytes left over after the last tensor's data"
-                         + (f" ({_short(repr(previous))} ends at byte {end} of {data_size})" if previous is not None else ""))
+        last = f" ({_short(repr(previous))} ends at byte {end} of {data_size})" if previous is not None else ""
+        raise _Malformed(f"{data_size - end} bytes left over after the last tensor's data{last}")
     return entries
 
 
@@ -432,16 +437,18 @@ def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, backw
     The numbers come from the file, so they are proved to stay inside the storage before the view
     is made: offset, sizes and strides are integers ≥ 0, one stride per dimension, and the element
     farthest from the start, storage[offset + Σ (size−1)·stride], lies inside the storage. With
-    every stride ≥ 0 every element lies between the first and that one. (Like torch, every
-    number must also fit in 64 bits.) The view is made by
-    np.ndarray(buffer=...), which checks the same bounds again (no as_strided).
+    every stride ≥ 0 every element lies between the first and that one. (As for torch, every
+    number must also fit in 64 bits.) The view is made by np.ndarray(buffer=...), which checks
+    the same bounds again; there is no as_strided.
     """
     if not isinstance(storage, _Storage):
         raise _Malformed("_rebuild_tensor_v2 called on something that is not a storage")
     if not (_is_int(offset) and isinstance(size, tuple) and isinstance(stride, tuple)
             and all(_is_int(n) for n in (*size, *stride))):
-        raise _Malformed(f"tensor offset {_short(offset)}, size {_short(size)}, stride {_short(stride)} are not integers")
-    if not (isinstance(requires_grad, bool) and isinstance(backward_hooks, dict) and (metadata is None or isinstance(metadata, dict))):
+        raise _Malformed(f"tensor offset {_short(offset)}, size {_short(size)}, stride {_short(stride)} "
+                         f"are not integers")
+    if not (isinstance(requires_grad, bool) and isinstance(backward_hooks, dict)
+            and (metadata is None or isinstance(metadata, dict))):
         raise _Malformed("tensor with a requires_grad that is not a bool or backward hooks that are not a dict")
     array = storage.array
     what = _Lazy(lambda: f"tensor of size {_short(size)} with strides {_short(stride)} at offset {offset}")
@@ -459,7 +466,8 @@ def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, backw
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= len(array):
             raise _Malformed(f"{what}: reaches element {last} of a storage of {len(array)} elements")
-        strides = [s * array.itemsize if n > 1 else 0 for n, s in zip(size, stride)]   # a size-1 dimension's stride is never used
+        # in bytes; a size-1 dimension's stride is never used, so it may be anything in the file
+        strides = [s * array.itemsize if n > 1 else 0 for n, s in zip(size, stride)]
         view = np.ndarray(size, array.dtype, buffer=array, offset=offset * array.itemsize, strides=strides)
     view.flags.writeable = False
     return view
@@ -791,7 +799,8 @@ class _Unpickler:
 
     def binpersid(self):        # Q: a storage, ("storage", storage type, key, location, numel)
         pid = self.pop()
-        if not (isinstance(pid, tuple) and len(pid) == 5 and _equal(pid[0], "storage") and isinstance(pid[1], _StorageType)
+        if not (isinstance(pid, tuple) and len(pid) == 5 and _equal(pid[0], "storage")
+                and isinstance(pid[1], _StorageType)
                 and isinstance(pid[2], str) and isinstance(pid[3], str) and _is_int(pid[4]) and pid[4] >= 0):
             raise _Malformed(f"unexpected persistent id in the pickle: {_short(pid)}")
         _, storage_type, key, _location, numel = pid
@@ -910,7 +919,8 @@ def _read_archive(path, archive):
             storages[key] = dtype, numel, _bf16_to_f32(array) if dtype == TORCH_BF16 else array
         stored_dtype, stored_numel, array = storages[key]
         if (stored_dtype, stored_numel) != (dtype, numel):
-            raise _Malformed(f"storage {_short(key)} is used as {numel} × {dtype} and as {stored_numel} × {stored_dtype}")
+            raise _Malformed(f"storage {_short(key)} is used as {numel} × {dtype} "
+                             f"and as {stored_numel} × {stored_dtype}")
         return array
 
     program = _read_member(archive, f"{top}data.pkl", MAX_PICKLE_BYTES)
@@ -933,7 +943,8 @@ def _check_records(archive, top):
     for record in (".format_version", ".data/serialization_id"):      # read (and CRC-checked) by torch.load too
         if f"{top}{record}" in names:
             _read_member(archive, f"{top}{record}", 64)
-    if f"{top}.storage_alignment" in names and not _read_member(archive, f"{top}.storage_alignment", 32).strip().isdigit():
+    alignment = f"{top}.storage_alignment"
+    if alignment in names and not _read_member(archive, alignment, 32).strip().isdigit():
         raise _Malformed("the .storage_alignment record is not an integer")
 
 
@@ -954,13 +965,16 @@ def _check_end_records(whole, infos):
     if at >= 20 and tail[at - 20: at - 16] == b"PK\x06\x07":                    # the zip64 locator
         z64_disk, z64_offset, disks = struct.unpack_from("<IQI", tail, at - 16)
         first_end = end - 20 - 56
-        if z64_disk != 0 or disks != 1 or z64_offset != first_end or bytes(whole[first_end: first_end + 4]) != b"PK\x06\x06":
+        if (z64_disk != 0 or disks != 1 or z64_offset != first_end
+                or bytes(whole[first_end: first_end + 4]) != b"PK\x06\x06"):
             raise _Malformed("the zip64 end-record locator does not point at the zip64 end record")
-        disk, cd_disk, here, total, cd_size, cd_offset = struct.unpack_from("<IIQQQQ", bytes(whole[first_end + 16: first_end + 56]))
+        record = bytes(whole[first_end + 16: first_end + 56])
+        disk, cd_disk, here, total, cd_size, cd_offset = struct.unpack_from("<IIQQQQ", record)
     if disk != 0 or cd_disk != 0:
         raise _Malformed("the zip archive claims to span several disks")
     if not here == total == len(infos):
-        raise _Malformed(f"the zip end record counts {here} and {total} entries, the central directory has {len(infos)}")
+        raise _Malformed(f"the zip end record counts {here} and {total} entries, "
+                         f"the central directory has {len(infos)}")
     at, count = cd_offset, 0                  # each entry: 46 bytes, then its name, extra field and comment
     while at < first_end and count < len(infos):
         entry = bytes(whole[at: at + 46])
