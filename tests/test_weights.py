@@ -719,3 +719,11 @@ def test_bad_config_json_names_the_file(tiny_sd, tmp_path):
     (folder / "unet" / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"unet/config\.json: cannot read it as JSON"):
         load_checkpoint(folder)
+
+
+def test_unreadable_files_say_so(tmp_path):
+    (tmp_path / "folder.ckpt").mkdir()
+    (tmp_path / "folder.safetensors").mkdir()
+    for name in ("folder.ckpt", "folder.safetensors"):
+        with pytest.raises(CheckpointError, match=re.escape(name) + r": cannot read the file \(.*Is a directory"):
+            (read_ckpt if name.endswith(".ckpt") else read_safetensors)(tmp_path / name)

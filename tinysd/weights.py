@@ -878,11 +878,16 @@ def read_ckpt(path):
     """
     path = Path(path)
     try:
-        if not zipfile.is_zipfile(path):
-            raise _Malformed("not a PyTorch zip checkpoint (files saved by PyTorch < 1.6 in the legacy format are "
-                             "not supported; re-save them, or use a .safetensors file)")
-        with zipfile.ZipFile(path) as archive:
-            return _read_archive(path, archive)
+        file = open(path, "rb")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the file ({_short(e)})") from None
+    try:
+        with file:
+            if not zipfile.is_zipfile(file):
+                raise _Malformed("not a PyTorch zip checkpoint (files saved by PyTorch < 1.6 in the legacy format "
+                                 "are not supported; re-save them, or use a .safetensors file)")
+            with zipfile.ZipFile(file) as archive:
+                return _read_archive(path, archive)
     except _Malformed as e:
         raise CheckpointError(f"{path}: {e}") from None
     except (UnicodeDecodeError, MemoryError) as e:
