@@ -184,12 +184,6 @@ def umask():
     return mask
 
 
-def model_name(source):
-    """What A1111 writes as "Model": the checkpoint file's stem, the folder's or the repo's name."""
-    path = Path(source)
-    return path.stem if path.is_file() else path.name
-
-
 # -- inputs ------------------------------------------------------------------------------------------
 def read_image(path, option, mode):
     from tinysd.pipeline import load_image
@@ -200,51 +194,38 @@ def read_image(path, option, mode):
         raise UsageError(f"{option}: {e}") from None
 
 
-def model_sampler(scheduler_config):
-    """The --sampler name of a model's own scheduler (scheduler/scheduler_config.json)."""
-    from tinysd.schedulers import SCHEDULERS, canonical_name
-
-    name = canonical_name(scheduler_config.get("_class_name", "PNDMScheduler"))
-    karras = f"{name}_karras"
-    return karras if scheduler_config.get("use_karras_sigmas") and karras in SCHEDULERS else name
-
-
-def count_steps(sd, sampler, steps, strength):
-    """How many U-Net steps the run takes: pndm takes one more, heun two per step but the last,
-    img2img only the last `strength` of the schedule."""
-    from tinysd.pipeline import strength_timesteps
-    from tinysd.schedulers import make_scheduler
-
-    sched = make_scheduler(sampler, sd.scheduler_config)
-    sched.set_timesteps(steps)
-    return len(sched.timesteps if strength is None else strength_timesteps(sched, steps, strength))
-
-
 class Progress:
-    """A tqdm bar driven by the pipeline's `callback(step, timestep, latents)`."""
+    """A tqdm bar driven by the pipeline's `callback(step, timestep, latents)`; its length is the
+    pipeline's own count of the run's U-Net steps (`sd.num_timesteps`), read at the first step."""
 
-    def __init__(self, total):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, unit="step", desc="denoising", file=sys.stderr, dynamic_ncols=True,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+    def __init__(self, sd):
+        self.sd, self.bar = sd, None
         self.last = time.perf_counter()
 
     def __call__(self, step, timestep, latents):
+        from tqdm import tqdm
+
+        if self.bar is None:         # made at the first step, once the pipeline has checked its arguments
+            self.bar = tqdm(total=self.sd.num_timesteps, unit="step", desc="denoising", file=sys.stderr,
+                            dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                                           "[{elapsed}<{remaining}{postfix}]")
+        elif step == 0:              # a new denoising pass starts
+            self.bar.reset(total=self.sd.num_timesteps)
         now = time.perf_counter()
         seconds, self.last = now - self.last, now        # this step's U-Net call(s) and sampler update
         self.bar.set_postfix_str(f"{seconds:.2f} s/step, t={float(timestep):g}", refresh=False)
         self.bar.update(1)
 
     def close(self):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 # -- the run -----------------------------------------------------------------------------------------
 def generate(args):
     import tinysd
     from tinysd.backend import get_backend
-    from tinysd.pngmeta import format_parameters
+    from tinysd.pngmeta import batch_fields, infotext
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 32)
     paths = output_paths(args.output, seed, args.batch_size)
@@ -254,21 +235,17 @@ def generate(args):
 
     backend = get_backend(args.backend)                 # --backend cuda without a GPU fails here
     sd = tinysd.load(args.model, backend=backend)
-    sampler = args.sampler or model_sampler(sd.scheduler_config)
-    progress = Progress(count_steps(sd, sampler, args.steps, args.strength if init else None))
+    progress = Progress(sd)
     try:
         out = sd(args.prompt, negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps,
                  guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=seed,
-                 scheduler=sampler, image=init, strength=args.strength, mask_image=mask,
+                 scheduler=args.sampler, image=init, strength=args.strength, mask_image=mask,
                  num_images_per_prompt=args.batch_size, output_type="pil", callback=progress)
     finally:
         progress.close()
 
-    width, height = out.images[0].size
-    texts = [format_parameters(args.prompt, args.negative_prompt, args.steps, sampler, args.guidance_scale, seed,
-                               width, height, model=model_name(args.model),
-                               denoising_strength=args.strength if init else None,
-                               batch_size=args.batch_size, batch_pos=i) for i in range(args.batch_size)]
+    texts = [infotext(args.prompt, args.negative_prompt, batch_fields(out.parameters, args.batch_size, i))
+             for i in range(args.batch_size)]
     save_pngs(out.images, paths, texts)
     for path in paths:
         print(f"{path} (seed {seed})")

@@ -19,12 +19,14 @@ from __future__ import annotations
 import inspect
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from tinysd.backend import get_backend
 from tinysd.rng import Generator
-from tinysd.schedulers import make_scheduler
+from tinysd.pngmeta import sampler_fields
+from tinysd.schedulers import SCHEDULERS, canonical_name, make_scheduler
 from tinysd.text_encoder import CLIPTextModel
 from tinysd.tokenizer import CLIPTokenizer
 from tinysd.unet import UNet2DConditionModel
@@ -52,8 +54,16 @@ def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None):
             ckpt.state_dicts[part], source=f"{where} ({part})")
 
     tokenizer = CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else CLIPTokenizer()
-    return StableDiffusion(tokenizer, build(CLIPTextModel, "text_encoder"), build(UNet2DConditionModel, "unet"),
-                           build(AutoencoderKL, "vae"), ckpt.configs["scheduler"], backend)
+    sd = StableDiffusion(tokenizer, build(CLIPTextModel, "text_encoder"), build(UNet2DConditionModel, "unet"),
+                         build(AutoencoderKL, "vae"), ckpt.configs["scheduler"], backend)
+    sd.model_name = model_name(source)
+    return sd
+
+
+def model_name(source):
+    """What A1111 writes as "Model": the checkpoint file's stem, the folder's or the repo's name."""
+    path = Path(str(source))
+    return path.stem if path.suffix in (".safetensors", ".ckpt") else path.name
 
 
 @dataclass
@@ -61,14 +71,27 @@ class PipelineOutput:
     images: object                       # list of PIL images, or (B, H, W, 3) floats in [0, 1], or latents
     seed: int | None = None              # the seed the noise came from (None if `generator` was passed)
     nsfw_content_detected: list = field(default_factory=list)   # no safety checker: always empty
+    # What the generation did, as AUTOMATIC1111 names it in a PNG's `parameters` ("Steps",
+    # "Sampler", "CFG scale", "Seed", "Size", "Model", "Denoising strength", ...): tinysd.pngmeta.infotext
+    parameters: dict = field(default_factory=dict)
 
 
 class StableDiffusion:
+    model_name = None        # "Model" in the PNG parameters; set by `load`
+    num_timesteps = 0        # U-Net steps of the generation running (or last run), for progress bars
+
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config, backend):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.scheduler_config = dict(scheduler_config)
-        self.scheduler = make_scheduler(self.scheduler_config.get("_class_name", "pndm"), self.scheduler_config)
+        self.scheduler = make_scheduler(self.default_sampler, self.scheduler_config)
         self.ops = backend
+
+    @property
+    def default_sampler(self):
+        """The sampler name of the model's own scheduler (scheduler/scheduler_config.json)."""
+        name = canonical_name(self.scheduler_config.get("_class_name", "PNDMScheduler"))
+        karras = f"{name}_karras"
+        return karras if self.scheduler_config.get("use_karras_sigmas") and karras in SCHEDULERS else name
 
     # -- the parts of one generation --------------------------------------------------------------
     def encode_prompt(self, prompt, negative_prompt=None, num_images_per_prompt=1, guidance=True):
@@ -144,7 +167,7 @@ class StableDiffusion:
         guidance = guidance_scale > 1.0
         context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guidance)
 
-        sched = self._scheduler(scheduler)
+        sched, sched_name = self._scheduler(scheduler)
         sched.set_timesteps(num_inference_steps)
         timesteps = sched.timesteps
         shape = (batch, 4, height // VAE_SCALE, width // VAE_SCALE)
@@ -183,18 +206,22 @@ class StableDiffusion:
 
         latents = self._denoise(latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
                                 mask=mask, masked_latents=masked_latents, image_latents=image_latents, noise=noise)
+        parameters = {"Steps": num_inference_steps, **sampler_fields(sched_name), "CFG scale": float(guidance_scale),
+                      "Seed": seed, "Size": f"{width}x{height}", "Model": self.model_name,
+                      "Denoising strength": float(strength) if image is not None else None}
         if output_type == "latent":
-            return PipelineOutput(latents, seed)
+            return PipelineOutput(latents, seed, parameters=parameters)
         images = self.decode(latents)
         if output_type == "pil":
             images = to_pil(images)
-        return PipelineOutput(images, seed)
+        return PipelineOutput(images, seed, parameters=parameters)
 
     def _denoise(self, latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
                  mask=None, masked_latents=None, image_latents=None, noise=None):
         """The reverse-diffusion loop: z_T -> z_0, one sampler step per timestep."""
         wants_x0 = callback is not None and "pred_original_sample" in inspect.signature(callback).parameters
         nine_channel = self.unet.in_channels == 9
+        self.num_timesteps = len(timesteps)
         for i, t in enumerate(timesteps):
             x = sched.scale_model_input(latents, t)
             if nine_channel:
@@ -214,12 +241,12 @@ class StableDiffusion:
         return latents
 
     def _scheduler(self, scheduler):
-        """A fresh sampler for one generation (samplers keep per-run state)."""
+        """(a fresh sampler for one generation, its name): samplers keep per-run state."""
         if scheduler is None:
-            scheduler = self.scheduler_config.get("_class_name", "pndm")
+            scheduler = self.default_sampler
         if isinstance(scheduler, str):
-            return make_scheduler(scheduler, self.scheduler_config)
-        return scheduler
+            return make_scheduler(scheduler, self.scheduler_config), canonical_name(scheduler)
+        return scheduler, type(scheduler).__name__
 
 
 def strength_timesteps(sched, num_inference_steps, strength):
