@@ -38,6 +38,7 @@ from tinysd.weights import load_checkpoint
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 VAE_SCALE = 8   # the VAE shrinks H and W by 8
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}   # diffusers' pipelines' defaults
 
 
 def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None):
@@ -178,9 +179,9 @@ class StableDiffusion:
         mask = masked_latents = image_latents = None
         if mask_image is not None:
             mask, masked_image = preprocess_mask(mask_image, image)
-            strength = 1.0 if strength is None else strength
+            strength = DEFAULT_STRENGTH["inpaint"] if strength is None else strength
         elif image is not None:
-            strength = 0.8 if strength is None else strength
+            strength = DEFAULT_STRENGTH["img2img"] if strength is None else strength
 
         if image is None:
             if latents is None:
@@ -274,6 +275,12 @@ class StableDiffusion:
         check_int("num_images_per_prompt", num_images_per_prompt, 1)
         if latents is not None:
             self.check_latents(latents, image, height, width, len(prompts) * num_images_per_prompt)
+        if image is not None:      # a strength too small for the steps leaves no step: try it on a fresh sampler
+            if strength is None:
+                strength = DEFAULT_STRENGTH["inpaint" if mask_image is not None else "img2img"]
+            sched, _ = self._scheduler(scheduler)
+            sched.set_timesteps(num_inference_steps)
+            strength_timesteps(sched, num_inference_steps, strength)
 
     def check_latents(self, latents, image, height, width, batch):
         """`latents` replaces the txt2img start noise: (batch, 4, height/8, width/8), finite numbers."""
