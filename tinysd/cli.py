@@ -107,7 +107,11 @@ def build_parser():
                    help="where to write (default: tinysd-SEED.png; with --batch-size > 1, FILE-0.png, FILE-1.png, ...)")
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="ID|PATH",
                    help="Hugging Face model id, diffusers folder, or single .safetensors/.ckpt file "
-                        "(default: %(default)s)")
+                        "(default: %(default)s, downloaded on first use); --model shapes is a small model of "
+                        "coloured shapes that ships with tinysd and works offline")
+    p.add_argument("--vae", default=None, metavar="PATH",
+                   help="a standalone VAE to decode (and encode) with instead of the model's own, e.g. "
+                        "vae-ft-mse-840000-ema-pruned.safetensors (.safetensors/.ckpt, or a diffusers vae/ folder)")
     p.add_argument("--backend", choices=("numpy", "cpu", "cuda"), default=None,
                    help="numpy (reference), cpu (Numba kernels) or cuda (default: cpu where Numba runs, else numpy)")
     p.add_argument("--init-image", default=None, metavar="PATH", help="start from this image (img2img)")
@@ -184,12 +188,6 @@ def umask():
     return mask
 
 
-def model_name(source):
-    """What A1111 writes as "Model": the checkpoint file's stem, the folder's or the repo's name."""
-    path = Path(source)
-    return path.stem if path.is_file() else path.name
-
-
 # -- inputs ------------------------------------------------------------------------------------------
 def read_image(path, option, mode):
     from tinysd.pipeline import load_image
@@ -200,75 +198,69 @@ def read_image(path, option, mode):
         raise UsageError(f"{option}: {e}") from None
 
 
-def model_sampler(scheduler_config):
-    """The --sampler name of a model's own scheduler (scheduler/scheduler_config.json)."""
-    from tinysd.schedulers import SCHEDULERS, canonical_name
-
-    name = canonical_name(scheduler_config.get("_class_name", "PNDMScheduler"))
-    karras = f"{name}_karras"
-    return karras if scheduler_config.get("use_karras_sigmas") and karras in SCHEDULERS else name
-
-
-def count_steps(sd, sampler, steps, strength):
-    """How many U-Net steps the run takes: pndm takes one more, heun two per step but the last,
-    img2img only the last `strength` of the schedule."""
-    from tinysd.pipeline import strength_timesteps
-    from tinysd.schedulers import make_scheduler
-
-    sched = make_scheduler(sampler, sd.scheduler_config)
-    sched.set_timesteps(steps)
-    return len(sched.timesteps if strength is None else strength_timesteps(sched, steps, strength))
+def check_init_size(image, path, args):
+    """The output size defaults to --init-image's, rounded down to a multiple of 8: fail now, before the
+    model loads, if a side of it rounds to 0. (--mask is resized to the picture, as in diffusers.)"""
+    for side, given in ((image.width, args.width), (image.height, args.height)):
+        if given is None and side < 8:
+            raise UsageError(f"--init-image {path}: {image.width}x{image.height} pixels, under 8 pixels a side "
+                             f"(sizes are multiples of 8); resize it, or pass -W and -H to set the output size")
 
 
 class Progress:
-    """A tqdm bar driven by the pipeline's `callback(step, timestep, latents)`."""
+    """A tqdm bar driven by the pipeline's `callback(step, timestep, latents)`; its length is the
+    pipeline's own count of the run's U-Net steps (`sd.num_timesteps`), read at the first step."""
 
-    def __init__(self, total):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, unit="step", desc="denoising", file=sys.stderr, dynamic_ncols=True,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+    def __init__(self, sd):
+        self.sd, self.bar = sd, None
         self.last = time.perf_counter()
 
     def __call__(self, step, timestep, latents):
+        from tqdm import tqdm
+
+        if self.bar is None:         # made at the first step, once the pipeline has checked its arguments
+            self.bar = tqdm(total=self.sd.num_timesteps, unit="step", desc="denoising", file=sys.stderr,
+                            dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                                           "[{elapsed}<{remaining}{postfix}]")
+        elif step == 0:              # a new denoising pass starts
+            self.bar.reset(total=self.sd.num_timesteps)
         now = time.perf_counter()
         seconds, self.last = now - self.last, now        # this step's U-Net call(s) and sampler update
         self.bar.set_postfix_str(f"{seconds:.2f} s/step, t={float(timestep):g}", refresh=False)
         self.bar.update(1)
 
     def close(self):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 # -- the run -----------------------------------------------------------------------------------------
 def generate(args):
     import tinysd
     from tinysd.backend import get_backend
-    from tinysd.pngmeta import format_parameters
+    from tinysd.pngmeta import batch_fields, infotext
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 32)
     paths = output_paths(args.output, seed, args.batch_size)
     check_writable(paths)
     init = read_image(args.init_image, "--init-image", "RGB") if args.init_image else None
     mask = read_image(args.mask, "--mask", "L") if args.mask else None
+    if init is not None:
+        check_init_size(init, args.init_image, args)
 
     backend = get_backend(args.backend)                 # --backend cuda without a GPU fails here
-    sd = tinysd.load(args.model, backend=backend)
-    sampler = args.sampler or model_sampler(sd.scheduler_config)
-    progress = Progress(count_steps(sd, sampler, args.steps, args.strength if init else None))
+    sd = tinysd.load(args.model, backend=backend, vae=args.vae)
+    progress = Progress(sd)
     try:
         out = sd(args.prompt, negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps,
                  guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=seed,
-                 scheduler=sampler, image=init, strength=args.strength, mask_image=mask,
+                 scheduler=args.sampler, image=init, strength=args.strength, mask_image=mask,
                  num_images_per_prompt=args.batch_size, output_type="pil", callback=progress)
     finally:
         progress.close()
 
-    width, height = out.images[0].size
-    texts = [format_parameters(args.prompt, args.negative_prompt, args.steps, sampler, args.guidance_scale, seed,
-                               width, height, model=model_name(args.model),
-                               denoising_strength=args.strength if init else None,
-                               batch_size=args.batch_size, batch_pos=i) for i in range(args.batch_size)]
+    texts = [infotext(args.prompt, args.negative_prompt, batch_fields(out.parameters, args.batch_size, i))
+             for i in range(args.batch_size)]
     save_pngs(out.images, paths, texts)
     for path in paths:
         print(f"{path} (seed {seed})")
