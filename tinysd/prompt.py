@@ -22,8 +22,13 @@
 The rules are those of A1111's modules/prompt_parser.py (`parse_prompt_attention`),
 modules/sd_hijack_clip.py (`tokenize_line`, comma backtrack 20, its default) and
 modules/sd_emphasis.py ("Original", its default emphasis); tests/test_prompt.py checks them
-against outputs of that code. Not here: prompt editing `[a:b:0.5]`, alternation `[a|b]` and
-`AND` (they stay plain text), which A1111 handles before these rules.
+against outputs of that code. Two differences, both outside what a single prompt sees in A1111:
+the mean is taken per prompt (A1111 takes it over the prompts it encodes together, which for
+one prompt, or copies of one, is the same), and an embedding that the comma backtrack moves to
+the next chunk moves with its vectors (A1111 leaves them behind in the previous chunk's
+padding, and the moved positions read as the token "!"). Not here: prompt editing
+`[a:b:0.5]`, alternation `[a|b]` and `AND` (they stay plain text), which A1111 handles before
+these rules.
 """
 from __future__ import annotations
 

@@ -135,7 +135,7 @@ class CLIPTextModel(Module):
         if ids.ndim == 1:
             ids = ids[None]
         n_layers = len(self.text_model.encoder.layers)
-        if clip_skip is not None and (int(clip_skip) != clip_skip or not 0 <= clip_skip <= n_layers):
+        if clip_skip is not None and not (isinstance(clip_skip, (int, np.integer)) and 0 <= clip_skip <= n_layers):
             raise ValueError(f"clip_skip must be an integer from 0 to {n_layers} (the text encoder's layers), "
                              f"got {clip_skip!r}")
         vocab = self.num_tokens
