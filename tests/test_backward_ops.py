@@ -286,3 +286,96 @@ def test_frozen_skips_parameter_gradients():
     assert be.linear_backward(gl, xl, wl, None, frozen=True)[1:] == (None, None)
     assert be.group_norm_backward(g, g, 2, randn(rng, 4), randn(rng, 4), 1e-5, frozen=True)[1:] == (None, None)
     assert be.take_backward(gl, wl, [0, 1, 2, 1, 0], frozen=True) is None
+
+
+needs_cpu = pytest.mark.skipif("cpu" not in BACKENDS, reason="numba missing")
+
+
+def close32(actual, expected, rtol=1e-4, name="gradient"):
+    assert actual.dtype == np.float32, f"{name} is {actual.dtype}"
+    assert_close(actual, expected, rtol, name)
+
+
+def cpu_backend(**settings):
+    be = CpuBackend()
+    for name, value in settings.items():
+        setattr(be, name, value)
+    return be
+
+
+CONV_PATHS = {   # how the cpu backend's conv backward can run: chunk sizes, the forward path dx takes
+    "default": {},
+    "one_row_chunks": {"conv_backward_chunk_bytes": 1},             # chunks end inside images
+    "winograd_dx": {"winograd_f4_min_tiles": 1, "winograd_f2_min_tiles": 1},
+    "shifted_dx": {"winograd_f4_min_tiles": 1 << 30, "winograd_f2_min_tiles": 1 << 30, "im2col_max_pixels": 0},
+}
+
+
+@needs_cpu
+@pytest.mark.parametrize("path", sorted(CONV_PATHS))
+@pytest.mark.parametrize("case", [c for c in CASES if c.name.startswith("conv")], ids=repr)
+def test_cpu_conv2d_backward_paths(case, path):
+    """The cpu backend's conv backward (im2col GEMMs for ∂L/∂W, the flipped-kernel forward or
+    col2im for ∂L/∂x) against the NumPy twin, weights tap-major from `asarray`, and frozen."""
+    be = cpu_backend(**CONV_PATHS[path])
+    a = {k: v.astype(np.float32) for k, v in case.inputs.items()}
+    grad = output_grad(case).astype(np.float32)
+    expected = NumpyBackend().conv2d_backward(grad, **a, **case.options)
+    got = be.conv2d_backward(grad, a["x"], be.asarray(a["weight"]), a.get("bias"), **case.options)
+    for name, g, e in zip(("dx", "dweight", "dbias"), got, expected):
+        if e is None:
+            assert g is None
+        else:
+            close32(g, e, 1e-5, name)
+    dx, dw, db = be.conv2d_backward(grad[:, :, ::-1][:, :, ::-1], a["x"], a["weight"], None, frozen=True, **case.options)
+    assert dw is None and db is None
+    close32(dx, expected[0], 1e-5, "frozen dx")
+
+
+@needs_cpu
+@pytest.mark.parametrize("B,Nq,Nk,heads,d,causal", [
+    (1, 75, 75, 1, 8, True),       # one (batch, head): the serial driver; causal across tiles
+    (2, 70, 45, 3, 5, False),      # cross-attention, query and key tiles ending mid-tile
+    (3, 50, 50, 2, 16, True),
+])
+def test_cpu_attention_backward_tiles(B, Nq, Nk, heads, d, causal):
+    """The flash-style backward with 16×32 tiles against the NumPy twin, with and without the
+    forward's output."""
+    rng = np.random.default_rng(B * Nq + heads)
+    q, k = randn(rng, B, Nq, heads * d, scale=2.0), randn(rng, B, Nk, heads * d, scale=2.0)
+    v, grad = randn(rng, B, Nk, heads * d), randn(rng, B, Nq, heads * d)
+    q, k, v, grad = (a.astype(np.float32) for a in (q, k, v, grad))
+    expected = NumpyBackend().attention_backward(grad.astype(np.float64), q.astype(np.float64),
+                                                 k.astype(np.float64), v.astype(np.float64), heads, causal=causal)
+    be = cpu_backend(attention_backward_tiles=(16, 32))
+    out = be.attention(q, k, v, heads, causal=causal)
+    for got in (be.attention_backward(grad, q, k, v, heads, causal=causal),
+                be.attention_backward(grad, q, k, v, heads, causal=causal, out=out),
+                CpuBackend().attention_backward(grad, q, k, v, heads, causal=causal)):
+        for name, g, e in zip(("dq", "dk", "dv"), got, expected):
+            close32(g, e, 1e-5, name)
+
+
+@needs_cpu
+def test_cpu_norm_and_activation_backward_layouts():
+    """Non-contiguous and float64 inputs reach the kernels as float32 C-order, with the same
+    gradients; layer norm with fewer rows than parallel parts."""
+    rng = np.random.default_rng(3)
+    be, ref = CpuBackend(), NumpyBackend()
+    x = randn(rng, 2, 8, 9, 5, scale=3.0, offset=1.0).astype(np.float32)
+    g = randn(rng, 2, 8, 5, 9).astype(np.float32).transpose(0, 1, 3, 2)      # not C order
+    w, b = randn(rng, 8).astype(np.float32), randn(rng, 8).astype(np.float32)
+    for silu in (False, True):
+        expected = ref.group_norm_backward(g, x, 4, w, b, 1e-6, silu=silu)
+        for got_, exp_ in zip(be.group_norm_backward(g, x.astype(np.float64), 4, w, b, 1e-6, silu=silu), expected):
+            close32(got_, exp_, 1e-5)
+    xl, gl = x[0, 0, :3], g[0, 0, :3]                                   # 3 rows of 5
+    for got_, exp_ in zip(be.layer_norm_backward(gl, xl, w[:5], b[:5], 1e-5),
+                          ref.layer_norm_backward(gl, xl, w[:5], b[:5], 1e-5)):
+        close32(got_, exp_, 1e-5)
+    xa = x[:, :, ::-1]                                                 # not C order either
+    for op in ("silu", "gelu", "quick_gelu"):
+        close32(getattr(be, op + "_backward")(g, xa), getattr(ref, op + "_backward")(g, xa), 2e-6, op)
+    xg = np.swapaxes(x, 2, 3)[..., :8]                                  # (2, 8, 5, 8): h and gate of 4
+    gg = g[:, :, :5, :4]
+    close32(be.geglu_backward(gg, xg), ref.geglu_backward(gg, xg), 2e-6, "geglu")
