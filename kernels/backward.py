@@ -19,6 +19,7 @@
 import numpy as np
 from numba import njit, prange
 
+from tinysd.kernels.attention import _exp_and_sum, _row_max
 from tinysd.kernels.blas import _sgemm
 from tinysd.kernels.elementwise import erf, exp, sigmoid
 
@@ -257,6 +258,13 @@ def geglu_backward_kernel(grad, x, dx):
             dx[m, F + f] = grad[m, f] * h * gelu_derivative(gate)
 
 
+@njit(fastmath=True, cache=True)
+def _softmax_backward_row(p, dp, D):
+    """dp ← p∘(dp − D), in place: one row of softmax's backward."""
+    for j in range(p.size):
+        dp[j] = p[j] * (dp[j] - D)
+
+
 @njit(cache=True)
 def _log_sum_exp_rows(q, k, b, c0, c1, scale, causal, tile_q, tile_k, S_buf, lse):
     """lse[i] = log Σ_j e^(S_ij) for every query of one (batch, head), S = Q Kᵀ·scale, by the
@@ -275,13 +283,8 @@ def _log_sum_exp_rows(q, k, b, c0, c1, scale, causal, tile_q, tile_k, S_buf, lse
                 n = min(k1 - k0, q0 + r - k0 + 1) if causal else k1 - k0
                 if n <= 0:
                     continue
-                row = St[r]
-                m_new = m[r]
-                for j in range(n):
-                    m_new = max(m_new, row[j])
-                total = F32(0.0)
-                for j in range(n):
-                    total += exp(row[j] - m_new)
+                m_new = max(m[r], _row_max(St[r], n))
+                total = _exp_and_sum(St[r], n, m_new)
                 l[r] = l[r] * exp(m[r] - m_new) + total
                 m[r] = m_new
         for r in range(q1 - q0):
@@ -313,16 +316,13 @@ def _attention_backward_head(q, k, v, out, grad, b, h, d, causal, tile_q, tile_k
             dS = dP_buf[:(q1 - q0) * (k1 - k0)].reshape(q1 - q0, k1 - k0)
             gemm_t(q[b, q0:q1, c0:c1], k[b, k0:k1, c0:c1], P, scale, 0.0, False, True)   # S
             for r in range(q1 - q0):
-                n = min(k1 - k0, q0 + r - k0 + 1) if causal else k1 - k0
-                L = lse[q0 + r]
-                for j in range(k1 - k0):
-                    P[r, j] = exp(P[r, j] - L) if j < n else F32(0.0)            # P = e^(S − L)
+                n = max(0, min(k1 - k0, q0 + r - k0 + 1)) if causal else k1 - k0
+                _exp_and_sum(P[r], n, lse[q0 + r])                               # P = e^(S − L)
+                P[r, n:] = 0.0
             gemm_t(P, grad[b, q0:q1, c0:c1], dv[b, k0:k1, c0:c1], 1.0, 1.0, True, False)  # dV += Pᵀ dO
             gemm_t(grad[b, q0:q1, c0:c1], v[b, k0:k1, c0:c1], dS, 1.0, 0.0, False, True)  # dP = dO Vᵀ
             for r in range(q1 - q0):
-                Dr = D[q0 + r]
-                for j in range(k1 - k0):
-                    dS[r, j] = P[r, j] * (dS[r, j] - Dr)                          # dS = P∘(dP − D)
+                _softmax_backward_row(P[r], dS[r], D[q0 + r])                    # dS = P∘(dP − D)
             gemm_t(dS, k[b, k0:k1, c0:c1], dq[b, q0:q1, c0:c1], scale, 1.0, False, False)  # dQ += dS K/√d
             gemm_t(dS, q[b, q0:q1, c0:c1], dk[b, k0:k1, c0:c1], scale, 1.0, True, False)   # dK += dSᵀ Q/√d
 

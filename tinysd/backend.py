@@ -264,12 +264,7 @@ class NumpyBackend:
         mask = np.triu(np.full((Nq, Nk), -np.inf, dtype), k=1) if causal else None
         for b in range(B):
             for h in range(heads):
-                s = (qh[b, :, h] * scale) @ kh[b, :, h].T                     # (Nq, Nk)
-                if mask is not None:
-                    s += mask
-                s = np.exp(s - s.max(axis=1, keepdims=True))
-                s /= s.sum(axis=1, keepdims=True)
-                out[b, :, h] = s @ vh[b, :, h]
+                out[b, :, h] = _attention_probs(qh[b, :, h], kh[b, :, h], scale, mask) @ vh[b, :, h]
         return out.reshape(B, Nq, C)
 
     def attention_backward(self, grad, q, k, v, heads, causal=False, out=None):
@@ -300,22 +295,19 @@ class NumpyBackend:
         scale = dtype.type(1.0 / np.sqrt(d))
         qh, kh, vh = (a.reshape(B, -1, heads, d) for a in (q, k, v))
         gh = grad.reshape(B, Nq, heads, d)
+        oh = None if out is None else out.reshape(B, Nq, heads, d)
         dq, dk, dv = (np.empty((B, n, heads, d), dtype) for n in (Nq, Nk, Nk))
         mask = np.triu(np.full((Nq, Nk), -np.inf, dtype), k=1) if causal else None
         for b in range(B):
             for h in range(heads):
-                s = (qh[b, :, h] * scale) @ kh[b, :, h].T                     # (Nq, Nk)
-                if mask is not None:
-                    s += mask
-                p = np.exp(s - s.max(axis=1, keepdims=True))
-                p /= p.sum(axis=1, keepdims=True)
+                p = _attention_probs(qh[b, :, h], kh[b, :, h], scale, mask)    # (Nq, Nk)
                 go = gh[b, :, h]
                 dv[b, :, h] = p.T @ go
                 dp = go @ vh[b, :, h].T
-                if out is None:
+                if oh is None:
                     D = (p * dp).sum(axis=1, keepdims=True)
                 else:
-                    D = (go * out.reshape(B, Nq, heads, d)[b, :, h]).sum(axis=1, keepdims=True)
+                    D = (go * oh[b, :, h]).sum(axis=1, keepdims=True)
                 ds = p * (dp - D)
                 dq[b, :, h] = (ds @ kh[b, :, h]) * scale
                 dk[b, :, h] = (ds.T @ qh[b, :, h]) * scale
@@ -380,6 +372,16 @@ def _compute_dtype(*arrays):
     float32 in inference (backends store weights as float32); float64 when a test passes
     float64 throughout."""
     return np.result_type(*(a.dtype for a in arrays), np.float32)
+
+
+def _attention_probs(q, k, scale, mask):
+    """P = softmax(q kᵀ·scale + mask) row by row for one (batch, head): q (Nq, d), k (Nk, d)."""
+    s = (q * scale) @ k.T                                                 # (Nq, Nk)
+    if mask is not None:
+        s += mask
+    s = np.exp(s - s.max(axis=1, keepdims=True))
+    s /= s.sum(axis=1, keepdims=True)
+    return s
 
 
 def _silu_derivative(x):
