@@ -68,12 +68,9 @@ def _im2col(x, g0, g1, kh, kw, s, pt, pl, Ho, Wo, cols):
             b, y = g // Ho, g % Ho
             yy = y * s + i - pt
             base = (g - g0) * Wo
-            if yy < 0 or yy >= H:
-                row[base:base + Wo] = 0.0
-                continue
             for xo in range(Wo):
                 xx = xo * s + j - pl
-                row[base + xo] = x[b, c, yy, xx] if 0 <= xx < W else F32(0.0)
+                row[base + xo] = x[b, c, yy, xx] if 0 <= yy < H and 0 <= xx < W else F32(0.0)
 
 
 @njit(cache=True)
@@ -117,7 +114,9 @@ def conv2d_backward_kernel(x, w, grad, s, pt, pl, dw, dx, rows_per_chunk):
         n = (g1 - g0) * Wo
         for o in range(Cout):
             for g in range(g0, g1):
-                gc[o, (g - g0) * Wo:(g - g0 + 1) * Wo] = grad[g // Ho, o, g % Ho]
+                b, y, base = g // Ho, g % Ho, (g - g0) * Wo
+                for xo in range(Wo):                  # element loops: a slice copy per row costs
+                    gc[o, base + xo] = grad[b, o, y, xo]       # more than the row at Wo = 8
         if want_dw:
             _im2col(x, g0, g1, kh, kw, s, pt, pl, Ho, Wo, cols)
             gemm_t(gc[:, :n], cols[:, :n], dw2, 1.0, 0.0 if first else 1.0, False, True)
