@@ -80,7 +80,7 @@ def linear_case(name, rng, lead, n_in, n_out, bias=True):
         inputs["bias"] = randn(rng, n_out)
     return Case(name, inputs,
                 lambda be, **a: be.linear(**a),
-                lambda be, g, **a: be.linear_backward(g, **a)[:len(a)],
+                lambda be, g, **a: be.linear_backward(g, **a),
                 lambda **a: F.linear(**{"input": a.pop("x"), **a}),
                 tuple(inputs), params=("weight", "bias"))
 
@@ -91,7 +91,7 @@ def conv_case(name, rng, B, Cin, Cout, H, W, k, stride, padding, bias=True):
         inputs["bias"] = randn(rng, Cout)
     return Case(name, inputs,
                 lambda be, stride, padding, **a: be.conv2d(**a, stride=stride, padding=padding),
-                lambda be, g, stride, padding, **a: be.conv2d_backward(g, **a, stride=stride, padding=padding)[:len(a)],
+                lambda be, g, stride, padding, **a: be.conv2d_backward(g, **a, stride=stride, padding=padding),
                 torch_conv2d, tuple(inputs), params=("weight", "bias"),
                 options={"stride": stride, "padding": padding})
 
@@ -199,6 +199,8 @@ def run_ours(be, case, dtype, grad):
         inputs = {k: be.asarray(v) if k in case.params else v for k, v in inputs.items()}
     y = be.numpy(case.forward(be, **inputs, **case.options))
     grads = as_tuple(case.backward(be, grad.astype(dtype), **inputs, **case.options))
+    assert all(g is None for g in grads[len(case.wrt):]), "a gradient for an absent bias"
+    grads = grads[:len(case.wrt)]
     assert len(grads) == len(case.wrt)
     return y, [be.numpy(g) for g in grads]
 
@@ -273,18 +275,24 @@ def test_finite_differences(case):
                 f"d{name}{index}: finite difference {numeric:.10g}, backward {g[index]:.10g}"
 
 
-def test_frozen_skips_parameter_gradients():
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_frozen_skips_parameter_gradients(backend):
     """`frozen=True`: the same input gradient, None for the parameters."""
-    be = NumpyBackend()
+    be = BACKENDS[backend]()
     rng = np.random.default_rng(1)
-    x, w, b = randn(rng, 2, 3, 6, 5), randn(rng, 4, 3, 3, 3), randn(rng, 4)
-    g = randn(rng, 2, 4, 3, 3)
+    x, w, b = (randn(rng, *shape).astype(np.float32) for shape in ((2, 3, 6, 5), (4, 3, 3, 3), (4,)))
+    g = randn(rng, 2, 4, 3, 3).astype(np.float32)
     dx, dw, db = be.conv2d_backward(g, x, w, b, 2, 1)
     assert be.conv2d_backward(g, x, w, b, 2, 1, frozen=True)[1:] == (None, None)
     assert np.array_equal(be.conv2d_backward(g, x, w, b, 2, 1, frozen=True)[0], dx)
     xl, wl, gl = randn(rng, 5, 6), randn(rng, 3, 6), randn(rng, 5, 3)
     assert be.linear_backward(gl, xl, wl, None, frozen=True)[1:] == (None, None)
-    assert be.group_norm_backward(g, g, 2, randn(rng, 4), randn(rng, 4), 1e-5, frozen=True)[1:] == (None, None)
+    gamma, beta = randn(rng, 4).astype(np.float32), randn(rng, 4).astype(np.float32)
+    xn = 2 * g[::-1] + 1                                                # any input of the shape
+    dx = be.group_norm_backward(g, xn, 2, gamma, beta, 1e-5)[0]
+    frozen = be.group_norm_backward(g, xn, 2, gamma, beta, 1e-5, frozen=True)
+    assert frozen[1:] == (None, None) and np.array_equal(frozen[0], dx)
+    assert be.layer_norm_backward(gl, gl, wl[0, :3], wl[1, :3], 1e-5, frozen=True)[1:] == (None, None)
     assert be.take_backward(gl, wl, [0, 1, 2, 1, 0], frozen=True) is None
 
 
