@@ -387,3 +387,43 @@ def test_cpu_norm_and_activation_backward_layouts():
     xg = np.swapaxes(x, 2, 3)[..., :8]                                  # (2, 8, 5, 8): h and gate of 4
     gg = g[:, :, :5, :4]
     close32(be.geglu_backward(gg, xg), ref.geglu_backward(gg, xg), 2e-6, "geglu")
+
+
+def test_float64_backend_through_modules():
+    """`NumpyBackend(dtype=np.float64)`: weights loaded into modules stay float64, and so do a
+    small chain's activations and gradients (conv → group norm + SiLU → stride-2 conv),
+    equal to torch.autograd in float64; the default backend still stores float32."""
+    from tinysd.nn import Conv2d, GroupNorm
+
+    rng = np.random.default_rng(5)
+    be = NumpyBackend(dtype=np.float64)
+    assert NumpyBackend().asarray(np.ones(2)).dtype == np.float32
+    conv1, norm, conv2 = Conv2d(3, 8, 3, padding=1), GroupNorm(4, 8, 1e-5), Conv2d(8, 8, 3, 2, (0, 1, 0, 1))
+    weights = {}
+    for module, name in ((conv1, "conv1"), (norm, "norm"), (conv2, "conv2")):
+        module.set_backend(be)
+        state = {k: randn(rng, *p.shape, scale=0.3, offset=1.0 if module is norm and k == "weight" else 0.0)
+                 for k, p in module.named_parameters()}
+        module.load_state_dict(state)
+        weights[name] = state
+    x = randn(rng, 2, 3, 9, 7)
+    a = conv1(x)
+    b = norm(a, silu=True)
+    y = conv2(b)
+    assert y.dtype == np.float64 and conv1.weight.dtype == np.float64
+    grad = randn(rng, *y.shape)
+    db, dw2, dbias2 = be.conv2d_backward(grad, b, conv2.weight, conv2.bias, conv2.stride, conv2.padding)
+    da, dgamma, dbeta = be.group_norm_backward(db, a, 4, norm.weight, norm.bias, 1e-5, silu=True)
+    dx, dw1, dbias1 = be.conv2d_backward(da, x, conv1.weight, conv1.bias, 1, 1)
+
+    t = {f"{m}.{k}": torch.tensor(v, requires_grad=True) for m, state in weights.items() for k, v in state.items()}
+    tx = torch.tensor(x, requires_grad=True)
+    th = F.silu(F.group_norm(F.conv2d(tx, t["conv1.weight"], t["conv1.bias"], padding=1), 4, t["norm.weight"],
+                             t["norm.bias"], 1e-5))
+    ty = F.conv2d(F.pad(th, (0, 1, 0, 1)), t["conv2.weight"], t["conv2.bias"], stride=2)
+    keys = ["conv1.weight", "conv1.bias", "norm.weight", "norm.bias", "conv2.weight", "conv2.bias"]
+    expected = torch.autograd.grad(ty, [tx] + [t[k] for k in keys], torch.tensor(grad))
+    assert_close(y, ty.detach().numpy(), 1e-12, "output")
+    for name, ours, theirs in zip(["x"] + keys, [dx, dw1, dbias1, dgamma, dbeta, dw2, dbias2], expected):
+        assert ours.dtype == np.float64, name
+        assert_close(ours, theirs.numpy(), 1e-11, f"d{name}")

@@ -32,11 +32,18 @@ from scipy.special import erf, expit
 
 class NumpyBackend:
     name = "numpy"
+    dtype = np.float32
+
+    def __init__(self, dtype=np.float32):
+        """`dtype=np.float64` keeps a model's weights, and so every activation and gradient, in
+        float64: the tight gradient checks against torch.autograd run this way."""
+        self.dtype = np.dtype(dtype)
 
     # -- moving data in and out ------------------------------------------------------------
     def asarray(self, x) -> np.ndarray:
-        """Host array (any float dtype) -> this backend's float32 array. Weights pass here once."""
-        return np.ascontiguousarray(x, dtype=np.float32)
+        """Host array (any float dtype) -> this backend's array (float32 unless made with
+        `dtype=np.float64`). Weights pass here once."""
+        return np.ascontiguousarray(x, dtype=self.dtype)
 
     def numpy(self, x) -> np.ndarray:
         """This backend's array -> host NumPy array."""
