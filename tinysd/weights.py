@@ -437,7 +437,15 @@ def load_single_file(path, config=None):
         base = read_configs(SD15_CONFIGS)
     else:
         base = config if isinstance(config, dict) else read_configs(config)
-    configs, state_dicts = single_file.convert(read_weights(path), base, source=str(path), derive_sizes=config is None)
+    state = read_weights(path)
+    try:
+        configs, state_dicts = single_file.convert(state, base, source=str(path), derive_sizes=config is None)
+    except single_file.SingleFileError:
+        from tinysd.lora import looks_like_lora
+        if looks_like_lora(state):
+            raise CheckpointError(f"{path} is a LoRA, not a model: pass it with --lora (Python: "
+                                  f"sd.load_lora_weights), and a model with --model") from None
+        raise
     return Checkpoint(configs, state_dicts, None, str(path))
 
 
