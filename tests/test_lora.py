@@ -53,16 +53,19 @@ def random_lora_(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3 / p.shape[1] ** 0.5)
 
 
-def write_peft(tiny, folder, seed=10, safe=True, text_model_prefix=False):
+def write_peft(tiny, folder, seed=10, safe=True, text_model_prefix=False, rslora=False):
     """A LoRA made by peft on copies of the reference models, saved by diffusers' `save_lora_weights`."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
     unet, text_encoder = copy.deepcopy(tiny.unet), copy.deepcopy(tiny.text_encoder)
+    patterns = [dict(rank_pattern={"conv1": 2}, alpha_pattern={"to_k": 3}), dict(alpha_pattern={"fc2": 6})]
+    if rslora:                                      # rsLoRA: scale α/√r (peft refuses it with patterns)
+        patterns = [dict(use_rslora=True), dict(use_rslora=True)]
     unet_config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=PEFT_UNET_TARGETS,
-                             rank_pattern={"conv1": 2}, alpha_pattern={"to_k": 3})
+                             **patterns[0])
     text_config = LoraConfig(r=4, lora_alpha=2, init_lora_weights=False, target_modules=PEFT_TEXT_TARGETS,
-                             alpha_pattern={"fc2": 6})
+                             **patterns[1])
     unet.add_adapter(unet_config)
     # transformers 5's own add_adapter wants peft >= 0.22; peft's injection is what it wraps
     inject_adapter_in_model(text_config, text_encoder, adapter_name="default")
@@ -160,7 +163,8 @@ def loras(tiny_sd, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("loras")
     files = {"peft": write_peft(tiny_sd, d / "peft"),
-             "peft_bin": write_peft(tiny_sd, d / "peft_bin", seed=30, safe=False, text_model_prefix=True)}
+             "peft_bin": write_peft(tiny_sd, d / "peft_bin", seed=30, safe=False, text_model_prefix=True),
+             "peft_rslora": write_peft(tiny_sd, d / "peft_rslora", seed=40, rslora=True)}
     kohya = kohya_lora(tiny_sd)
     files["kohya"] = save(kohya_state(kohya), d / "kohya.safetensors")
     torch.save(kohya_state(kohya), d / "kohya.pt")
@@ -294,7 +298,7 @@ def test_picture_matches_diffusers(tiny_sd, clean_sd, loras, fmt):
     assert np.abs(ours[0] - plain[0]).max() > 0.05 * np.abs(plain[0]).max(), "the LoRA barely changed the picture"
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", FORMATS + ["peft_rslora"])
 def test_patched_weights_match_diffusers_fused_weights(tiny_sd, clean_sd, loras, fmt):
     clean_sd.load_lora_weights(loras[fmt], adapter_name="lora")
     reference = reference_with(tiny_sd, ("lora", reference_file(loras, fmt)))
@@ -356,6 +360,27 @@ def test_peft_scales_from_metadata(clean_sd, loras):
     assert scales["down_blocks.0.resnets.0.conv1.weight"] == 8 / 2
     assert scales["text_model.encoder.layers.0.mlp.fc2.weight"] == 6 / 4
     assert scales["text_model.encoder.layers.0.mlp.fc1.weight"] == 2 / 4
+    rslora = clean_sd.loras.load(loras["peft_rslora"], "r")
+    assert rslora.layers["unet"][0].scale == 8 / 4 ** 0.5
+
+
+def test_alpha_keys_in_dotted_files_and_te1_prefix(clean_sd, loras):
+    """An `.alpha` beside PEFT keys scales that layer (α/r); kohya's SD-XL-style `lora_te1_` is the text encoder."""
+    from tinysd.weights import read_safetensors
+
+    state = dict(read_safetensors(loras["peft"] / "pytorch_lora_weights.safetensors"))
+    state["unet.conv_in.alpha"] = np.float32(3.0)
+    state.update({"unet.conv_in.lora_A.weight": np.ones((4, 4, 3, 3), np.float32),
+                  "unet.conv_in.lora_B.weight": np.ones((32, 4, 1, 1), np.float32)})
+    lora = clean_sd.loras.load(state, "with_alpha")
+    assert {layer.key: layer.scale for layer in lora.layers["unet"]}["conv_in.weight"] == 3 / 4
+    kohya = {k.replace("lora_te_", "lora_te1_"): v for k, v in read_safetensors(loras["kohya"]).items()}
+    clean_sd.unload_lora_weights()
+    clean_sd.load_lora_weights(kohya, adapter_name="te1")
+    te1 = tinysd_weights(clean_sd)
+    clean_sd.unload_lora_weights()
+    clean_sd.load_lora_weights(loras["kohya"], adapter_name="te")
+    assert all(np.array_equal(v, te1[k]) for k, v in tinysd_weights(clean_sd).items())
 
 
 # -- unloading -------------------------------------------------------------------------------------------
@@ -379,6 +404,24 @@ def test_unload_gives_back_every_weight_bit_for_bit(tiny_sd, loras, backend):
     sd.unload_lora_weights()
     assert_unchanged(sd, before)
     assert sd.get_active_adapters() == [] and not sd.loras.patched
+
+
+def test_cuda_backend_uploads_the_patched_weights(tiny_sd, loras):
+    """The cuda backend keeps device copies: a patch uploads the patched weights, unloading the
+    loaded ones (on a GPU, or in numba's CUDA simulator without one)."""
+    try:
+        sd = tinysd.load(tiny_sd.folder, backend="cuda")
+    except (RuntimeError, ImportError) as e:
+        pytest.skip(f"needs a CUDA GPU or numba's CUDA simulator: {e}")
+    before = snapshot(sd)
+    on_host = tinysd.load(tiny_sd.folder, backend="numpy")
+    for model in (sd, on_host):
+        model.load_lora_weights(loras["kohya"], adapter_name="k")
+        model.load_lora_weights(loras["peft"], adapter_name="p")
+        model.set_adapters(["k", "p"], [0.5, 1.5])
+    assert_unchanged(sd, {k: (v, None) for k, (v, _) in snapshot(on_host).items()})
+    sd.unload_lora_weights()
+    assert_unchanged(sd, before)
 
 
 def test_unload_restores_fp16_stored_weights(tiny_sd, loras):

@@ -3,6 +3,7 @@
     python -m tinysd "a cat in space" --seed 42 --sampler euler_a -o cat.png
     python -m tinysd "a watercolour cat" --init-image cat.png --strength 0.6
     python -m tinysd "a dog" --init-image cat.png --mask cat-mask.png
+    python -m tinysd "a cat <lora:watercolor:0.8>" --lora-dir loras/ --lora lcm-lora.safetensors
 
 Writes PNGs carrying their generation parameters in AUTOMATIC1111's format (`tinysd.pngmeta`).
 A mistake (a bad option, an unreadable image, an unwritable path, a missing model or GPU) is
