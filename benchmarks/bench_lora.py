@@ -39,7 +39,8 @@ ROWS = ("read and check", "apply", "load_lora_weights", "set_adapters (new weigh
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backends", default="numpy,cpu", help="comma-separated: numpy, cpu")
-    p.add_argument("--repeat", type=int, default=2, help="load/re-weight/unload cycles; the median is shown")
+    p.add_argument("--repeat", type=int, default=3, help="load/re-weight/unload cycles (default 3): the first "
+                                                           "(file pages cold) and the median of the others are shown")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/tinysd-bench-lora"))
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -135,6 +136,7 @@ def worker(args):
         model.load_state_dict(read_safetensors(files[part]), source=str(files[part]))
     times = {row: [] for row in ROWS}
     adapters = LoraAdapters(models)
+    gflop_sgemm = sgemm_rate()
     for _ in range(args.repeat):
         t0 = time.perf_counter()
         lora = read_lora(files["lora"], models, "check")
@@ -153,10 +155,23 @@ def worker(args):
     restored = all(np.array_equal(backend.numpy(v), unet.host_array(k)) for k, v in unet.named_parameters())
     patched = sum(len(v) for v in lora.layers.values())
     lora_params = sum(layer.down.size + layer.up.size for c in lora.layers for layer in lora.layers[c])
-    print(json.dumps({"backend": args.worker, "seconds": {r: statistics.median(t) for r, t in times.items()},
+    gflop = sum(2 * layer.rank * np.prod(models[c].host_array(layer.key).shape) for c in lora.layers
+                for layer in lora.layers[c]) / 1e9
+    print(json.dumps({"backend": args.worker, "seconds": {r: [t[0], statistics.median(t[1:] or t)]
+                                                          for r, t in times.items()},
                       "patched_weights": patched, "lora_parameters": int(lora_params),
                       "unet_parameters": models["unet"].num_parameters(), "bit_identical_after_unload": restored,
+                      "delta_gflop": float(gflop), "sgemm_gflops": gflop_sgemm,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def sgemm_rate(n=2048):
+    """GFLOP/s of a plain n³ float32 GEMM right now: what this (shared) machine gives BLAS."""
+    a, b = np.ones((n, n), np.float32), np.ones((n, n), np.float32)
+    a @ b
+    t0 = time.perf_counter()
+    a @ b
+    return 2 * n ** 3 / (time.perf_counter() - t0) / 1e9
 
 
 def main(argv=None):
@@ -176,14 +191,17 @@ def main(argv=None):
     first = results[0]
     print(f"\nLoRA of the LCM-LoRA's shapes: rank {args.rank} on {first['patched_weights']} U-Net weights, "
           f"{first['lora_parameters'] / 1e6:.1f}M LoRA parameters; U-Net {first['unet_parameters'] / 1e6:.0f}M "
-          f"parameters; median of {args.repeat}\n")
-    print(f"| {'seconds':<27} | " + " | ".join(f"{r['backend']:>8}" for r in results) + " |")
-    print(f"|{'-' * 29}|" + "|".join("-" * 10 for _ in results) + "|")
+          f"parameters; applying it is {first['delta_gflop']:.0f} GFLOP of up@down GEMMs. Seconds: the first "
+          f"cycle / the median of the {args.repeat - 1} after it\n")
+    print(f"| {'':<27} | " + " | ".join(f"{r['backend']:>15}" for r in results) + " |")
+    print(f"|{'-' * 29}|" + "|".join("-" * 17 for _ in results) + "|")
     for row in ROWS:
-        print(f"| {row:<27} | " + " | ".join(f"{r['seconds'][row]:>8.2f}" for r in results) + " |")
-    print(f"| {'peak RSS, MB':<27} | " + " | ".join(f"{r['peak_rss_mb']:>8.0f}" for r in results) + " |")
+        print(f"| {row:<27} | " + " | ".join(f"{r['seconds'][row][0]:>6.2f} / {r['seconds'][row][1]:>6.2f}"
+                                             for r in results) + " |")
+    print(f"| {'peak RSS, MB':<27} | " + " | ".join(f"{r['peak_rss_mb']:>15.0f}" for r in results) + " |")
+    print(f"| {'sgemm GFLOP/s (2048³) then':<27} | " + " | ".join(f"{r['sgemm_gflops']:>15.0f}" for r in results) + " |")
     print(f"| {'bit-identical after unload':<27} | "
-          + " | ".join(f"{str(r['bit_identical_after_unload']):>8}" for r in results) + " |")
+          + " | ".join(f"{str(r['bit_identical_after_unload']):>15}" for r in results) + " |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

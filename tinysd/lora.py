@@ -109,7 +109,9 @@ class LoraLayer:
         """weight · scale · up @ down, float32, reshaped to the parameter's `shape`."""
         up = np.asarray(self.up, dtype=np.float32).reshape(self.up.shape[0], self.rank)
         down = np.asarray(self.down, dtype=np.float32).reshape(self.rank, -1)
-        return (up @ down).reshape(shape) * np.float32(weight * self.scale)
+        d = up @ down                                  # (out, in·kh·kw)
+        d *= np.float32(weight * self.scale)
+        return d.reshape(shape)
 
 
 @dataclass
@@ -573,25 +575,22 @@ class LoraAdapters:
             raise
 
     def _apply(self):
-        deltas = {}
-        for name, lora in self.loras.items():          # load order: the sums are reproducible
+        """Re-derive every weight an active LoRA patches or one patched before, one at a time
+        (one update in memory at once): W + Σ w·(α/r)·up@down, the LoRAs in load order."""
+        updates = {}                                   # (component, key) -> [(layer, weight)], load order
+        for name, lora in self.loras.items():
             for component in COMPONENTS:
                 w = self.weights.get(name, {}).get(component, 0.0)
-                if w == 0:
-                    continue
-                model = self.models[component]
-                for layer in lora.layers[component]:
-                    shape = model.host_array(layer.key).shape
-                    d = layer.delta(shape, w)
-                    key = (component, layer.key)
-                    if key in deltas:
-                        deltas[key] += d
-                    else:
-                        deltas[key] = d
-        for component, key in sorted(self.patched | set(deltas)):
-            self.models[component].patch_parameter(key, deltas.get((component, key)))
+                for layer in lora.layers[component] if w else ():
+                    updates.setdefault((component, layer.key), []).append((layer, w))
+        for component, key in sorted(self.patched | set(updates)):
+            model, delta = self.models[component], None
+            for layer, w in updates.get((component, key), ()):
+                d = layer.delta(model.host_array(key).shape, w)
+                delta = d if delta is None else np.add(delta, d, out=delta)
+            model.patch_parameter(key, delta)
             self.patched.discard((component, key))
-            if (component, key) in deltas:
+            if delta is not None:
                 self.patched.add((component, key))
 
 

@@ -111,15 +111,17 @@ class Module:
         return module.__dict__["_hosts"][name]
 
     def patch_parameter(self, key, delta=None):
-        """Set parameter `key` to asarray(host + delta), the sum in float32 (`delta` float32, the
-        parameter's shape), or back to asarray(host) itself, the loaded weight, when delta is None.
-        The backend redoes its layout (tap-major convs, device copies) for this tensor only."""
+        """Set parameter `key` to asarray(host + delta), the sum in float32 (`delta`: a float32
+        array of the parameter's shape, used as the sum's buffer), or back to asarray(host) itself,
+        the loaded weight, when delta is None. The backend redoes its layout (tap-major convs,
+        device copies) for this tensor only."""
         module, name = self._owner(key)
         host = module.__dict__["_hosts"][name]
         if delta is not None:
-            if tuple(delta.shape) != tuple(host.shape):
-                raise ValueError(f"patch for {key!r} has shape {tuple(delta.shape)}, the weight {tuple(host.shape)}")
-            host = np.asarray(host, dtype=np.float32) + np.asarray(delta, dtype=np.float32)
+            if tuple(delta.shape) != tuple(host.shape) or delta.dtype != np.float32:
+                raise ValueError(f"patch for {key!r} is {delta.dtype} {tuple(delta.shape)}, "
+                                 f"the weight float32 {tuple(host.shape)}")
+            host = np.add(np.asarray(host, dtype=np.float32), delta, out=delta)
         object.__setattr__(module, name, module.ops.asarray(host))
 
 
