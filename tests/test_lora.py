@@ -113,12 +113,10 @@ def original_unet_path(path):
     return _swap(key, unet_prefixes())[:-1]
 
 
-def kohya_state(lora, original=False, skip=()):
+def kohya_state(lora, original=False):
     """kohya keys for `lora`: lora_unet_<path with '_'>, lora_te_text_model_<path with '_'>."""
     state = {}
     for (component, path), (down, up, alpha) in lora.items():
-        if path in skip:
-            continue
         if component == "unet":
             name = "lora_unet_" + (original_unet_path(path) if original else path).replace(".", "_")
         else:
@@ -460,7 +458,7 @@ def lora_pair(name, down_shape, up_shape, seed=0):
             f"{name}.lora_up.weight": torch.randn(up_shape, generator=g)}
 
 
-def bad_files(tiny, loras, d):
+def bad_files(tiny, d):
     """{case: (path, expected message)}."""
     good = kohya_state(kohya_lora(tiny))
     q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
@@ -501,8 +499,8 @@ def bad_files(tiny, loras, d):
 
 
 @pytest.fixture(scope="module")
-def bad(tiny_sd, loras, tmp_path_factory):
-    return bad_files(tiny_sd, loras, tmp_path_factory.mktemp("bad_loras"))
+def bad(tiny_sd, tmp_path_factory):
+    return bad_files(tiny_sd, tmp_path_factory.mktemp("bad_loras"))
 
 
 BAD_CASES = ["truncated", "not safetensors", "wrong shapes", "SD 2 text encoder", "SD-XL second text encoder",
