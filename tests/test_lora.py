@@ -536,7 +536,7 @@ def test_bad_api_calls(clean_sd, loras):
 
 
 def test_a_lora_given_as_the_model_says_so(loras):
-    with pytest.raises(ValueError, match="is a LoRA, not a model: pass it with --lora"):
+    with pytest.raises(ValueError, match="is a LoRA, not a Stable Diffusion model: pass it with --lora"):
         tinysd.load(loras["kohya"], backend="numpy")
 
 
