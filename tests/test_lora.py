@@ -641,7 +641,7 @@ CLI_ERRORS = {
     "--lora LoHa": (["a cat", "--lora", "{tmp}/loha.safetensors"], "LoHa (LyCORIS) is not supported"),
     "same LoRA twice": (["a <lora:style> cat", "--lora-dir", "{tmp}", "--lora", "{tmp}/style.safetensors"],
                         "given twice"),
-    "LoRA as --model": (["a cat", "--model", "{tmp}/style.safetensors"], "is a LoRA, not a model"),
+    "LoRA as --model": (["a cat", "--model", "{tmp}/style.safetensors"], "is a LoRA, not a Stable Diffusion model"),
 }
 
 
