@@ -82,6 +82,13 @@ class NumpyBackend:
         """SiLU (swish): x·σ(x)."""
         return (x * expit(x)).astype(np.float32, copy=False)
 
+    def relu(self, x):
+        """ReLU: max(x, 0)."""
+        return np.maximum(x, np.float32(0))
+
+    def tanh(self, x):
+        return np.tanh(x).astype(np.float32, copy=False)
+
     def gelu(self, x):
         """Exact GELU: x·Φ(x) = ½x(1 + erf(x/√2))."""
         return 0.5 * x * (1.0 + erf(x * np.float32(1 / np.sqrt(2.0))))   # float32 throughout

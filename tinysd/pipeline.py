@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import secrets
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,10 +27,11 @@ import numpy as np
 from tinysd.backend import get_backend
 from tinysd.rng import Generator
 from tinysd.pngmeta import sampler_fields
-from tinysd.schedulers import SCHEDULERS, canonical_name, make_scheduler
+from tinysd.schedulers import SCHEDULERS, LCMScheduler, canonical_name, make_scheduler
+from tinysd.taesd import load_taesd
 from tinysd.text_encoder import CLIPTextModel
 from tinysd.tokenizer import CLIPTokenizer
-from tinysd.unet import UNet2DConditionModel
+from tinysd.unet import UNet2DConditionModel, guidance_scale_embedding
 from tinysd.vae import AutoencoderKL
 from tinysd.weights import load_checkpoint
 
@@ -37,16 +39,19 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 VAE_SCALE = 8   # the VAE shrinks H and W by 8
 
 
-def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None):
+def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, taesd=None):
     """A ready pipeline from a model id, a diffusers folder or a single .safetensors/.ckpt file.
 
     backend: 'numpy' (reference), 'cpu' (Numba kernels) or 'cuda'; None picks 'cpu' if it runs.
     variant: 'fp16' reads a diffusers folder's `*.fp16.safetensors` (computed in float32).
     config: for a single file whose model is not SD v1.5-shaped, a diffusers folder (or
     {part: config dict}) giving the configs, as diffusers' `from_single_file(config=...)`.
+    taesd: the tiny autoencoder (`tinysd.taesd.load_taesd`: a folder, hub id, taesd_decoder
+    file or (encoder, decoder) pair) for `vae_decoder="taesd"` and previews; loaded first.
     """
-    ckpt = load_checkpoint(source, variant=variant, config=config)
     backend = get_backend(backend)
+    tiny = load_taesd(taesd, backend) if taesd is not None else None
+    ckpt = load_checkpoint(source, variant=variant, config=config)
     where = str(ckpt.source)
 
     def build(cls, part):
@@ -57,6 +62,7 @@ def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None):
     sd = StableDiffusion(tokenizer, build(CLIPTextModel, "text_encoder"), build(UNet2DConditionModel, "unet"),
                          build(AutoencoderKL, "vae"), ckpt.configs["scheduler"], backend)
     sd.model_name = model_name(source)
+    sd.taesd = tiny
     return sd
 
 
@@ -78,6 +84,7 @@ class PipelineOutput:
 
 class StableDiffusion:
     model_name = None        # "Model" in the PNG parameters; set by `load`
+    taesd = None             # tinysd.taesd.AutoencoderTiny for vae_decoder="taesd" and previews
     num_timesteps = 0        # U-Net steps of the generation running (or last run), for progress bars
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config, backend):
@@ -90,8 +97,15 @@ class StableDiffusion:
     def default_sampler(self):
         """The sampler name of the model's own scheduler (scheduler/scheduler_config.json)."""
         name = canonical_name(self.scheduler_config.get("_class_name", "PNDMScheduler"))
+        if self.is_lcm_model and name not in ("lcm", "tcd"):
+            return "lcm"     # a single file carries SD v1.5's PNDM config; this U-Net needs LCM's steps
         karras = f"{name}_karras"
         return karras if self.scheduler_config.get("use_karras_sigmas") and karras in SCHEDULERS else name
+
+    @property
+    def is_lcm_model(self):
+        """An LCM-distilled U-Net (`time_cond_proj_dim`): guidance enters as an embedding, no CFG batch."""
+        return self.unet.config.get("time_cond_proj_dim") is not None
 
     # -- the parts of one generation --------------------------------------------------------------
     def encode_prompt(self, prompt, negative_prompt=None, num_images_per_prompt=1, guidance=True):
@@ -112,20 +126,33 @@ class StableDiffusion:
         ids = self.tokenizer(prompts)                         # (B, 77)
         return self.text_encoder(np.repeat(ids, n, axis=0))   # each prompt's n images side by side
 
-    def predict_noise(self, latents, t, context, guidance_scale):
-        """ε for `latents` at t; with guidance, ε_uncond + s·(ε_cond − ε_uncond) from one batch."""
-        guidance = guidance_scale > 1.0
+    def predict_noise(self, latents, t, context, guidance_scale, timestep_cond=None):
+        """ε for `latents` at t; with guidance, ε_uncond + s·(ε_cond − ε_uncond) from one batch.
+
+        timestep_cond: an LCM-distilled U-Net's guidance embedding, which replaces the CFG batch.
+        """
+        guidance = guidance_scale > 1.0 and timestep_cond is None
         x = np.concatenate([latents, latents]) if guidance else latents
-        eps = self.ops.numpy(self.unet(self.ops.asarray(x), t, context))
+        eps = self.ops.numpy(self.unet(self.ops.asarray(x), t, context, timestep_cond=timestep_cond))
         if not guidance:
             return eps
         eps_uncond, eps_cond = np.split(eps, 2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
-    def decode(self, latents):
-        """Latents -> images (B, H, W, 3) in [0, 1]; undoes the 0.18215 scaling first."""
-        x = self.ops.numpy(self.vae.decode(latents / self.vae.scaling_factor))
+    def decode(self, latents, decoder="vae"):
+        """Latents -> images (B, H, W, 3) in [0, 1]: by the VAE (undoing the 0.18215 scaling
+        first), or with decoder="taesd" by the tiny autoencoder (whose scaling factor is 1)."""
+        model = self._decoder(decoder)
+        x = self.ops.numpy(model.decode(np.asarray(latents, np.float32) / np.float32(model.scaling_factor)))
         return np.clip(x / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+    def _decoder(self, decoder):
+        if decoder not in ("vae", "taesd"):
+            raise ValueError(f"vae_decoder {decoder!r}: choose 'vae' or 'taesd'")
+        if decoder == "taesd" and (self.taesd is None or "decoder" not in self.taesd.parts):
+            raise ValueError("vae_decoder='taesd' needs a TAESD decoder: tinysd.load(model, taesd=PATH) "
+                             "(CLI --taesd PATH), or sd.taesd = tinysd.taesd.load_taesd(PATH)")
+        return self.vae if decoder == "vae" else self.taesd
 
     def encode(self, images, generator):
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents z = 0.18215·(μ + σ·noise)."""
@@ -136,7 +163,7 @@ class StableDiffusion:
     def __call__(self, prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5,
                  height=None, width=None, seed=None, generator=None, latents=None, scheduler=None, eta=0.0,
                  output_type="pil", callback=None, image=None, strength=None, mask_image=None,
-                 num_images_per_prompt=1):
+                 num_images_per_prompt=1, vae_decoder="vae"):
         """Generate images; the arguments are diffusers' `StableDiffusionPipeline` ones.
 
         txt2img by default; img2img with `image=` (and `strength`, default 0.8); inpainting with
@@ -145,9 +172,17 @@ class StableDiffusion:
         `callback(step, timestep, latents)` runs after every step; if it takes a
         `pred_original_sample` argument it also gets the sampler's x̂₀.
         Returns PipelineOutput with `.images` per `output_type`: "pil", "np" or "latent".
+        `vae_decoder="taesd"` decodes with the tiny autoencoder (`load(..., taesd=PATH)`).
+
+        LCM: `scheduler="lcm", num_inference_steps=4, guidance_scale=1` with the LCM-LoRA on any
+        SD v1.5 model; an LCM-distilled U-Net (`time_cond_proj_dim`) runs as diffusers'
+        `LatentConsistencyModelPipeline`: guidance_scale enters as the embedding of w = s − 1,
+        one U-Net pass per step, no negative prompt; its img2img takes strength·50 of LCM's grid.
         """
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type {output_type!r}: choose 'pil', 'np' or 'latent'")
+        if output_type != "latent":
+            self._decoder(vae_decoder)
         if mask_image is not None and image is None:
             raise ValueError("inpainting needs `image=` as well as `mask_image=`")
         if generator is None:
@@ -164,8 +199,15 @@ class StableDiffusion:
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts) * num_images_per_prompt
-        guidance = guidance_scale > 1.0
+        guidance = guidance_scale > 1.0 and not self.is_lcm_model
         context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guidance)
+        timestep_cond = None
+        if self.is_lcm_model:             # as LatentConsistencyModelPipeline: w = s − 1, no CFG batch
+            if negative_prompt is not None:
+                warnings.warn("an LCM-distilled U-Net runs without classifier-free guidance: negative_prompt "
+                              "has no effect", stacklevel=2)
+            w = np.full(batch, guidance_scale - 1, dtype=np.float32)
+            timestep_cond = guidance_scale_embedding(w, self.unet.config["time_cond_proj_dim"])
 
         sched, sched_name = self._scheduler(scheduler)
         sched.set_timesteps(num_inference_steps)
@@ -185,7 +227,7 @@ class StableDiffusion:
             latents = np.asarray(latents, dtype=np.float32) * np.float32(sched.init_noise_sigma)
             noise = None
         else:
-            timesteps = strength_timesteps(sched, num_inference_steps, strength)
+            timesteps = strength_timesteps(sched, num_inference_steps, strength, within_grid=self.is_lcm_model)
             pure_noise = mask is not None and strength >= 1.0      # inpainting from scratch
             nine_channel = self.unet.in_channels == 9
             if not (pure_noise and nine_channel):                   # the 9-channel U-Net sees the image
@@ -205,19 +247,20 @@ class StableDiffusion:
                     generator.randn((masked_image.shape[0], 4) + shape[2:])
 
         latents = self._denoise(latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
-                                mask=mask, masked_latents=masked_latents, image_latents=image_latents, noise=noise)
+                                mask=mask, masked_latents=masked_latents, image_latents=image_latents, noise=noise,
+                                timestep_cond=timestep_cond)
         parameters = {"Steps": num_inference_steps, **sampler_fields(sched_name), "CFG scale": float(guidance_scale),
                       "Seed": seed, "Size": f"{width}x{height}", "Model": self.model_name,
                       "Denoising strength": float(strength) if image is not None else None}
         if output_type == "latent":
             return PipelineOutput(latents, seed, parameters=parameters)
-        images = self.decode(latents)
+        images = self.decode(latents, decoder=vae_decoder)
         if output_type == "pil":
             images = to_pil(images)
         return PipelineOutput(images, seed, parameters=parameters)
 
     def _denoise(self, latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
-                 mask=None, masked_latents=None, image_latents=None, noise=None):
+                 mask=None, masked_latents=None, image_latents=None, noise=None, timestep_cond=None):
         """The reverse-diffusion loop: z_T -> z_0, one sampler step per timestep."""
         wants_x0 = callback is not None and "pred_original_sample" in inspect.signature(callback).parameters
         nine_channel = self.unet.in_channels == 9
@@ -226,7 +269,7 @@ class StableDiffusion:
             x = sched.scale_model_input(latents, t)
             if nine_channel:
                 x = np.concatenate([x, mask, masked_latents], axis=1)
-            eps = self.predict_noise(x, t, context, guidance_scale)
+            eps = self.predict_noise(x, t, context, guidance_scale, timestep_cond)
             out = sched.step(eps, t, latents, generator=generator, eta=eta)
             latents = out.prev_sample
             if mask is not None and not nine_channel:
@@ -249,10 +292,17 @@ class StableDiffusion:
         return scheduler, type(scheduler).__name__
 
 
-def strength_timesteps(sched, num_inference_steps, strength):
-    """img2img skips the first (1 − strength) of the schedule: start from the image noised to t_start."""
+def strength_timesteps(sched, num_inference_steps, strength, within_grid=False):
+    """img2img skips the first (1 − strength) of the schedule: start from the image noised to t_start.
+
+    within_grid: an LCM-distilled model with a consistency sampler takes all n steps from the lowest
+    strength·50 points of LCM's grid instead (diffusers' LatentConsistencyModelImg2ImgPipeline).
+    """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if within_grid and isinstance(sched, LCMScheduler):
+        sched.set_timesteps(num_inference_steps, strength=strength)
+        return sched.timesteps
     init = min(int(num_inference_steps * strength), num_inference_steps)
     t_start = max(num_inference_steps - init, 0) * sched.order
     if hasattr(sched, "set_begin_index"):
