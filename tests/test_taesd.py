@@ -183,3 +183,48 @@ def test_module_tree_is_named_after_the_keys():
     ours = dict(AutoencoderTiny().named_parameters())
     ref = state_dict_numpy(diffusers.AutoencoderTiny())
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
+
+
+# The command line
+
+
+def test_cli_taesd_decodes_and_preview_leaves_the_vae_the_final_image(tiny_sd, taesd, sd, tmp_path, capsys):
+    from PIL import Image
+    from tinysd.cli import main
+
+    def pixels(path):
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+
+    base = ["a cat", "--seed", "5", "--steps", "3", "-W", "32", "-H", "32", "--sampler", "euler", "--backend", "numpy",
+            "--model", str(tiny_sd.folder), "--taesd", str(taesd[1] / "diffusers")]
+    kw = dict(num_inference_steps=3, seed=5, height=32, width=32, scheduler="euler")
+    assert main(base + ["-o", str(tmp_path / "fast.png")]) == 0
+    np.testing.assert_array_equal(pixels(tmp_path / "fast.png"), np.asarray(sd("a cat", vae_decoder="taesd", **kw).images[0]))
+    assert main(base + ["-o", str(tmp_path / "full.png"), "--preview", str(tmp_path / "live.png"), "--preview-every", "2"]) == 0
+    np.testing.assert_array_equal(pixels(tmp_path / "full.png"), np.asarray(sd("a cat", **kw).images[0]))
+    preview = preview_callback(sd, every=2)
+    sd("a cat", callback=preview, **kw)
+    assert [step for step, _ in preview.images] == [0, 2]
+    np.testing.assert_array_equal(pixels(tmp_path / "live.png"), np.asarray(preview.images[-1][1]))   # the last one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fast.png", "full.png", "live.png"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--preview", "{tmp}/p.png"], "--preview needs --taesd"),
+    (["--taesd", "{taesd}", "--preview", "{tmp}/p.jpg"], "must end in .png"),
+    (["--taesd", "{taesd}", "--preview", "{tmp}/no/p.png"], "does not exist"),
+    (["--taesd", "{tmp}/absent"], "no such file or folder"),
+    (["--taesd", "{single}"], "not a TAESD file"),
+    (["--taesd", "{taesd}", "--preview-every", "0"], "must be at least 1"),
+])
+def test_cli_taesd_errors(tiny_sd, taesd, tmp_path, capsys, monkeypatch, extra, message):
+    from tinysd.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    extra = [a.format(tmp=tmp_path, taesd=taesd[1] / "diffusers", single=tiny_sd.single_safetensors) for a in extra]
+    assert main(["a cat", "--steps", "1", "--backend", "numpy", "--model", str(tiny_sd.folder),
+                 "-o", str(tmp_path / "x.png")] + extra) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@
     python -m tinysd "a cat in space" --seed 42 --sampler euler_a -o cat.png
     python -m tinysd "a watercolour cat" --init-image cat.png --strength 0.6
     python -m tinysd "a dog" --init-image cat.png --mask cat-mask.png
+    python -m tinysd "a cat" --lora lcm-lora-sdv1-5.safetensors --sampler lcm --steps 4 --cfg-scale 1 --taesd madebyollin/taesd
 
 Writes PNGs carrying their generation parameters in AUTOMATIC1111's format (`tinysd.pngmeta`).
 A mistake (a bad option, an unreadable image, an unwritable path, a missing model or GPU) is
@@ -118,6 +119,16 @@ def build_parser():
                    help="inpaint --init-image: white pixels are repainted, black ones kept")
     p.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
                    help="images of the prompt, denoised in one batch (default: %(default)s)")
+    p.add_argument("--taesd", default=None, metavar="PATH|ID",
+                   help="the tiny autoencoder TAESD (a diffusers folder or hub id such as madebyollin/taesd, "
+                        "or taesd_decoder.safetensors/.pth): decodes the final image in a fraction of the VAE's "
+                        "time; with --preview it only makes the previews and the VAE the final image")
+    p.add_argument("--preview", default=None, metavar="FILE.png",
+                   help="write a TAESD picture of the sampler's current estimate of the final image (x0) here "
+                        "while denoising, replaced every --preview-every steps ({step} in the name numbers them); "
+                        "needs --taesd")
+    p.add_argument("--preview-every", type=positive_int, default=1, metavar="K",
+                   help="preview every K steps, and at the last (default: %(default)s)")
     return p
 
 
@@ -129,6 +140,10 @@ def parse_args(argv=None):
         raise UsageError("--strength needs --init-image")
     if args.init_image is not None and args.strength is None:
         args.strength = DEFAULT_STRENGTH["inpaint" if args.mask else "img2img"]
+    if args.preview is not None and args.taesd is None:
+        raise UsageError("--preview needs --taesd PATH (the tiny autoencoder that draws the previews)")
+    if args.preview is not None and not args.preview.lower().endswith(".png"):
+        raise UsageError(f"--preview {args.preview}: the file name must end in .png")
     return args
 
 
@@ -229,18 +244,22 @@ def generate(args):
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 32)
     paths = output_paths(args.output, seed, args.batch_size)
-    check_writable(paths)
+    check_writable(paths + ([Path(args.preview)] if args.preview else []))
     init = read_image(args.init_image, "--init-image", "RGB") if args.init_image else None
     mask = read_image(args.mask, "--mask", "L") if args.mask else None
 
     backend = get_backend(args.backend)                 # --backend cuda without a GPU fails here
-    sd = tinysd.load(args.model, backend=backend)
-    progress = Progress(sd)
+    sd = tinysd.load(args.model, backend=backend, taesd=args.taesd)
+    progress = callback = Progress(sd)
+    if args.preview:            # TAESD draws the previews, the VAE the final image
+        from tinysd.taesd import preview_callback
+        callback = preview_callback(sd, args.preview, every=args.preview_every, callback=progress)
     try:
         out = sd(args.prompt, negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps,
                  guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=seed,
                  scheduler=args.sampler, image=init, strength=args.strength, mask_image=mask,
-                 num_images_per_prompt=args.batch_size, output_type="pil", callback=progress)
+                 num_images_per_prompt=args.batch_size, output_type="pil", callback=callback,
+                 vae_decoder="taesd" if args.taesd and not args.preview else "vae")
     finally:
         progress.close()
 
