@@ -109,6 +109,9 @@ def build_parser():
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="ID|PATH",
                    help="Hugging Face model id, diffusers folder, or single .safetensors/.ckpt file "
                         "(default: %(default)s)")
+    p.add_argument("--vae", default=None, metavar="PATH",
+                   help="a standalone VAE to decode (and encode) with instead of the model's own, e.g. "
+                        "vae-ft-mse-840000-ema-pruned.safetensors (.safetensors/.ckpt, or a diffusers vae/ folder)")
     p.add_argument("--backend", choices=("numpy", "cpu", "cuda"), default=None,
                    help="numpy (reference), cpu (Numba kernels) or cuda (default: cpu where Numba runs, else numpy)")
     p.add_argument("--init-image", default=None, metavar="PATH", help="start from this image (img2img)")
@@ -249,7 +252,7 @@ def generate(args):
     mask = read_image(args.mask, "--mask", "L") if args.mask else None
 
     backend = get_backend(args.backend)                 # --backend cuda without a GPU fails here
-    sd = tinysd.load(args.model, backend=backend, taesd=args.taesd)
+    sd = tinysd.load(args.model, backend=backend, vae=args.vae, taesd=args.taesd)
     progress = callback = Progress(sd)
     if args.preview:            # TAESD draws the previews, the VAE the final image
         from tinysd.taesd import preview_callback

@@ -33,25 +33,33 @@ from tinysd.text_encoder import CLIPTextModel
 from tinysd.tokenizer import CLIPTokenizer
 from tinysd.unet import UNet2DConditionModel, guidance_scale_embedding
 from tinysd.vae import AutoencoderKL
-from tinysd.weights import load_checkpoint
+from tinysd.weights import load_checkpoint, load_vae
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 VAE_SCALE = 8   # the VAE shrinks H and W by 8
 
 
-def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, taesd=None):
+def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=None, taesd=None):
     """A ready pipeline from a model id, a diffusers folder or a single .safetensors/.ckpt file.
 
     backend: 'numpy' (reference), 'cpu' (Numba kernels) or 'cuda'; None picks 'cpu' if it runs.
     variant: 'fp16' reads a diffusers folder's `*.fp16.safetensors` (computed in float32).
     config: for a single file whose model is not SD v1.5-shaped, a diffusers folder (or
     {part: config dict}) giving the configs, as diffusers' `from_single_file(config=...)`.
+    vae: a standalone VAE to use instead of the model's own (e.g. vae-ft-mse-840000-ema-pruned):
+    a file in the original or diffusers layout, or a diffusers `vae/` folder (weights.load_vae).
     taesd: the tiny autoencoder (`tinysd.taesd.load_taesd`: a folder, hub id, taesd_decoder
     file or (encoder, decoder) pair) for `vae_decoder="taesd"` and previews; loaded first.
     """
     backend = get_backend(backend)
     tiny = load_taesd(taesd, backend) if taesd is not None else None
     ckpt = load_checkpoint(source, variant=variant, config=config)
+    vae_fields = {}
+    if vae is not None:
+        ckpt.configs["vae"], ckpt.state_dicts["vae"], vae_file = load_vae(vae, ckpt.configs["vae"])
+        check_vae_fits(ckpt.configs, vae)
+        vae_fields = {"VAE hash": file_sha256(vae_file)[:10], "VAE": Path(vae_file).name if Path(vae).is_file()
+                      else Path(vae).name}                    # as A1111 writes a VAE file's name and hash
     where = str(ckpt.source)
 
     def build(cls, part):
@@ -62,8 +70,26 @@ def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, taesd
     sd = StableDiffusion(tokenizer, build(CLIPTextModel, "text_encoder"), build(UNet2DConditionModel, "unet"),
                          build(AutoencoderKL, "vae"), ckpt.configs["scheduler"], backend)
     sd.model_name = model_name(source)
+    sd.vae_fields = vae_fields
     sd.taesd = tiny
     return sd
+
+
+def check_vae_fits(configs, vae):
+    """A swapped-in VAE must make the latents the U-Net works on."""
+    latent, unet_out = configs["vae"].get("latent_channels", 4), configs["unet"].get("out_channels", 4)
+    if latent != unet_out:
+        raise ValueError(f"vae {vae}: its latents have {latent} channels, the model's U-Net works on {unet_out}")
+
+
+def file_sha256(path, chunk=1 << 24):
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def model_name(source):
@@ -85,6 +111,7 @@ class PipelineOutput:
 class StableDiffusion:
     model_name = None        # "Model" in the PNG parameters; set by `load`
     taesd = None             # tinysd.taesd.AutoencoderTiny for vae_decoder="taesd" and previews
+    vae_fields = {}          # "VAE", "VAE hash" in the PNG parameters for a swapped-in VAE; set by `load`
     num_timesteps = 0        # U-Net steps of the generation running (or last run), for progress bars
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config, backend):
@@ -196,6 +223,11 @@ class StableDiffusion:
         default_size = self.unet.config.get("sample_size", 64) * VAE_SCALE
         height, width = height or default_size, width or default_size
         check_size(height, width)
+        txt2img = image is None
+        if txt2img and self.unet.in_channels == 9:
+            # txt2img on an inpainting model, as A1111 runs it: the whole picture is repainted and
+            # the masked image the U-Net sees is mid-grey (0 in [-1, 1])
+            image, mask_image = np.zeros((1, 3, height, width), np.float32), np.ones((height, width), np.float32)
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts) * num_images_per_prompt
@@ -251,7 +283,7 @@ class StableDiffusion:
                                 timestep_cond=timestep_cond)
         parameters = {"Steps": num_inference_steps, **sampler_fields(sched_name), "CFG scale": float(guidance_scale),
                       "Seed": seed, "Size": f"{width}x{height}", "Model": self.model_name,
-                      "Denoising strength": float(strength) if image is not None else None}
+                      "Denoising strength": None if txt2img else float(strength), **self.vae_fields}
         if output_type == "latent":
             return PipelineOutput(latents, seed, parameters=parameters)
         images = self.decode(latents, decoder=vae_decoder)

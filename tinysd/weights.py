@@ -437,8 +437,55 @@ def load_single_file(path, config=None):
         base = read_configs(SD15_CONFIGS)
     else:
         base = config if isinstance(config, dict) else read_configs(config)
-    configs, state_dicts = single_file.convert(read_weights(path), base, source=str(path), derive_sizes=config is None)
+    state = read_weights(path)
+    try:
+        configs, state_dicts = single_file.convert(state, base, source=str(path), derive_sizes=config is None)
+    except single_file.SingleFileError:
+        kind = single_file.file_kind(read_raw(path))
+        if kind is None:
+            raise
+        raise single_file.SingleFileError(f"{path} is {kind[0]}, not a Stable Diffusion model: {kind[1]}") from None
     return Checkpoint(configs, state_dicts, None, str(path))
+
+
+def read_raw(path):
+    """The file's top-level object as stored: a .safetensors file's tensors, or a pickle's dict
+    with every entry (read_weights keeps only the tensors)."""
+    path = Path(path)
+    return read_safetensors(path) if path.suffix == ".safetensors" else read_ckpt(path)
+
+
+def load_vae(source, base_config):
+    """(config, state dict, weights file) of a standalone VAE, to use instead of a model's own.
+
+    `source` is a diffusers `vae/` folder (config.json + diffusion_pytorch_model[.fp16].safetensors)
+    or one file (.safetensors, .ckpt, .pt, .bin; a Lightning `state_dict` is unwrapped) with the
+    original names (`encoder.down.0...`, `quant_conv`, as vae-ft-mse-840000-ema-pruned) or
+    diffusers' names (`encoder.down_blocks.0...`). The training leftovers `loss.*` and
+    `model_ema.*` are ignored, as A1111 does. Sizes come from the folder's config, else from the
+    weights; the rest of the config from `base_config` (the model's own VAE).
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        file = next((path / f"diffusion_pytorch_model{ext}" for ext in (".safetensors", ".fp16.safetensors", ".bin")
+                     if (path / f"diffusion_pytorch_model{ext}").exists()), None)
+        if not (path / "config.json").exists() or file is None:
+            raise CheckpointError(f"--vae {path}: a VAE folder needs config.json and diffusion_pytorch_model.safetensors")
+        return dict(base_config, **json.loads((path / "config.json").read_text())), read_weights(file), file
+    if not path.is_file():
+        raise ModelNotFoundError(f"--vae {source}: no such file or folder")
+    state = {k: v for k, v in read_weights(path).items() if not k.startswith(("loss.", "model_ema."))}
+    prefix = single_file.PREFIXES["vae"]
+    if any(k.startswith(prefix) for k in state):            # a VAE cut out of a whole checkpoint
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if any(k.startswith(("encoder.down.", "decoder.up.")) for k in state):
+        config = dict(base_config, **single_file.vae_sizes(state, str(path)))
+        return config, single_file.convert_vae(state, config, str(path)), path
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state):
+        return dict(base_config), state, path
+    kind = single_file.file_kind(read_raw(path))
+    what = f"it is {kind[0]} ({kind[1]})" if kind else "no encoder.*/decoder.* keys"
+    raise CheckpointError(f"--vae {path}: not a VAE: {what}")
 
 
 def load_checkpoint(source=DEFAULT_MODEL, *, variant=None, config=None, cache_dir=None, local_files_only=False):
