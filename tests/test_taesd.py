@@ -228,3 +228,12 @@ def test_cli_taesd_errors(tiny_sd, taesd, tmp_path, capsys, monkeypatch, extra, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_lora_given_as_taesd_says_what_it_is(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": np.zeros((4, 32), np.float32)},
+              str(tmp_path / "lora.safetensors"))
+    with pytest.raises(ValueError, match="not a TAESD file: it is a LoRA"):
+        load_taesd(tmp_path / "lora.safetensors")

@@ -181,9 +181,12 @@ def _original_part(state, source):
     """'encoder' or 'decoder' for the state of an original file, told apart by their keys: the
     encoder starts with a conv at index 0, the decoder with the Clamp (its first conv is 1)."""
     if not state or not all(re.match(r"\d+\.", k) for k in state):
-        raise ValueError(f"{source} is not a TAESD file: expected the keys of taesd_encoder/taesd_decoder "
-                         f"(0.weight, 1.conv.0.weight, ...) or of a diffusers AutoencoderTiny "
-                         f"(encoder.layers.*, decoder.layers.*); found {sorted(state)[:3]}")
+        from tinysd.single_file import file_kind
+
+        kind = file_kind(state)
+        what = f"it is {kind[0]} ({kind[1]})" if kind else f"its keys begin {', '.join(sorted(state)[:3])}"
+        raise ValueError(f"{source} is not a TAESD file: {what}; TAESD's are those of taesd_encoder/taesd_decoder "
+                         f"(0.weight, 1.conv.0.weight, ...) or of a diffusers AutoencoderTiny (encoder.layers.*, ...)")
     return "encoder" if "0.weight" in state else "decoder"
 
 
