@@ -106,6 +106,18 @@ def test_cpu_backend_matches(taesd):
     assert_close(load_taesd(root / "diffusers", backend="cpu").decode(z), expected, rtol=1e-4)
 
 
+def test_cpu_relu_kernel_matches_its_numpy_twin():
+    from tinysd.backend import get_backend
+    from tinysd.kernels import elementwise
+
+    cpu, ref = get_backend("cpu"), get_backend("numpy")
+    x = rand(2, 5, 7, 9, seed=5)
+    x[0, 0, 0, :4] = [0.0, -0.0, 1e-30, -1e-30]
+    for inp in (x, x[:, :, ::2], x.astype(np.float64)):
+        np.testing.assert_array_equal(cpu.relu(inp), ref.relu(inp))
+    assert len(elementwise.relu_kernel.signatures) == 1
+
+
 def test_bad_files(taesd, tiny_sd, tmp_path):
     _, root, files = taesd
     with pytest.raises(ValueError, match="not a TAESD file"):
@@ -164,12 +176,23 @@ def test_preview_writes_taesd_pictures_of_x0(sd, tmp_path):
     np.testing.assert_array_equal(out.images, reference)     # previews change nothing
 
 
+def test_preview_with_the_models_own_vae(sd):
+    preview = preview_callback(sd, every=3, decoder="vae")
+    latents = sd(PROMPT, num_inference_steps=3, height=SIZE, width=SIZE, seed=SEED, scheduler="lcm",
+                 guidance_scale=1.0, output_type="latent", callback=preview).images
+    assert [step for step, _ in preview.images] == [0, 2]
+    expected = (sd.decode(latents)[0] * 255).round().astype(np.uint8)   # LCM's last x̂₀ is its result
+    np.testing.assert_array_equal(np.asarray(preview.images[-1][1]), expected)
+
+
 def test_taesd_errors(tiny_sd, taesd):
     plain = tinysd.load(tiny_sd.folder, backend="numpy")
     with pytest.raises(ValueError, match="needs a TAESD"):
         plain(PROMPT, num_inference_steps=1, seed=0, vae_decoder="taesd")
     with pytest.raises(ValueError, match="needs a TAESD decoder"):
         preview_callback(plain)
+    with pytest.raises(ValueError, match="choose 'taesd' or 'vae'"):
+        preview_callback(plain, decoder="full")
     with pytest.raises(ValueError, match="vae_decoder"):
         plain(PROMPT, num_inference_steps=1, seed=0, vae_decoder="tiny")
     encoder_only = tinysd.load(tiny_sd.folder, backend="numpy", taesd=taesd[2]["encoder", "pth"])

@@ -84,7 +84,7 @@ class NumpyBackend:
 
     def relu(self, x):
         """ReLU: max(x, 0)."""
-        return np.maximum(x, np.float32(0))
+        return np.maximum(x, np.float32(0)).astype(np.float32, copy=False)
 
     def tanh(self, x):
         return np.tanh(x).astype(np.float32, copy=False)

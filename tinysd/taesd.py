@@ -284,15 +284,19 @@ class Preview:
     file); "{step}" in it numbers the files instead. None keeps them in memory only. Either way
     `images` collects (step, PIL image); a batch is laid out side by side.
     callback: another `callback(step, timestep, latents)` to run every step (a progress bar).
+    decoder: "vae" previews with the model's own VAE instead, for models whose latent space has
+    no TAESD (TAESD is trained on SD's; a small model's own VAE may be cheap enough).
     """
 
-    def __init__(self, sd, path=None, every=1, callback=None):
-        if getattr(sd, "taesd", None) is None or "decoder" not in sd.taesd.parts:
+    def __init__(self, sd, path=None, every=1, callback=None, decoder="taesd"):
+        if decoder == "taesd" and (getattr(sd, "taesd", None) is None or "decoder" not in sd.taesd.parts):
             raise ValueError("a TAESD preview needs a TAESD decoder: tinysd.load(model, taesd=PATH), "
                              "or sd.taesd = tinysd.taesd.load_taesd(PATH)")
+        if decoder not in ("taesd", "vae"):
+            raise ValueError(f"decoder {decoder!r}: choose 'taesd' or 'vae'")
         if not isinstance(every, (int, np.integer)) or every < 1:
             raise ValueError(f"every must be an integer ≥ 1, got {every!r}")
-        self.sd, self.path, self.every, self.callback = sd, path, int(every), callback
+        self.sd, self.path, self.every, self.callback, self.decoder = sd, path, int(every), callback, decoder
         self.images = []
 
     def __call__(self, step, timestep, latents, pred_original_sample):
@@ -302,16 +306,16 @@ class Preview:
             return
         from tinysd.pipeline import to_pil
 
-        tiles = to_pil(self.sd.decode(pred_original_sample, decoder="taesd"))
+        tiles = to_pil(self.sd.decode(pred_original_sample, decoder=self.decoder))
         picture = tiles[0] if len(tiles) == 1 else side_by_side(tiles)
         self.images.append((step, picture))
         if self.path is not None:
             write_png(picture, Path(str(self.path).format(step=step)))
 
 
-def preview_callback(sd, path=None, every=1, callback=None):
+def preview_callback(sd, path=None, every=1, callback=None, decoder="taesd"):
     """`sd(prompt, callback=preview_callback(sd, "preview.png", every=2))`: see `Preview`."""
-    return Preview(sd, path, every, callback)
+    return Preview(sd, path, every, callback, decoder)
 
 
 def side_by_side(images):
