@@ -35,6 +35,12 @@ def image_and_picture():
     return (image * 255).round().astype(np.uint8)
 
 
+def mask_right_half():
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[:, SIZE // 2:] = 255
+    return mask
+
+
 def decode_reference(pipe, latents):
     with torch.no_grad():
         decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
@@ -50,8 +56,10 @@ def assert_same_picture(ours, reference):
 
 def run_tinysd(sd, kind, sampler, **kw):
     args = dict(num_inference_steps=STEPS, seed=SEED, scheduler=sampler, output_type="latent", **kw)
-    if kind == "img2img":
+    if kind in ("img2img", "inpaint"):
         args["image"] = image_and_picture()
+        if kind == "inpaint":
+            args["mask_image"] = mask_right_half()
     else:
         args.update(height=SIZE, width=SIZE)
     latents = sd(PROMPT, **args).images
@@ -63,8 +71,10 @@ def run_reference(pipe, kind, **kw):
 
     args = dict(prompt=PROMPT, num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(SEED),
                 output_type="latent", **kw)
-    if kind == "img2img":
+    if kind in ("img2img", "inpaint"):
         args["image"] = Image.fromarray(image_and_picture())
+        if kind == "inpaint":
+            args.update(mask_image=Image.fromarray(mask_right_half()), height=SIZE, width=SIZE)
     else:
         args.update(height=SIZE, width=SIZE)
     with torch.no_grad():
@@ -135,7 +145,8 @@ def plain_reference(tiny, kind, scheduler_cls):
     components = dict(tiny.pipe.components)
     saved = diffusers.PNDMScheduler.from_pretrained(tiny.folder, subfolder="scheduler").config
     components["scheduler"] = getattr(diffusers, scheduler_cls).from_config(saved)
-    cls = diffusers.StableDiffusionImg2ImgPipeline if kind == "img2img" else diffusers.StableDiffusionPipeline
+    cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+           "inpaint": diffusers.StableDiffusionInpaintPipeline}[kind]
     pipe = cls(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -149,7 +160,8 @@ def sd(tiny_sd):
 @pytest.mark.parametrize("kind, kw", [("txt2img", dict(guidance_scale=1.0)),
                                       ("txt2img", dict(guidance_scale=1.5, negative_prompt=NEGATIVE)),
                                       ("img2img", dict(guidance_scale=1.0, strength=0.6)),
-                                      ("img2img", dict(guidance_scale=1.0, strength=1.0))])
+                                      ("img2img", dict(guidance_scale=1.0, strength=1.0)),
+                                      ("inpaint", dict(guidance_scale=1.0, strength=0.75))])
 def test_lcm_sampler_matches_diffusers(tiny_sd, sd, kind, kw):
     """`sd(prompt, scheduler="lcm", num_inference_steps=4, guidance_scale=1)`, as diffusers runs
     an LCM-LoRA: its pipeline with LCMScheduler; guidance ≤ 1 is one U-Net pass per step."""
