@@ -357,7 +357,8 @@ def resolve(source=DEFAULT_MODEL, *, variant=None, cache_dir=None, local_files_o
 def _how(source):
     return (f"pass a local diffusers folder or a single .safetensors/.ckpt file instead (e.g. "
             f"`python -m tinysd --model path/to/v1-5-pruned-emaonly.safetensors`), or download {source!r} "
-            f"once while online")
+            f"once while online; the small model of coloured shapes that ships with tinysd works offline: "
+            f"`python -m tinysd \"a red circle\" --model shapes` (tinysd.load(\"shapes\") in Python)")
 
 
 def _hub_file(repo_id, filename, cache_dir, local_files_only):
