@@ -285,3 +285,21 @@ def test_cli_sampler_lcm_writes_a1111s_name(tiny_sd, sd, tmp_path):
                   width=64).images[0]
     with Image.open(out) as im:
         np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(expected))
+
+
+def test_bad_lcm_arguments_fail_before_any_model_work(sd, tiny_lcm, monkeypatch):
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("the text encoder ran before the arguments were checked")
+
+    lcm_model = tinysd.load(tiny_lcm.folder, backend="numpy")
+    for pipe, kw, message in [
+        (sd, dict(scheduler="lcm", num_inference_steps=51), "original_inference_steps 50"),
+        (lcm_model, dict(num_inference_steps=8, image=image_and_picture(), strength=0.1), "strength 0.1 leaves 5"),
+    ]:
+        monkeypatch.setattr(pipe, "text_encoder", no_model_work)
+        with pytest.raises(ValueError, match=message):
+            pipe(PROMPT, seed=0, **kw)
+    # the LCM model's img2img takes its steps from the grid: 4 steps at strength 0.1 (int(4·0.1) = 0) are fine
+    monkeypatch.undo()
+    lcm_model(PROMPT, seed=0, num_inference_steps=4, image=image_and_picture(), strength=0.1, output_type="latent")
+    assert lcm_model.num_timesteps == 4
