@@ -3,6 +3,7 @@
     python -m tinysd "a cat in space" --seed 42 --sampler euler_a -o cat.png
     python -m tinysd "a watercolour cat" --init-image cat.png --strength 0.6
     python -m tinysd "a dog" --init-image cat.png --mask cat-mask.png
+    python -m tinysd "a (red:1.3) car, [blurry]" -n "EasyNegative" --embeddings-dir embeddings --clip-skip 2
     python -m tinysd "a cat" --lora lcm-lora-sdv1-5.safetensors --sampler lcm --steps 4 --cfg-scale 1 --taesd madebyollin/taesd
 
 Writes PNGs carrying their generation parameters in AUTOMATIC1111's format (`tinysd.pngmeta`).
@@ -75,6 +76,13 @@ def guidance(text):
     return number(text, float)
 
 
+def clip_skip(text):
+    value = number(text, int)
+    if not 1 <= value <= 12:
+        raise argparse.ArgumentTypeError(f"must be from 1 (the last layer) to 12, as in A1111, got {value}")
+    return value
+
+
 def sampler(text):
     from tinysd.schedulers import canonical_name
 
@@ -123,6 +131,15 @@ def build_parser():
                    help="inpaint --init-image: white pixels are repainted, black ones kept")
     p.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
                    help="images of the prompt, denoised in one batch (default: %(default)s)")
+    p.add_argument("--embeddings-dir", default=None, metavar="DIR",
+                   help="load every textual-inversion embedding (.pt, .bin, .safetensors) under DIR; a prompt uses "
+                        "one by its file name, as in A1111")
+    p.add_argument("--clip-skip", type=clip_skip, default=1, metavar="N",
+                   help="take the text encoder's N-th layer from the end, as A1111: 1 = the last (default), "
+                        "2 = the penultimate (anime fine-tunes)")
+    p.add_argument("--no-prompt-weighting", dest="prompt_weighting", action="store_false",
+                   help="read the prompt as diffusers does: no (word:1.2) weights or BREAK, cut at 77 tokens "
+                        "(default: A1111's prompt syntax, any length)")
     p.add_argument("--taesd", default=None, metavar="PATH|ID",
                    help="the tiny autoencoder TAESD (a diffusers folder or hub id such as madebyollin/taesd, "
                         "or taesd_decoder.safetensors/.pth): decodes the final image in a fraction of the VAE's "
@@ -252,6 +269,7 @@ class Progress:
 # -- the run -----------------------------------------------------------------------------------------
 def generate(args):
     import tinysd
+    from tinysd import embeddings
     from tinysd.backend import get_backend
     from tinysd.pngmeta import batch_fields, infotext
 
@@ -262,9 +280,13 @@ def generate(args):
     mask = read_image(args.mask, "--mask", "L") if args.mask else None
     if init is not None:
         check_init_size(init, args.init_image, args)
+    if args.embeddings_dir is not None and not Path(args.embeddings_dir).is_dir():
+        raise UsageError(f"--embeddings-dir {args.embeddings_dir}: no such folder")
 
     backend = get_backend(args.backend)                 # --backend cuda without a GPU fails here
     sd = tinysd.load(args.model, backend=backend, vae=args.vae, taesd=args.taesd)
+    if args.embeddings_dir is not None:
+        embeddings.load_dir(sd, args.embeddings_dir)    # each under its file name; bad files skipped, with a warning
     progress = callback = Progress(sd)
     if args.preview:            # TAESD draws the previews, the VAE the final image
         from tinysd.taesd import preview_callback
@@ -274,6 +296,7 @@ def generate(args):
                  guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=seed,
                  scheduler=args.sampler, image=init, strength=args.strength, mask_image=mask,
                  num_images_per_prompt=args.batch_size, output_type="pil", callback=callback,
+                 prompt_weighting=args.prompt_weighting, clip_skip=args.clip_skip - 1,   # A1111's 1 = diffusers' 0
                  vae_decoder="taesd" if args.taesd and not args.preview else "vae")
     finally:
         progress.close()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinysd import embeddings, prompt as a1111_prompt
 from tinysd.backend import get_backend
 from tinysd.rng import Generator
 from tinysd.pngmeta import sampler_fields
@@ -123,6 +124,7 @@ class StableDiffusion:
         self.scheduler_config = dict(scheduler_config)
         self.scheduler = make_scheduler(self.default_sampler, self.scheduler_config)
         self.ops = backend
+        self.textual_inversions = {}      # token -> tinysd.embeddings.TextualInversion, once loaded
 
     @property
     def default_sampler(self):
@@ -139,23 +141,94 @@ class StableDiffusion:
         return self.unet.config.get("time_cond_proj_dim") is not None
 
     # -- the parts of one generation --------------------------------------------------------------
-    def encode_prompt(self, prompt, negative_prompt=None, num_images_per_prompt=1, guidance=True):
-        """Text -> context (B·n, 77, D); with guidance, [uncond; cond] stacked in one batch."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        cond = self._embed(prompts, num_images_per_prompt)
-        if not guidance:
-            return cond
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
-        else:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
-        return self.ops.concat([self._embed(negatives, num_images_per_prompt), cond], axis=0)
+    def load_textual_inversion(self, pretrained_model_name_or_path, token=None):
+        """Add a textual-inversion embedding (A1111 .pt, .safetensors, diffusers learned_embeds.bin
+        or its folder) as new tokens, as diffusers' `load_textual_inversion` (tinysd.embeddings)."""
+        return embeddings.load_textual_inversion(self, pretrained_model_name_or_path, token)
 
-    def _embed(self, prompts, n):
+    def encode_prompt(self, prompt, negative_prompt=None, num_images_per_prompt=1, guidance=True, *,
+                      prompt_embeds=None, negative_prompt_embeds=None, prompt_weighting=False, clip_skip=None):
+        """Text -> context (B·n, L, D); with guidance, [uncond; cond] stacked in one batch.
+
+        Diffusers' plain prompts: L = 77, longer prompts cut (with a warning), `clip_skip` on the
+        prompt only (as diffusers). prompt_weighting=True: A1111's rules (tinysd.prompt) with
+        `clip_skip` on both; L = 77·k for k chunks, the shorter side padded with the empty
+        prompt's chunks. prompt_embeds / negative_prompt_embeds (B, L, D) are used as given.
+        """
+        return self._encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance, prompt_embeds,
+                                   negative_prompt_embeds, prompt_weighting, clip_skip)[0]
+
+    def _encode_prompt(self, prompt, negative_prompt, n, guidance, prompt_embeds, negative_prompt_embeds,
+                       prompt_weighting, clip_skip):
+        """(context, {A1111 field: value}): "Clip skip", "TI hashes", "Pad conds" where they apply."""
+        prompts, negatives = self._prompt_lists(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        negatives = negatives if guidance else None
+        clip_skip = clip_skip or None
+        fields = {"Clip skip": clip_skip + 1 if clip_skip and prompts else None}
+        if prompt_weighting:
+            texts = (prompts or []) + (negatives or [])
+            encoded, used, k = self._embed_weighted(texts, clip_skip) if texts else (None, [], [])
+            cond = encoded[:len(prompts)] if prompts is not None else None
+            uncond = encoded[len(prompts or []):] if negatives is not None else None
+            # A1111 pads the shorter of prompt and negative prompt (and says so) with its "Pad conds" option
+            fields["Pad conds"] = prompts is not None and negatives is not None and \
+                max(k[:len(prompts)]) != max(k[len(prompts):])
+        else:
+            used = []
+            cond = self._embed(prompts, clip_skip, used) if prompts is not None else None
+            uncond = self._embed(negatives, None, used) if negatives is not None else None   # as diffusers
+        cond = self._embeds(prompt_embeds, "prompt_embeds") if cond is None else cond
+        if guidance and uncond is None:
+            uncond = self._embeds(negative_prompt_embeds, "negative_prompt_embeds")
+        if guidance and uncond.shape != cond.shape:
+            raise ValueError(f"the prompt's context has shape {cond.shape} and the negative prompt's {uncond.shape}: "
+                             f"pass prompt_embeds and negative_prompt_embeds of one shape")
+        fields["TI hashes"] = embeddings.hashes_field(dict.fromkeys(used))
+        context = np.concatenate([uncond, cond]) if guidance else cond
+        context = np.repeat(context, n, axis=0)        # each prompt's n images side by side
+        return self.ops.asarray(context), {k: v for k, v in fields.items() if v}
+
+    def _prompt_lists(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds):
+        """(prompts, negative prompts) as lists; None where embeddings are given instead."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("give either `prompt` or `prompt_embeds`" if prompt is None else
+                             "give `prompt` or `prompt_embeds`, not both")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("give `negative_prompt` or `negative_prompt_embeds`, not both")
+        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts) if prompts is not None else len(self._embeds(prompt_embeds, "prompt_embeds"))
+        if negative_prompt_embeds is not None:
+            return prompts, None
+        negatives = [""] * batch if negative_prompt is None else [negative_prompt] * batch \
+            if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != batch:
+            raise ValueError(f"negative_prompt has {len(negatives)} entries for {batch} prompts")
+        return prompts, negatives
+
+    def _embeds(self, x, name):
+        """Given embeddings, checked: (B, L, D) with D the U-Net's cross-attention width."""
+        x = np.asarray(x, dtype=np.float32)
+        width = self.unet.config["cross_attention_dim"]
+        if x.ndim != 3 or x.shape[2] != width or not x.shape[0] or not x.shape[1]:
+            raise ValueError(f"{name} must have shape (batch, tokens, {width}), got {x.shape}")
+        return x
+
+    def _embed(self, prompts, clip_skip, used):
+        """Diffusers' plain prompts -> (B, 77, D); appends the embeddings they use to `used`."""
+        prompts = [embeddings.expand_multi_vector(p, self.tokenizer) for p in prompts]
         ids = self.tokenizer(prompts)                         # (B, 77)
-        return self.text_encoder(np.repeat(ids, n, axis=0))   # each prompt's n images side by side
+        used += embeddings.used_in(ids, self.textual_inversions.values())
+        return self.ops.numpy(self.text_encoder(ids, clip_skip))
+
+    def _embed_weighted(self, texts, clip_skip):
+        """A1111's prompts (tinysd.prompt) -> ((B, 77·k, D), the embeddings they use, each one's
+        chunk count); all padded to the longest one's k chunks with the empty prompt's chunk."""
+        lines = [a1111_prompt.tokenize_line(t, self.tokenizer, self.textual_inversions.values()) for t in texts]
+        counts = [len(chunks) for chunks, _ in lines]
+        chunks = [c for cs, _ in lines for c in cs + [a1111_prompt.empty_chunk(self.tokenizer)] * (max(counts) - len(cs))]
+        z = self.ops.numpy(self.text_encoder(np.array([c.ids for c in chunks]), clip_skip))   # (B·k, 77, D)
+        z = np.stack([a1111_prompt.emphasis(zc, c.weights) for zc, c in zip(z, chunks)])
+        return z.reshape(len(texts), -1, z.shape[-1]), [ti for _, used in lines for ti in used], counts
 
     def predict_noise(self, latents, t, context, guidance_scale, timestep_cond=None):
         """ε for `latents` at t; with guidance, ε_uncond + s·(ε_cond − ε_uncond) from one batch.
@@ -191,10 +264,11 @@ class StableDiffusion:
         return self.vae.scaling_factor * dist.sample(generator.randn(dist.mean.shape))
 
     # -- generation -----------------------------------------------------------------------------------
-    def __call__(self, prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5,
+    def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5,
                  height=None, width=None, seed=None, generator=None, latents=None, scheduler=None, eta=0.0,
                  output_type="pil", callback=None, image=None, strength=None, mask_image=None,
-                 num_images_per_prompt=1, vae_decoder="vae"):
+                 num_images_per_prompt=1, prompt_embeds=None, negative_prompt_embeds=None,
+                 prompt_weighting=False, clip_skip=None, vae_decoder="vae"):
         """Generate images; the arguments are diffusers' `StableDiffusionPipeline` ones.
 
         txt2img by default; img2img with `image=` (and `strength`, default 0.8); inpainting with
@@ -202,6 +276,9 @@ class StableDiffusion:
         `tinysd.rng.Generator`) fixes the noise as `torch.Generator("cpu").manual_seed(seed)` does.
         `callback(step, timestep, latents)` runs after every step; if it takes a
         `pred_original_sample` argument it also gets the sampler's x̂₀.
+        Prompts as diffusers reads them (77 tokens); prompt_weighting=True reads them as A1111
+        does: `(word:1.3)`, `[word]`, BREAK, any length (see `encode_prompt`). `clip_skip=N` skips
+        the text encoder's last N layers (diffusers' meaning: A1111's "Clip skip" N + 1).
         Returns PipelineOutput with `.images` per `output_type`: "pil", "np" or "latent".
         `vae_decoder="taesd"` decodes with the tiny autoencoder (`load(..., taesd=PATH)`).
 
@@ -212,7 +289,7 @@ class StableDiffusion:
         """
         self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
                           generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
-                          num_images_per_prompt)
+                          num_images_per_prompt, prompt_embeds, negative_prompt_embeds, prompt_weighting, clip_skip)
         if output_type != "latent":
             self._decoder(vae_decoder)           # "vae", or "taesd" with a TAESD loaded
         height, width = (None if v is None else int(v) for v in (height, width))   # 512.0 -> 512, as diffusers
@@ -233,10 +310,10 @@ class StableDiffusion:
             # the masked image the U-Net sees is mid-grey (0 in [-1, 1])
             image, mask_image = np.zeros((1, 3, height, width), np.float32), np.ones((height, width), np.float32)
 
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        batch = len(prompts) * num_images_per_prompt
         guidance = guidance_scale > 1.0 and not self.is_lcm_model
-        context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guidance)
+        context, prompt_fields = self._encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance,
+                                                     prompt_embeds, negative_prompt_embeds, prompt_weighting, clip_skip)
+        batch = context.shape[0] // (2 if guidance else 1)
         timestep_cond = None
         if self.is_lcm_model:             # as LatentConsistencyModelPipeline: w = s − 1, no CFG batch
             if negative_prompt is not None:
@@ -287,7 +364,7 @@ class StableDiffusion:
                                 timestep_cond=timestep_cond)
         parameters = {"Steps": num_inference_steps, **sampler_fields(sched_name), "CFG scale": float(guidance_scale),
                       "Seed": seed, "Size": f"{width}x{height}", "Model": self.model_name,
-                      "Denoising strength": None if txt2img else float(strength), **self.vae_fields}
+                      "Denoising strength": None if txt2img else float(strength), **self.vae_fields, **prompt_fields}
         if output_type == "latent":
             return PipelineOutput(latents, seed, parameters=parameters)
         images = self.decode(latents, decoder=vae_decoder)
@@ -297,17 +374,27 @@ class StableDiffusion:
 
     def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
                      generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
-                     num_images_per_prompt):
+                     num_images_per_prompt, prompt_embeds=None, negative_prompt_embeds=None, prompt_weighting=False,
+                     clip_skip=None):
         """Check `__call__`'s arguments before any model work, in the order of its signature: a bad
         value raises a TypeError (wrong kind) or ValueError (wrong value) naming the argument, the
         value and what is allowed. Values diffusers takes and handles sensibly pass as they do there
         (guidance_scale <= 1 turns guidance off, a mask of another size is resized to the image)."""
-        prompts = check_prompt("prompt", prompt)
+        if prompt_embeds is None:
+            batch = len(check_prompt("prompt", prompt))
+        elif prompt is not None:
+            raise ValueError("give `prompt` or `prompt_embeds`, not both")
+        else:
+            batch = len(self._embeds(prompt_embeds, "prompt_embeds"))
         if negative_prompt is not None:
+            if negative_prompt_embeds is not None:
+                raise ValueError("give `negative_prompt` or `negative_prompt_embeds`, not both")
             negatives = check_prompt("negative_prompt", negative_prompt)
-            if not isinstance(negative_prompt, str) and len(negatives) != len(prompts):
+            if not isinstance(negative_prompt, str) and len(negatives) != batch:
                 raise ValueError(f"negative_prompt {show(negative_prompt)} has {len(negatives)} entries for "
-                                 f"{len(prompts)} prompt(s): pass one string for all, or a list of one per prompt")
+                                 f"{batch} prompt(s): pass one string for all, or a list of one per prompt")
+        elif negative_prompt_embeds is not None:
+            self._embeds(negative_prompt_embeds, "negative_prompt_embeds")
         # at most the training schedule's length (a sampler object passed in checks its own)
         most = None if _is_sampler(scheduler) else self.scheduler_config.get("num_train_timesteps", 1000)
         check_int("num_inference_steps", num_inference_steps, 1, most)
@@ -349,7 +436,14 @@ class StableDiffusion:
                 raise ValueError("inpainting needs `image=` as well as `mask_image=`")
         check_int("num_images_per_prompt", num_images_per_prompt, 1)
         if latents is not None:
-            self.check_latents(latents, image, height, width, len(prompts) * num_images_per_prompt)
+            self.check_latents(latents, image, height, width, batch * num_images_per_prompt)
+        if not isinstance(prompt_weighting, bool):
+            raise TypeError(f"prompt_weighting must be True (A1111's prompt rules) or False (diffusers'), "
+                            f"got {show(prompt_weighting)}")
+        if clip_skip is not None:
+            layers = len(self.text_encoder.text_model.encoder.layers)
+            check_int("clip_skip", clip_skip, 0, layers, allowed=f"an integer in [0, {layers}], the text encoder "
+                      f"layers to skip (diffusers' meaning; A1111's 'Clip skip' minus 1)")
         # the sampler must take the step count (LCM: at most its 50-point grid), and a strength too
         # small for the steps leaves no step: try them on a fresh sampler
         sched, _ = self._scheduler(scheduler)

@@ -36,7 +36,7 @@ A1111_SAMPLER_NAMES = {
 
 # One `Key: value` of the last line: the value is a JSON string or runs to the next comma.
 PARAM = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-INT_KEYS = ("Steps", "Seed", "Batch size", "Batch pos")
+INT_KEYS = ("Steps", "Seed", "Batch size", "Batch pos", "Clip skip")
 FLOAT_KEYS = ("CFG scale", "Denoising strength")
 
 
@@ -48,7 +48,8 @@ def quote(value):
 
 # The order A1111 writes its fields in; a generation's fields are written in this order, others after.
 A1111_ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
-               "VAE hash", "VAE", "Batch size", "Batch pos", "Denoising strength", "Clip skip")
+               "VAE hash", "VAE", "Batch size", "Batch pos", "Denoising strength", "Clip skip", "TI hashes",
+               "Pad conds")
 
 
 def infotext(prompt, negative_prompt, fields):

@@ -188,6 +188,17 @@ class _Marker:
         return f"<{self.qualname}>"
 
 
+class _ParameterDict(dict):
+    """torch.nn.ParameterDict in a pickle (A1111 embeddings' string_to_param): a dict of the
+    module state's `_parameters`; the rest of the module state is dropped."""
+
+    def __setstate__(self, state):
+        params = state.get("_parameters") if isinstance(state, dict) else None
+        if not isinstance(params, dict):
+            raise CheckpointError("a pickled ParameterDict without its _parameters")
+        self.update(params)
+
+
 ALLOWED_GLOBALS = {
     ("collections", "OrderedDict"): dict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
@@ -196,6 +207,9 @@ ALLOWED_GLOBALS = {
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("numpy", "dtype"): _numpy_dtype,
     ("_codecs", "encode"): _codecs_encode,
+    ("torch.nn.modules.container", "ParameterDict"): _ParameterDict,
+    ("__builtin__", "set"): set,       # a module's state (ParameterDict) holds sets; protocol 2 spells builtins so
+    ("builtins", "set"): set,
     # Lightning keys its callback states by the callback class; the class itself is never called.
     ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"):
         _Marker("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
