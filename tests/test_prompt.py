@@ -278,7 +278,6 @@ def test_plain_prompts_keep_diffusers_truncation(pipes):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(prompt="a", prompt_embeds=np.zeros((1, 77, 128))), "not both"),
-    (dict(), "either `prompt` or `prompt_embeds`"),
     (dict(prompt="a", negative_prompt="b", negative_prompt_embeds=np.zeros((1, 77, 128))), "not both"),
     (dict(prompt_embeds=np.zeros((1, 77, 768))), r"prompt_embeds must have shape \(batch, tokens, 128\)"),
     (dict(prompt_embeds=np.zeros((1, 77, 128)), negative_prompt_embeds=np.zeros((1, 154, 128))), "one shape"),
@@ -289,3 +288,8 @@ def test_bad_prompt_arguments(pipes, kwargs, message):
     ours, _ = pipes
     with pytest.raises(ValueError, match=message):
         ours(num_inference_steps=1, seed=0, output_type="latent", **kwargs)
+
+
+def test_no_prompt_and_no_prompt_embeds(pipes):
+    with pytest.raises(TypeError, match=r"got None \(or give prompt_embeds=\)"):
+        pipes[0](num_inference_steps=1, seed=0, output_type="latent")

@@ -380,6 +380,8 @@ class StableDiffusion:
         value raises a TypeError (wrong kind) or ValueError (wrong value) naming the argument, the
         value and what is allowed. Values diffusers takes and handles sensibly pass as they do there
         (guidance_scale <= 1 turns guidance off, a mask of another size is resized to the image)."""
+        if prompt is None and prompt_embeds is None:
+            raise TypeError("prompt must be a string or a list of strings, got None (or give prompt_embeds=)")
         if prompt_embeds is None:
             batch = len(check_prompt("prompt", prompt))
         elif prompt is not None:
@@ -442,7 +444,7 @@ class StableDiffusion:
                             f"got {show(prompt_weighting)}")
         if clip_skip is not None:
             layers = len(self.text_encoder.text_model.encoder.layers)
-            check_int("clip_skip", clip_skip, 0, layers, allowed=f"an integer in [0, {layers}], the text encoder "
+            check_int("clip_skip", clip_skip, 0, layers, allowed=f"an integer from 0 to {layers}, the text encoder "
                       f"layers to skip (diffusers' meaning; A1111's 'Clip skip' minus 1)")
         # the sampler must take the step count (LCM: at most its 50-point grid), and a strength too
         # small for the steps leaves no step: try them on a fresh sampler
