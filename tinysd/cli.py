@@ -4,6 +4,7 @@
     python -m tinysd "a watercolour cat" --init-image cat.png --strength 0.6
     python -m tinysd "a dog" --init-image cat.png --mask cat-mask.png
     python -m tinysd "a (red:1.3) car, [blurry]" -n "EasyNegative" --embeddings-dir embeddings --clip-skip 2
+    python -m tinysd "a cat <lora:watercolor:0.8>" --lora-dir loras/ --lora lcm-lora.safetensors
     python -m tinysd "a cat" --lora lcm-lora-sdv1-5.safetensors --sampler lcm --steps 4 --cfg-scale 1 --taesd madebyollin/taesd
 
 Writes PNGs carrying their generation parameters in AUTOMATIC1111's format (`tinysd.pngmeta`).
@@ -92,6 +93,22 @@ def sampler(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def lora_file(text):
+    """--lora PATH[:WEIGHT] -> (path, weight); the last ':' splits only if a number follows (C:\\x stays whole)."""
+    import math
+
+    path, sep, tail = text.rpartition(":")
+    try:
+        weight = float(tail) if sep and path else None
+    except ValueError:
+        weight = None
+    if weight is None:
+        return text, 1.0
+    if not math.isfinite(weight):
+        raise argparse.ArgumentTypeError(f"the weight of {text!r} must be a finite number")
+    return path, weight
+
+
 def build_parser():
     from tinysd.schedulers import SCHEDULERS
 
@@ -140,6 +157,11 @@ def build_parser():
     p.add_argument("--no-prompt-weighting", dest="prompt_weighting", action="store_false",
                    help="read the prompt as diffusers does: no (word:1.2) weights or BREAK, cut at 77 tokens "
                         "(default: A1111's prompt syntax, any length)")
+    p.add_argument("--lora", type=lora_file, action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="apply a LoRA file (kohya/A1111, diffusers or PEFT) with WEIGHT (default 1); repeatable")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="the folder where a prompt tag <lora:NAME:WEIGHT> finds NAME.safetensors (.pt, .ckpt, .bin), "
+                        "as A1111's Lora folder")
     p.add_argument("--taesd", default=None, metavar="PATH|ID",
                    help="the tiny autoencoder TAESD (a diffusers folder or hub id such as madebyollin/taesd, "
                         "or taesd_decoder.safetensors/.pth): decodes the final image in a fraction of the VAE's "
@@ -266,6 +288,44 @@ class Progress:
             self.bar.close()
 
 
+def lora_requests(args):
+    """(the prompt the model reads, the prompt written to the PNG, [(adapter name, path, text-encoder
+    weight, U-Net weight)]) from --lora and the prompt's A1111 tags <lora:NAME:WEIGHT>. The model
+    reads the prompt without its tags; the PNG keeps them, and gets <lora:NAME:WEIGHT> for each
+    --lora as A1111 writes a LoRA it adds to the prompt itself. Files are checked before the model loads."""
+    from tinysd.lora import find_lora_file, prompt_lora_tags
+
+    try:
+        prompt, tags = prompt_lora_tags(args.prompt)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    requests, written = [], args.prompt
+    for path, weight in args.lora:
+        if not Path(path).exists():
+            raise UsageError(f"--lora {path}: no such file")
+        requests.append((Path(path).stem, path, weight, weight))
+        written += f"<lora:{Path(path).stem}:{weight}>"
+    for tag in tags:
+        if args.lora_dir is None:
+            raise UsageError(f"prompt tag {tag.text}: pass --lora-dir DIR, the folder that holds {tag.name}.safetensors")
+        path = find_lora_file(tag.name, args.lora_dir)
+        if path is None:
+            raise UsageError(f"prompt tag {tag.text}: no {tag.name}.safetensors (.pt, .ckpt, .bin) in --lora-dir {args.lora_dir}")
+        requests.append((tag.name, path, tag.text_encoder, tag.unet))
+    names = [r[0] for r in requests]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"LoRA {', '.join(twice)} is given twice (--lora and prompt tags name a LoRA by its file name)")
+    return prompt, written, requests
+
+
+def apply_loras(sd, requests):
+    for name, path, _, _ in requests:
+        sd.load_lora_weights(path, adapter_name=name)
+    if requests:
+        sd.set_adapters([r[0] for r in requests], [{"text_encoder": r[2], "unet": r[3]} for r in requests])
+
+
 # -- the run -----------------------------------------------------------------------------------------
 def generate(args):
     import tinysd
@@ -282,9 +342,11 @@ def generate(args):
         check_init_size(init, args.init_image, args)
     if args.embeddings_dir is not None and not Path(args.embeddings_dir).is_dir():
         raise UsageError(f"--embeddings-dir {args.embeddings_dir}: no such folder")
+    prompt, written_prompt, loras = lora_requests(args)
 
     backend = get_backend(args.backend)                 # --backend cuda without a GPU fails here
     sd = tinysd.load(args.model, backend=backend, vae=args.vae, taesd=args.taesd)
+    apply_loras(sd, loras)
     if args.embeddings_dir is not None:
         embeddings.load_dir(sd, args.embeddings_dir)    # each under its file name; bad files skipped, with a warning
     progress = callback = Progress(sd)
@@ -292,7 +354,7 @@ def generate(args):
         from tinysd.taesd import preview_callback
         callback = preview_callback(sd, args.preview, every=args.preview_every, callback=progress)
     try:
-        out = sd(args.prompt, negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps,
+        out = sd(prompt, negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps,
                  guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=seed,
                  scheduler=args.sampler, image=init, strength=args.strength, mask_image=mask,
                  num_images_per_prompt=args.batch_size, output_type="pil", callback=callback,
@@ -301,7 +363,7 @@ def generate(args):
     finally:
         progress.close()
 
-    texts = [infotext(args.prompt, args.negative_prompt, batch_fields(out.parameters, args.batch_size, i))
+    texts = [infotext(written_prompt, args.negative_prompt, batch_fields(out.parameters, args.batch_size, i))
              for i in range(args.batch_size)]
     save_pngs(out.images, paths, texts)
     for path in paths:

@@ -140,6 +140,35 @@ class StableDiffusion:
         """An LCM-distilled U-Net (`time_cond_proj_dim`): guidance enters as an embedding, no CFG batch."""
         return self.unet.config.get("time_cond_proj_dim") is not None
 
+    # -- LoRA (tinysd.lora), with diffusers' method names ------------------------------------------
+    @property
+    def loras(self):
+        """The LoRA adapters loaded into the text encoder and U-Net (`tinysd.lora.LoraAdapters`)."""
+        if "_loras" not in self.__dict__:
+            from tinysd.lora import LoraAdapters
+            self._loras = LoraAdapters({"unet": self.unet, "text_encoder": self.text_encoder})
+        return self._loras
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None):
+        """Load a LoRA (kohya/A1111, diffusers or PEFT; .safetensors, .pt/.bin, a diffusers LoRA
+        folder, or a dict) and make it the active adapter, with weight 1. Its name defaults to
+        default_0, default_1, ... Raises tinysd.lora.LoraError, changing nothing, if it does not fit."""
+        self.loras.load(pretrained_model_name_or_path_or_dict, adapter_name)
+
+    def set_adapters(self, adapter_names, adapter_weights=None):
+        """Use exactly these adapters, each with its weight (a number, or {"unet": w, "text_encoder": w})."""
+        self.loras.set_adapters(adapter_names, adapter_weights)
+
+    def get_active_adapters(self):
+        return self.loras.active()
+
+    def delete_adapters(self, adapter_names):
+        self.loras.delete(adapter_names)
+
+    def unload_lora_weights(self):
+        """Remove every LoRA: the weights are the loaded ones again, bit for bit."""
+        self.loras.unload()
+
     # -- the parts of one generation --------------------------------------------------------------
     def load_textual_inversion(self, pretrained_model_name_or_path, token=None):
         """Add a textual-inversion embedding (A1111 .pt, .safetensors, diffusers learned_embeds.bin
@@ -364,7 +393,8 @@ class StableDiffusion:
                                 timestep_cond=timestep_cond)
         parameters = {"Steps": num_inference_steps, **sampler_fields(sched_name), "CFG scale": float(guidance_scale),
                       "Seed": seed, "Size": f"{width}x{height}", "Model": self.model_name,
-                      "Denoising strength": None if txt2img else float(strength), **self.vae_fields, **prompt_fields}
+                      "Denoising strength": None if txt2img else float(strength), **self.vae_fields, **prompt_fields,
+                      **self.loras.parameters()}
         if output_type == "latent":
             return PipelineOutput(latents, seed, parameters=parameters)
         images = self.decode(latents, decoder=vae_decoder)

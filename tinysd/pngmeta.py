@@ -48,8 +48,8 @@ def quote(value):
 
 # The order A1111 writes its fields in; a generation's fields are written in this order, others after.
 A1111_ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
-               "VAE hash", "VAE", "Batch size", "Batch pos", "Denoising strength", "Clip skip", "TI hashes",
-               "Pad conds")
+               "VAE hash", "VAE", "Batch size", "Batch pos", "Denoising strength", "Clip skip", "Lora hashes",
+               "TI hashes", "Pad conds")
 
 
 def infotext(prompt, negative_prompt, fields):
