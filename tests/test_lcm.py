@@ -9,6 +9,7 @@ diffusers' convert_diffusers_to_original_stable_diffusion.py, which has no name 
 the spelling `time_embed.cond_proj` of other converters is tested too.
 """
 import contextlib
+import copy
 import json
 
 import numpy as np
@@ -184,6 +185,81 @@ def test_lcm_parameters_and_step_count(sd):
     assert sd.num_timesteps == 4
     out = sd(PROMPT, scheduler="tcd", num_inference_steps=2, guidance_scale=1.0, seed=3, output_type="latent")
     assert out.parameters["Sampler"] == "TCD"
+
+
+# The LCM-LoRA recipe end to end: a random LoRA of the LCM-LoRA's layout on the tiny model
+
+# the layers latent-consistency/lcm-lora-sdv1-5 adapts: the U-Net's attention, feed-forward, ResNet
+# convs and time projections, resamplers; no text encoder
+LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"]
+
+
+@pytest.fixture(scope="module")
+def lcm_lora(tiny_sd, tmp_path_factory):
+    """{format: path}: the LoRA as diffusers' save_lora_weights writes it (PEFT keys, metadata) and
+    in kohya's keys (lora_unet_<diffusers path>.lora_down/lora_up/alpha), as the published file."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("lcm_lora")
+    unet = copy.deepcopy(tiny_sd.unet)
+    config = LoraConfig(r=8, lora_alpha=8, init_lora_weights=False, target_modules=LCM_LORA_TARGETS)
+    unet.add_adapter(config)
+    g = torch.Generator().manual_seed(40)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if ".lora_A." in name:
+                p.copy_(torch.randn(p.shape, generator=g) / np.prod(p.shape[1:]) ** 0.5)
+            elif ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 / p.shape[1] ** 0.5)
+    state = get_peft_model_state_dict(unet)
+    diffusers.StableDiffusionPipeline.save_lora_weights(folder / "diffusers", unet_lora_layers=state,
+                                                        unet_lora_adapter_metadata=config.to_dict())
+    kohya = {}
+    for key, value in state.items():
+        path, kind = key.rsplit(".lora_", 1)
+        name = "lora_unet_" + path.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value.contiguous()
+        kohya[f"{name}.alpha"] = torch.tensor(float(config.lora_alpha))
+    save_file(kohya, str(folder / "lcm-lora-sdv1-5.safetensors"))
+    return {"diffusers": folder / "diffusers", "kohya": folder / "lcm-lora-sdv1-5.safetensors"}
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_lcm_lora_recipe_matches_diffusers(tiny_sd, lcm_lora, fmt):
+    """load_lora_weights + 4 LCM steps at guidance 1: tinysd against diffusers doing the same."""
+    sd = tinysd.load(tiny_sd.folder, backend="numpy")
+    sd.load_lora_weights(lcm_lora[fmt])
+    ours = run_tinysd(sd, "txt2img", "lcm", guidance_scale=1.0)
+    components = copy.deepcopy(dict(tiny_sd.pipe.components))
+    components["scheduler"] = diffusers.LCMScheduler.from_config(components["scheduler"].config)
+    pipe = diffusers.StableDiffusionPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(lcm_lora[fmt])
+    assert_same_picture(ours, run_reference(pipe, "txt2img", guidance_scale=1.0))
+    sd.unload_lora_weights()
+    assert np.abs(run_tinysd(sd, "txt2img", "lcm", guidance_scale=1.0)[0] - ours[0]).max() > 1e-2
+
+
+def test_cli_lcm_lora_recipe(tiny_sd, lcm_lora, tmp_path):
+    """The README's command: --lora FILE --sampler lcm --steps 4 --cfg-scale 1."""
+    from PIL import Image
+    from tinysd.cli import main
+    from tinysd.pngmeta import read_parameters
+
+    out = tmp_path / "lcm.png"
+    assert main(["a cat", "--lora", str(lcm_lora["kohya"]), "--sampler", "lcm", "--steps", "4", "--cfg-scale", "1",
+                 "--seed", "5", "-W", "64", "-H", "64", "--backend", "numpy", "--model", str(tiny_sd.folder),
+                 "--no-prompt-weighting", "-o", str(out)]) == 0
+    assert (read_parameters(out)["Sampler"], read_parameters(out)["Steps"]) == ("LCM", 4)
+    sd = tinysd.load(tiny_sd.folder, backend="numpy")
+    sd.load_lora_weights(lcm_lora["kohya"])
+    expected = sd("a cat", scheduler="lcm", num_inference_steps=4, guidance_scale=1.0, seed=5, height=64,
+                  width=64).images[0]
+    with Image.open(out) as im:
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(expected))
 
 
 # An LCM-distilled U-Net (time_cond_proj_dim), in both layouts
