@@ -536,7 +536,7 @@ def test_bad_api_calls(clean_sd, loras):
 
 
 def test_a_lora_given_as_the_model_says_so(loras):
-    with pytest.raises(ValueError, match="is a LoRA, not a model: pass it with --lora"):
+    with pytest.raises(ValueError, match="is a LoRA, not a Stable Diffusion model: pass it with --lora"):
         tinysd.load(loras["kohya"], backend="numpy")
 
 
@@ -641,7 +641,7 @@ CLI_ERRORS = {
     "--lora LoHa": (["a cat", "--lora", "{tmp}/loha.safetensors"], "LoHa (LyCORIS) is not supported"),
     "same LoRA twice": (["a <lora:style> cat", "--lora-dir", "{tmp}", "--lora", "{tmp}/style.safetensors"],
                         "given twice"),
-    "LoRA as --model": (["a cat", "--model", "{tmp}/style.safetensors"], "is a LoRA, not a model"),
+    "LoRA as --model": (["a cat", "--model", "{tmp}/style.safetensors"], "is a LoRA, not a Stable Diffusion model"),
 }
 
 
