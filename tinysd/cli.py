@@ -5,6 +5,7 @@
     python -m tinysd "a dog" --init-image cat.png --mask cat-mask.png
     python -m tinysd "a (red:1.3) car, [blurry]" -n "EasyNegative" --embeddings-dir embeddings --clip-skip 2
     python -m tinysd "a cat <lora:watercolor:0.8>" --lora-dir loras/ --lora lcm-lora.safetensors
+    python -m tinysd "a cat" --lora lcm-lora-sdv1-5.safetensors --sampler lcm --steps 4 --cfg-scale 1 --taesd madebyollin/taesd
 
 Writes PNGs carrying their generation parameters in AUTOMATIC1111's format (`tinysd.pngmeta`).
 A mistake (a bad option, an unreadable image, an unwritable path, a missing model or GPU) is
@@ -161,6 +162,16 @@ def build_parser():
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="the folder where a prompt tag <lora:NAME:WEIGHT> finds NAME.safetensors (.pt, .ckpt, .bin), "
                         "as A1111's Lora folder")
+    p.add_argument("--taesd", default=None, metavar="PATH|ID",
+                   help="the tiny autoencoder TAESD (a diffusers folder or hub id such as madebyollin/taesd, "
+                        "or taesd_decoder.safetensors/.pth): decodes the final image in a fraction of the VAE's "
+                        "time; with --preview it only makes the previews and the VAE the final image")
+    p.add_argument("--preview", default=None, metavar="FILE.png",
+                   help="write a TAESD picture of the sampler's current estimate of the final image (x0) here "
+                        "while denoising, replaced every --preview-every steps ({step} in the name numbers them); "
+                        "needs --taesd")
+    p.add_argument("--preview-every", type=positive_int, default=1, metavar="K",
+                   help="preview every K steps, and at the last (default: %(default)s)")
     return p
 
 
@@ -172,6 +183,10 @@ def parse_args(argv=None):
         raise UsageError("--strength needs --init-image")
     if args.init_image is not None and args.strength is None:
         args.strength = DEFAULT_STRENGTH["inpaint" if args.mask else "img2img"]
+    if args.preview is not None and args.taesd is None:
+        raise UsageError("--preview needs --taesd PATH (the tiny autoencoder that draws the previews)")
+    if args.preview is not None and not args.preview.lower().endswith(".png"):
+        raise UsageError(f"--preview {args.preview}: the file name must end in .png")
     return args
 
 
@@ -320,7 +335,7 @@ def generate(args):
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 32)
     paths = output_paths(args.output, seed, args.batch_size)
-    check_writable(paths)
+    check_writable(paths + ([Path(args.preview)] if args.preview else []))
     init = read_image(args.init_image, "--init-image", "RGB") if args.init_image else None
     mask = read_image(args.mask, "--mask", "L") if args.mask else None
     if init is not None:
@@ -330,17 +345,21 @@ def generate(args):
     prompt, written_prompt, loras = lora_requests(args)
 
     backend = get_backend(args.backend)                 # --backend cuda without a GPU fails here
-    sd = tinysd.load(args.model, backend=backend, vae=args.vae)
+    sd = tinysd.load(args.model, backend=backend, vae=args.vae, taesd=args.taesd)
     apply_loras(sd, loras)
     if args.embeddings_dir is not None:
         embeddings.load_dir(sd, args.embeddings_dir)    # each under its file name; bad files skipped, with a warning
-    progress = Progress(sd)
+    progress = callback = Progress(sd)
+    if args.preview:            # TAESD draws the previews, the VAE the final image
+        from tinysd.taesd import preview_callback
+        callback = preview_callback(sd, args.preview, every=args.preview_every, callback=progress)
     try:
         out = sd(prompt, negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps,
                  guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=seed,
                  scheduler=args.sampler, image=init, strength=args.strength, mask_image=mask,
-                 num_images_per_prompt=args.batch_size, output_type="pil", callback=progress,
-                 prompt_weighting=args.prompt_weighting, clip_skip=args.clip_skip - 1)   # A1111's 1 = diffusers' 0
+                 num_images_per_prompt=args.batch_size, output_type="pil", callback=callback,
+                 prompt_weighting=args.prompt_weighting, clip_skip=args.clip_skip - 1,   # A1111's 1 = diffusers' 0
+                 vae_decoder="taesd" if args.taesd and not args.preview else "vae")
     finally:
         progress.close()
 

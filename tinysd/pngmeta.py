@@ -30,6 +30,8 @@ A1111_SAMPLER_NAMES = {
     "heun": "Heun",
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "lcm": "LCM",
+    "tcd": "TCD",        # not in A1111 itself; the name Forge and ComfyUI give it
 }
 
 # One `Key: value` of the last line: the value is a JSON string or runs to the next comma.

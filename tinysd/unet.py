@@ -33,13 +33,37 @@ def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0, max_period=10
     return np.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=1).astype(np.float32)
 
 
+def guidance_scale_embedding(w, dim):
+    """The guidance-scale embedding of LCM-distilled U-Nets (diffusers' `LatentConsistencyModelPipeline`
+    calls it with w = guidance_scale − 1; VDM's formula, Kingma et al. 2021):
+
+        freqs_i = exp(−ln(10000) · i / (dim/2 − 1)),  emb = [sin(1000 w · f), cos(1000 w · f)]
+
+    zero-padded to `dim` when odd. w (B,) -> (B, dim) float32.
+    """
+    half = dim // 2
+    step = np.log(np.float32(10000)) / np.float32(half - 1)
+    freqs = np.exp(np.arange(half, dtype=np.float32) * -step)
+    args = (np.asarray(w, dtype=np.float32) * np.float32(1000))[:, None] * freqs[None]
+    emb = np.concatenate([np.sin(args), np.cos(args)], axis=1)
+    return np.pad(emb, ((0, 0), (0, dim % 2))).astype(np.float32)
+
+
 class TimestepEmbedding(Module):
-    """MLP on the sinusoidal embedding: Linear, SiLU, Linear (to 4× the base channels)."""
+    """MLP on the sinusoidal embedding: Linear, SiLU, Linear (to 4× the base channels).
 
-    def __init__(self, in_dim, dim):
+    LCM-distilled U-Nets (`time_cond_proj_dim`) add a projection of the guidance-scale embedding
+    to the sinusoidal one first: linear_1(emb + cond_proj(w_emb)).
+    """
+
+    def __init__(self, in_dim, dim, cond_proj_dim=None):
         self.linear_1, self.linear_2 = Linear(in_dim, dim), Linear(dim, dim)
+        if cond_proj_dim is not None:
+            self.cond_proj = Linear(cond_proj_dim, in_dim, bias=False)
 
-    def __call__(self, x):
+    def __call__(self, x, condition=None):
+        if condition is not None:
+            x = x + self.cond_proj(condition)
         return self.linear_2(self.ops.silu(self.linear_1(x)))
 
 
@@ -132,7 +156,8 @@ class UNet2DConditionModel(Module):
     """`unet(latents, t, context)` -> ε̂, the noise predicted in `latents` at timestep t.
 
     latents (B, C_in, h, w) float32 (h, w any size; multiples of 8 keep every level even),
-    t a scalar or (B,), context (B, 77, cross_attention_dim).
+    t a scalar or (B,), context (B, 77, cross_attention_dim); timestep_cond (B,
+    time_cond_proj_dim), for LCM-distilled U-Nets only: `guidance_scale_embedding(w)`.
     """
 
     def __init__(self, config):
@@ -154,7 +179,7 @@ class UNet2DConditionModel(Module):
         self.time_proj_dim = channels[0]
 
         self.conv_in = Conv2d(cfg["in_channels"], channels[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(channels[0], temb_ch)
+        self.time_embedding = TimestepEmbedding(channels[0], temb_ch, cfg.get("time_cond_proj_dim"))
 
         self.down_blocks = []
         for i, kind in enumerate(cfg["down_block_types"]):
@@ -186,12 +211,14 @@ class UNet2DConditionModel(Module):
     def in_channels(self):
         return self.config["in_channels"]
 
-    def __call__(self, latents, t, context):
+    def __call__(self, latents, t, context, timestep_cond=None):
         B = latents.shape[0]
         t = np.broadcast_to(np.asarray(t, dtype=np.float32).reshape(-1), (B,))
         temb = self.ops.asarray(timestep_embedding(t, self.time_proj_dim, self.flip_sin_to_cos,
                                                    self.freq_shift))
-        temb = self.time_embedding(temb)
+        if timestep_cond is not None:        # (B, time_cond_proj_dim): LCM's guidance_scale_embedding
+            timestep_cond = self.ops.asarray(timestep_cond)
+        temb = self.time_embedding(temb, timestep_cond)
 
         h = self.conv_in(latents)
         skips = [h]
