@@ -139,6 +139,12 @@ def build_parser():
     p.add_argument("--no-prompt-weighting", dest="prompt_weighting", action="store_false",
                    help="read the prompt as diffusers does: no (word:1.2) weights or BREAK, cut at 77 tokens "
                         "(default: A1111's prompt syntax, any length)")
+    p.add_argument("--deepcache", type=positive_int, default=None, metavar="N",
+                   help="DeepCache: run the whole U-Net every N-th step and, in between, only its shallow branch "
+                        "on the cached deep features (about N times faster steps; N = 3 is the paper's setting)")
+    p.add_argument("--deepcache-branch", type=lambda text: number(text, int), default=None, metavar="K",
+                   help="the skip connection where DeepCache's shallow branch ends: 0 (default) is the shallowest "
+                        "and fastest, up to 11 for SD v1 (the package's cache_branch_id)")
     return p
 
 
@@ -148,6 +154,8 @@ def parse_args(argv=None):
         raise UsageError("--mask needs --init-image (the picture to inpaint)")
     if args.strength is not None and args.init_image is None:
         raise UsageError("--strength needs --init-image")
+    if args.deepcache_branch is not None and args.deepcache is None:
+        raise UsageError("--deepcache-branch needs --deepcache N")
     if args.init_image is not None and args.strength is None:
         args.strength = DEFAULT_STRENGTH["inpaint" if args.mask else "img2img"]
     return args
@@ -278,7 +286,8 @@ def generate(args):
                  guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=seed,
                  scheduler=args.sampler, image=init, strength=args.strength, mask_image=mask,
                  num_images_per_prompt=args.batch_size, output_type="pil", callback=progress,
-                 prompt_weighting=args.prompt_weighting, clip_skip=args.clip_skip - 1)   # A1111's 1 = diffusers' 0
+                 prompt_weighting=args.prompt_weighting, clip_skip=args.clip_skip - 1,   # A1111's 1 = diffusers' 0
+                 deepcache_interval=args.deepcache, deepcache_branch=args.deepcache_branch or 0)
     finally:
         progress.close()
 
