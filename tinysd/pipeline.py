@@ -411,8 +411,8 @@ class StableDiffusion:
             check_int("clip_skip", clip_skip, 0, layers, allowed=f"an integer from 0 to {layers}, the text encoder "
                       f"layers to skip (diffusers' meaning; A1111's 'Clip skip' minus 1)")
         if deepcache_interval is not None:
-            check_int("deepcache_interval", deepcache_interval, 1, allowed="an integer >= 1, the full U-Net's every "
-                      "N-th step (None turns DeepCache off)")
+            check_int("deepcache_interval", deepcache_interval, 1, allowed="an integer >= 1: the full U-Net runs "
+                      "every N-th step (None turns DeepCache off)")
         last = self.unet.num_skips - 1
         check_int("deepcache_branch", deepcache_branch, 0, last, allowed=f"an integer from 0 to {last}, DeepCache's "
                   f"branch (0 = the shallowest)")
