@@ -259,14 +259,15 @@ class StableDiffusion:
         z = np.stack([a1111_prompt.emphasis(zc, c.weights) for zc, c in zip(z, chunks)])
         return z.reshape(len(texts), -1, z.shape[-1]), [ti for _, used in lines for ti in used], counts
 
-    def predict_noise(self, latents, t, context, guidance_scale, timestep_cond=None):
+    def predict_noise(self, latents, t, context, guidance_scale, timestep_cond=None, unet=None):
         """ε for `latents` at t; with guidance, ε_uncond + s·(ε_cond − ε_uncond) from one batch.
 
         timestep_cond: an LCM-distilled U-Net's guidance embedding, which replaces the CFG batch.
+        unet: the U-Net as this generation calls it (DeepCache's per-step hook), else self.unet.
         """
         guidance = guidance_scale > 1.0 and timestep_cond is None
         x = np.concatenate([latents, latents]) if guidance else latents
-        eps = self.ops.numpy(self.unet(self.ops.asarray(x), t, context, timestep_cond=timestep_cond))
+        eps = self.ops.numpy((unet or self.unet)(self.ops.asarray(x), t, context, timestep_cond=timestep_cond))
         if not guidance:
             return eps
         eps_uncond, eps_cond = np.split(eps, 2)
@@ -297,7 +298,8 @@ class StableDiffusion:
                  height=None, width=None, seed=None, generator=None, latents=None, scheduler=None, eta=0.0,
                  output_type="pil", callback=None, image=None, strength=None, mask_image=None,
                  num_images_per_prompt=1, prompt_embeds=None, negative_prompt_embeds=None,
-                 prompt_weighting=False, clip_skip=None, vae_decoder="vae"):
+                 prompt_weighting=False, clip_skip=None, vae_decoder="vae", deepcache_interval=None,
+                 deepcache_branch=0):
         """Generate images; the arguments are diffusers' `StableDiffusionPipeline` ones.
 
         txt2img by default; img2img with `image=` (and `strength`, default 0.8); inpainting with
@@ -308,6 +310,8 @@ class StableDiffusion:
         Prompts as diffusers reads them (77 tokens); prompt_weighting=True reads them as A1111
         does: `(word:1.3)`, `[word]`, BREAK, any length (see `encode_prompt`). `clip_skip=N` skips
         the text encoder's last N layers (diffusers' meaning: A1111's "Clip skip" N + 1).
+        `deepcache_interval=N`: DeepCache, the full U-Net every N-th step and between them only its
+        shallow branch at `deepcache_branch` on the cached deep features (`DeepCache`).
         Returns PipelineOutput with `.images` per `output_type`: "pil", "np" or "latent".
         `vae_decoder="taesd"` decodes with the tiny autoencoder (`load(..., taesd=PATH)`).
 
@@ -318,7 +322,8 @@ class StableDiffusion:
         """
         self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
                           generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
-                          num_images_per_prompt, prompt_embeds, negative_prompt_embeds, prompt_weighting, clip_skip)
+                          num_images_per_prompt, prompt_embeds, negative_prompt_embeds, prompt_weighting, clip_skip,
+                          deepcache_interval, deepcache_branch)
         if output_type != "latent":
             self._decoder(vae_decoder)           # "vae", or "taesd" with a TAESD loaded
         height, width = (None if v is None else int(v) for v in (height, width))   # 512.0 -> 512, as diffusers
@@ -388,13 +393,15 @@ class StableDiffusion:
                     # unused; draw its VAE noise all the same so later draws stay aligned with its seed
                     generator.randn((masked_image.shape[0], 4) + shape[2:])
 
+        deepcache = deepcache_interval and DeepCache(self.unet, deepcache_interval, deepcache_branch, sched.timesteps)
         latents = self._denoise(latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
                                 mask=mask, masked_latents=masked_latents, image_latents=image_latents, noise=noise,
-                                timestep_cond=timestep_cond)
+                                timestep_cond=timestep_cond, unet=deepcache)
         parameters = {"Steps": num_inference_steps, **sampler_fields(sched_name), "CFG scale": float(guidance_scale),
                       "Seed": seed, "Size": f"{width}x{height}", "Model": self.model_name,
                       "Denoising strength": None if txt2img else float(strength), **self.vae_fields, **prompt_fields,
-                      **self.loras.parameters()}
+                      **self.loras.parameters(),
+                      **(deepcache.parameters() if deepcache else {})}
         if output_type == "latent":
             return PipelineOutput(latents, seed, parameters=parameters)
         images = self.decode(latents, decoder=vae_decoder)
@@ -405,7 +412,7 @@ class StableDiffusion:
     def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
                      generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
                      num_images_per_prompt, prompt_embeds=None, negative_prompt_embeds=None, prompt_weighting=False,
-                     clip_skip=None):
+                     clip_skip=None, deepcache_interval=None, deepcache_branch=0):
         """Check `__call__`'s arguments before any model work, in the order of its signature: a bad
         value raises a TypeError (wrong kind) or ValueError (wrong value) naming the argument, the
         value and what is allowed. Values diffusers takes and handles sensibly pass as they do there
@@ -476,6 +483,15 @@ class StableDiffusion:
             layers = len(self.text_encoder.text_model.encoder.layers)
             check_int("clip_skip", clip_skip, 0, layers, allowed=f"an integer from 0 to {layers}, the text encoder "
                       f"layers to skip (diffusers' meaning; A1111's 'Clip skip' minus 1)")
+        if deepcache_interval is not None:
+            check_int("deepcache_interval", deepcache_interval, 1, allowed="an integer >= 1: the full U-Net runs "
+                      "every N-th step (None turns DeepCache off)")
+        last = self.unet.num_skips - 1
+        check_int("deepcache_branch", deepcache_branch, 0, last, allowed=f"an integer from 0 to {last}, DeepCache's "
+                  f"branch (0 = the shallowest)")
+        if deepcache_branch and deepcache_interval is None:
+            raise ValueError(f"deepcache_branch={deepcache_branch} needs deepcache_interval= (DeepCache is off "
+                             f"without it)")
         # the sampler must take the step count (LCM: at most its 50-point grid), and a strength too
         # small for the steps leaves no step: try them on a fresh sampler
         sched, _ = self._scheduler(scheduler)
@@ -506,8 +522,8 @@ class StableDiffusion:
                              f"(nan or inf)")
 
     def _denoise(self, latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
-                 mask=None, masked_latents=None, image_latents=None, noise=None, timestep_cond=None):
-        """The reverse-diffusion loop: z_T -> z_0, one sampler step per timestep."""
+                 mask=None, masked_latents=None, image_latents=None, noise=None, timestep_cond=None, unet=None):
+        """The reverse-diffusion loop: z_T -> z_0, one sampler step per timestep (`unet`: see predict_noise)."""
         wants_x0 = callback is not None and "pred_original_sample" in inspect.signature(callback).parameters
         nine_channel = self.unet.in_channels == 9
         self.num_timesteps = len(timesteps)
@@ -515,7 +531,7 @@ class StableDiffusion:
             x = sched.scale_model_input(latents, t)
             if nine_channel:
                 x = np.concatenate([x, mask, masked_latents], axis=1)
-            eps = self.predict_noise(x, t, context, guidance_scale, timestep_cond)
+            eps = self.predict_noise(x, t, context, guidance_scale, timestep_cond, unet)
             out = sched.step(eps, t, latents, generator=generator, eta=eta)
             latents = out.prev_sample
             if mask is not None and not nine_channel:
@@ -536,6 +552,34 @@ class StableDiffusion:
         if isinstance(scheduler, str):
             return make_scheduler(scheduler, self.scheduler_config), canonical_name(scheduler)
         return scheduler, type(scheduler).__name__
+
+
+class DeepCache:
+    """DeepCache (Ma et al. 2023, "DeepCache: Accelerating Diffusion Models for Free"), one
+    generation's per-step hook: called as the U-Net, it runs the full U-Net every `interval`-th step,
+    keeping u_k, the deep features entering the up path's ResNet at `branch` k, and in between
+    only the shallow branch on them (UNet2DConditionModel: the down path to skip s_k, the up path
+    from U_k). Steps count as the DeepCache package's DeepCacheSDHelper counts them: a U-Net call
+    at t is step i, the first index of t in the sampler's timesteps (Heun's and PLMS's second
+    call at a timestep counts as its first), and runs the full U-Net when (i − i_0) % interval
+    == 0, i_0 the generation's first step (img2img starts part-way). The CFG batch shares one
+    cache: u_k holds both halves."""
+
+    def __init__(self, unet, interval, branch, timesteps):
+        self.unet, self.interval, self.branch = unet, interval, branch
+        self.timesteps = np.asarray(timesteps)
+        self.first = self.features = None
+
+    def __call__(self, x, t, context, timestep_cond=None):
+        step = int(np.flatnonzero(self.timesteps == t)[0])
+        self.first = step if self.first is None else self.first
+        full = (step - self.first) % self.interval == 0
+        eps, self.features = self.unet(x, t, context, timestep_cond=timestep_cond, cache_branch=self.branch,
+                                       cached=None if full else self.features)
+        return eps
+
+    def parameters(self):
+        return {"DeepCache interval": self.interval, "DeepCache branch": self.branch}
 
 
 def strength_timesteps(sched, num_inference_steps, strength, within_grid=False):
