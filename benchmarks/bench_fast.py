@@ -243,7 +243,7 @@ def print_table(args, results):
         title = RECIPES[name].title + (f" ({args.size // 8}×{args.size // 8} latent)" if name == "taesd" else "")
         steps = f" [{args.steps} steps]" if args.steps and name != "taesd" else ""
         ratio = f"{r['diffusers']['seconds'] / r['tinysd']['seconds']:.2f}×" if "delta" in r else "—"
-        delta = f"{r['delta']:.2f}/255" if "delta" in r else "—"
+        delta = f"{r['delta']:.2g}/255" if "delta" in r else "—"
         print(f"| ({name}) {title}{steps} | {show(name, 'tinysd', 'seconds', '.2f')} | "
               f"{show(name, 'diffusers', 'seconds', '.2f')} | {ratio} | "
               f"{show(name, 'tinysd', 'peak_rss_mb', '.0f')} MB | {show(name, 'diffusers', 'peak_rss_mb', '.0f')} MB "
