@@ -312,7 +312,8 @@ def add_bigger_options(p):
     big.add_argument("--keep-unmasked", action=argparse.BooleanOptionalAction, default=True,
                      help="paste the original pixels back outside --mask / the outpainted border (default: on)")
     big.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
-                     help="encode and decode in tiles (default: only above the VAE's memory budget, ~1150x1150)")
+                     help="encode and decode in tiles (default: only above the VAE's memory budget, about "
+                          "1180x1180 for SD v1)")
 
 
 def check_bigger_args(args):

@@ -121,7 +121,7 @@ class AutoencoderKL(Module):
     """
 
     use_tiling = None
-    tiling_budget = 4 << 30     # bytes: SD v1's VAE passes it above about 1150×1150 pixels (decode)
+    tiling_budget = 4 << 30     # bytes: SD v1's decoder passes it above about 1180×1180 pixels
 
     def __init__(self, config):
         self.config = dict(config)
@@ -183,6 +183,7 @@ class AutoencoderKL(Module):
         output tiles of `tile_out` blend their first `blend` rows and columns linearly into the
         tile above and the tile to the left, then keep `tile_out − blend` of each side.
         A row of tiles at a time: the row above is all the blend needs."""
+        x = self.ops.numpy(x)                   # tiles are cut and blended on the host
         stride = int(tile * (1 - self.tile_overlap_factor))
         blend = int(tile_out * self.tile_overlap_factor)
         keep = tile_out - blend
