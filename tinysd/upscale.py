@@ -373,32 +373,38 @@ def combine_grid(rows, width, height, overlap):
 
 
 def sd_upscale(sd, prompt, image, scale=2, upscaler="Lanczos", tile_size=None, overlap=None, strength=0.3,
-               seed=None, generator=None, output_type="pil", tile_callback=None, **kwargs):
+               seed=None, generator=None, output_type="pil", tile_callback=None, tile_arguments=None, **kwargs):
     """A1111's "SD upscale" script: the picture upscaled by `scale` (`upscaler`), cut into tiles of
     `tile_size` pixels (default: the model's size, 512 for SD v1) overlapping by at least
-    `overlap` (default: an eighth of a tile, A1111's 64 for 512), each tile repainted by img2img at `strength` with seed + k for tile k (as A1111
-    bumps the seed per tile), and the tiles blended back (`combine_grid`).
+    `overlap` (default: an eighth of a tile, A1111's 64 for 512), each tile repainted by img2img
+    at `strength` with seed + k for tile k (as A1111 bumps the seed per tile), and the tiles
+    blended back (`combine_grid`). The default strength, 0.3, is lower than img2img's: the
+    picture should stay itself and only gain detail.
 
     Memory is that of one tile's img2img whatever the picture's size. `kwargs` go to every
     tile's `sd(...)` call (negative_prompt, num_inference_steps, guidance_scale, scheduler,
     callback, ...). `tile_callback(index, count, tile)` runs after each tile with its PIL result.
-    A ControlNet "tile" hint is the tile itself: once the pipeline takes a control image, pass
-    `tile_arguments=lambda tile: {...}` style arguments here (not yet: ControlNet is another branch).
+    `tile_arguments(tile)` (PIL, the upscaled tile before repainting) returns more keyword
+    arguments for that tile's call: the hook for a ControlNet "tile" hint, which is the tile
+    itself (`tile_arguments=lambda tile: {"control_image": tile}` once the pipeline takes a
+    control image; ControlNet is another branch).
     """
     import copy
     import secrets
 
     from tinysd.pipeline import load_image
 
-    check_sd_upscale(sd, prompt, image, scale, upscaler, tile_size, overlap, output_type, kwargs)
+    check_sd_upscale(sd, prompt, image, scale, upscaler, tile_size, overlap, output_type, kwargs,
+                     dict(tile_callback=tile_callback, tile_arguments=tile_arguments))
     upscaler = canonical_upscaler(upscaler, IMAGE_UPSCALERS)
     tile_size = tile_size or sd.unet.config.get("sample_size", 64) * OPT_F
     overlap = tile_size // 8 if overlap is None else overlap
     picture = load_image(image)
-    big = upscale_by(picture, scale, upscaler)
-    if big.width < tile_size or big.height < tile_size:
-        raise ValueError(f"the upscaled picture is {big.width}x{big.height}, smaller than a tile of {tile_size} "
+    width, height = int(picture.width * scale // 8 * 8), int(picture.height * scale // 8 * 8)   # upscale_by's
+    if width < tile_size or height < tile_size:
+        raise ValueError(f"the upscaled picture would be {width}x{height}, smaller than a tile of {tile_size} "
                          f"pixels: pass a smaller tile_size (a multiple of 8) or a larger scale")
+    big = upscale_by(picture, scale, upscaler)
     if generator is not None:
         seed = generator.initial_seed
     elif seed is None:
@@ -409,8 +415,9 @@ def sd_upscale(sd, prompt, image, scale=2, upscaler="Lanczos", tile_size=None, o
     first = None
     for k, tile in enumerate(tiles):
         tile_generator = None if generator is None else copy.copy(generator).manual_seed(seed + k)
+        extra = {} if tile_arguments is None else tile_arguments(tile.image)
         out = sd(prompt, image=tile.image, strength=strength, output_type="pil",
-                 seed=None if generator is not None else seed + k, generator=tile_generator, **kwargs)
+                 seed=None if generator is not None else seed + k, generator=tile_generator, **kwargs, **extra)
         tile.image = out.images[0]
         first = first or out
         if tile_callback is not None:
@@ -421,7 +428,7 @@ def sd_upscale(sd, prompt, image, scale=2, upscaler="Lanczos", tile_size=None, o
     return type(first)(images, seed, parameters=parameters)
 
 
-def check_sd_upscale(sd, prompt, image, scale, upscaler, tile_size, overlap, output_type, kwargs):
+def check_sd_upscale(sd, prompt, image, scale, upscaler, tile_size, overlap, output_type, kwargs, hooks):
     """The upscale's own arguments, before any work (each tile's sd(...) call checks the rest)."""
     from tinysd.pipeline import check_image, check_int, check_number, check_side
 
@@ -439,6 +446,9 @@ def check_sd_upscale(sd, prompt, image, scale, upscaler, tile_size, overlap, out
         check_int("overlap", overlap, 0, most, allowed=f"an integer in [0, {most}] (tile_size − 8)")
     if output_type not in ("pil", "np"):
         raise ValueError(f"output_type {output_type!r}: the upscale returns a picture, 'pil' or 'np'")
+    for name, hook in hooks.items():
+        if hook is not None and not callable(hook):
+            raise TypeError(f"{name} must be callable, got {hook!r}")
     for name in ("image", "mask_image", "height", "width", "latents", "num_images_per_prompt", "enable_hr"):
         value = kwargs.get(name)
         if value is not None and value is not False:
