@@ -219,9 +219,10 @@ def hires_settings(**given):
     return hires
 
 
-def check_hires(sd, prompts, num_inference_steps, height, width, scheduler, image, enable_hr, settings):
+def check_hires(sd, batch, num_inference_steps, height, width, scheduler, image, enable_hr, settings):
     """The hires fix's arguments: set only with enable_hr=True, each of its kind and range, and a
-    second pass that fits the schedule (at most num_train_timesteps steps) and the VAE's sizes."""
+    second pass that fits the schedule (at most num_train_timesteps steps) and the VAE's sizes.
+    `batch`: the number of prompts (an hr_prompt list gives one entry for each)."""
     from tinysd.pipeline import (VAE_SCALE, check_int, check_number, check_prompt, check_side, show,
                                  strength_timesteps)
     from tinysd.schedulers import canonical_name
@@ -268,8 +269,8 @@ def check_hires(sd, prompts, num_inference_steps, height, width, scheduler, imag
             raise ValueError(f"hr_sampler_name: {e}") from None
     for name in ("hr_prompt", "hr_negative_prompt"):
         count = len(check_prompt(name, given[name])) if name in given else 1
-        if count not in (1, len(prompts)):
-            raise ValueError(f"{name} has {count} entries for {len(prompts)} prompt(s): pass one string, or a list "
+        if count not in (1, batch):
+            raise ValueError(f"{name} has {count} entries for {batch} prompt(s): pass one string, or a list "
                              f"of one per prompt")
     hires = hires_settings(**{k: given[k] for k in given if k in HIRES_FIELDS})
     size = sd.unet.config.get("sample_size", 64) * VAE_SCALE
