@@ -369,6 +369,24 @@ def test_hires_fix_reports_a1111s_fields_and_restarts_the_step_count(sd):
     assert "Hires upscale" not in other and "Hires steps" not in other and other["Denoising strength"] == 0.75
 
 
+def test_hires_second_pass_reads_the_prompt_as_the_first(sd):
+    """prompt_weighting and clip_skip reach the second pass: the hires fix equals the first pass, the
+    latent upscale and an img2img call made by hand with the same settings."""
+    text, settings = "a (red:1.3) circle", dict(num_inference_steps=2, seed=SEED, scheduler="euler",
+                                                  prompt_weighting=True, clip_skip=1, output_type="latent")
+    out = sd(text, enable_hr=True, hr_second_pass_steps=2, denoising_strength=0.5, **settings)
+    hires = HiresFix(hr_second_pass_steps=2, denoising_strength=0.5)
+    total, strength = hires.steps(2)
+    first = sd(text, **settings).images
+    by_hand = sd(text, image=hires.upscale_latents(first, 64, 64), strength=strength,
+                 **dict(settings, num_inference_steps=total)).images
+    np.testing.assert_array_equal(out.images, by_hand)
+    plain = sd(text, enable_hr=True, hr_second_pass_steps=2, denoising_strength=0.5,
+               **dict(settings, clip_skip=None, prompt_weighting=False)).images
+    assert np.abs(plain - by_hand).max() > 1e-3 * np.abs(by_hand).max()      # the settings change the result
+    assert out.parameters["Clip skip"] == 2 and out.parameters["Hires upscale"] == 2
+
+
 # -- SD upscale ----------------------------------------------------------------------------------------------
 Grid = namedtuple("Grid", ["tiles", "tile_w", "tile_h", "image_w", "image_h", "overlap"])
 
