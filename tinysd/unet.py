@@ -8,6 +8,11 @@
 
 The timestep t enters every ResNet through a sinusoidal embedding; the text context c enters
 every Transformer through cross-attention (Q from the latent, K/V from the text).
+
+Training: `unet(latents, t, context, saved={})` keeps each block's activations in `saved`
+under the block's checkpoint name, and `unet.backward(saved, grad)` walks the blocks in reverse
+(up path, mid, down path), routing the skip connections' gradients back to the down blocks
+that made them; see `UNet2DConditionModel.backward`.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import math
 import numpy as np
 
 from tinysd.attention import Transformer2DModel
-from tinysd.nn import Conv2d, GroupNorm, Linear, Module
+from tinysd.nn import Conv2d, GroupNorm, Linear, Module, child
 from tinysd.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
@@ -39,8 +44,15 @@ class TimestepEmbedding(Module):
     def __init__(self, in_dim, dim):
         self.linear_1, self.linear_2 = Linear(in_dim, dim), Linear(dim, dim)
 
-    def __call__(self, x):
-        return self.linear_2(self.ops.silu(self.linear_1(x)))
+    def __call__(self, x, saved=None):
+        h = self.linear_1(x)
+        if saved is not None:
+            saved.update(x=x, h=h)
+        return self.linear_2(self.ops.silu(h))
+
+    def backward(self, saved, grad):
+        x, h = saved["x"], saved["h"]
+        return self.linear_1.backward(x, self.ops.silu_backward(self.linear_2.backward(self.ops.silu(h), grad), h))
 
 
 class CrossAttnDownBlock2D(Module):
@@ -51,15 +63,18 @@ class CrossAttnDownBlock2D(Module):
                            for _ in range(n_layers)]
         self.downsamplers = [Downsample2D(out_ch, pad)] if downsample else []
 
-    def __call__(self, h, temb, context):
+    def __call__(self, h, temb, context, saved=None):
         skips = []
-        for resnet, attn in zip(self.resnets, self.attentions):
-            h = attn(resnet(h, temb), context)
+        for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
+            h = attn(resnet(h, temb, saved=child(saved, f"resnets.{i}")), context, saved=child(saved, f"attentions.{i}"))
             skips.append(h)
         for down in self.downsamplers:
-            h = down(h)
+            h = down(h, saved=child(saved, "downsamplers.0"))
             skips.append(h)
         return h, skips
+
+    def backward(self, saved, grad, dskips):
+        return _down_block_backward(self, saved, grad, dskips)
 
 
 class DownBlock2D(Module):
@@ -68,15 +83,37 @@ class DownBlock2D(Module):
                         for i in range(n_layers)]
         self.downsamplers = [Downsample2D(out_ch, pad)] if downsample else []
 
-    def __call__(self, h, temb, context=None):
+    def __call__(self, h, temb, context=None, saved=None):
         skips = []
-        for resnet in self.resnets:
-            h = resnet(h, temb)
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(h, temb, saved=child(saved, f"resnets.{i}"))
             skips.append(h)
         for down in self.downsamplers:
-            h = down(h)
+            h = down(h, saved=child(saved, "downsamplers.0"))
             skips.append(h)
         return h, skips
+
+    def backward(self, saved, grad, dskips):
+        return _down_block_backward(self, saved, grad, dskips)
+
+
+def _down_block_backward(block, saved, grad, dskips):
+    """∂L/∂h_out and the gradients of the block's skips (in the order it made them) ->
+    (∂L/∂h_in, ∂L/∂temb, ∂L/∂context). Each skip is also the next layer's input, so the
+    gradient at each layer's output is the one from above plus its skip's."""
+    dskips = list(dskips)
+    dtemb = dcontext = 0
+    for down in block.downsamplers:
+        grad = down.backward(saved["downsamplers.0"], grad + dskips.pop())
+    attentions = getattr(block, "attentions", [])
+    for i in reversed(range(len(block.resnets))):
+        grad = grad + dskips.pop()
+        if attentions:
+            grad, dc = attentions[i].backward(saved[f"attentions.{i}"], grad)
+            dcontext = dcontext + dc
+        grad, dt = block.resnets[i].backward(saved[f"resnets.{i}"], grad)
+        dtemb = dtemb + dt
+    return grad, dtemb, dcontext
 
 
 class CrossAttnUpBlock2D(Module):
@@ -88,14 +125,18 @@ class CrossAttnUpBlock2D(Module):
         self.attentions = [Transformer2DModel(heads, out_ch // heads, out_ch, context_dim, groups)
                            for _ in range(n_layers)]
         self.upsamplers = [Upsample2D(out_ch)] if upsample else []
+        self.skip_channels = [in_ch if i == n_layers - 1 else out_ch for i in range(n_layers)]
 
-    def __call__(self, h, skips, temb, context, size=None):
-        for resnet, attn in zip(self.resnets, self.attentions):
+    def __call__(self, h, skips, temb, context, size=None, saved=None):
+        for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
             h = self.ops.concat([h, skips.pop()], axis=1)
-            h = attn(resnet(h, temb), context)
+            h = attn(resnet(h, temb, saved=child(saved, f"resnets.{i}")), context, saved=child(saved, f"attentions.{i}"))
         for up in self.upsamplers:
-            h = up(h, size)
+            h = up(h, size, saved=child(saved, "upsamplers.0"))
         return h
+
+    def backward(self, saved, grad):
+        return _up_block_backward(self, saved, grad)
 
 
 class UpBlock2D(Module):
@@ -103,13 +144,38 @@ class UpBlock2D(Module):
         self.resnets = [ResnetBlock2D((prev_ch if i == 0 else out_ch) + (in_ch if i == n_layers - 1 else out_ch),
                                       out_ch, temb_ch, groups, eps) for i in range(n_layers)]
         self.upsamplers = [Upsample2D(out_ch)] if upsample else []
+        self.skip_channels = [in_ch if i == n_layers - 1 else out_ch for i in range(n_layers)]
 
-    def __call__(self, h, skips, temb, context=None, size=None):
-        for resnet in self.resnets:
-            h = resnet(self.ops.concat([h, skips.pop()], axis=1), temb)
+    def __call__(self, h, skips, temb, context=None, size=None, saved=None):
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(self.ops.concat([h, skips.pop()], axis=1), temb, saved=child(saved, f"resnets.{i}"))
         for up in self.upsamplers:
-            h = up(h, size)
+            h = up(h, size, saved=child(saved, "upsamplers.0"))
         return h
+
+    def backward(self, saved, grad):
+        return _up_block_backward(self, saved, grad)
+
+
+def _up_block_backward(block, saved, grad):
+    """∂L/∂h_out -> (∂L/∂h_in, [∂L/∂skip in the order the block was given them], ∂L/∂temb,
+    ∂L/∂context). Each ResNet's input was [h, skip] concatenated on the channels, so its
+    gradient splits the same way; the first ResNet took the last skip."""
+    dtemb = dcontext = 0
+    for up in block.upsamplers:
+        grad = up.backward(saved["upsamplers.0"], grad)
+    attentions = getattr(block, "attentions", [])
+    dskips = []
+    for i in reversed(range(len(block.resnets))):
+        if attentions:
+            grad, dc = attentions[i].backward(saved[f"attentions.{i}"], grad)
+            dcontext = dcontext + dc
+        grad, dt = block.resnets[i].backward(saved[f"resnets.{i}"], grad)
+        dtemb = dtemb + dt
+        c = grad.shape[1] - block.skip_channels[i]
+        grad, dskip = grad[:, :c], grad[:, c:]             # concat's backward: each input's slice
+        dskips.append(dskip)
+    return grad, dskips, dtemb, dcontext
 
 
 class UNetMidBlock2DCrossAttn(Module):
@@ -117,9 +183,17 @@ class UNetMidBlock2DCrossAttn(Module):
         self.resnets = [ResnetBlock2D(ch, ch, temb_ch, groups, eps), ResnetBlock2D(ch, ch, temb_ch, groups, eps)]
         self.attentions = [Transformer2DModel(heads, ch // heads, ch, context_dim, groups)]
 
-    def __call__(self, h, temb, context):
-        h = self.resnets[0](h, temb)
-        return self.resnets[1](self.attentions[0](h, context), temb)
+    def __call__(self, h, temb, context, saved=None):
+        h = self.resnets[0](h, temb, saved=child(saved, "resnets.0"))
+        h = self.attentions[0](h, context, saved=child(saved, "attentions.0"))
+        return self.resnets[1](h, temb, saved=child(saved, "resnets.1"))
+
+    def backward(self, saved, grad):
+        """∂L/∂out -> (∂L/∂h, ∂L/∂temb, ∂L/∂context)."""
+        grad, dtemb1 = self.resnets[1].backward(saved["resnets.1"], grad)
+        grad, dcontext = self.attentions[0].backward(saved["attentions.0"], grad)
+        grad, dtemb0 = self.resnets[0].backward(saved["resnets.0"], grad)
+        return grad, dtemb0 + dtemb1, dcontext
 
 
 SUPPORTED = {
@@ -186,25 +260,67 @@ class UNet2DConditionModel(Module):
     def in_channels(self):
         return self.config["in_channels"]
 
-    def __call__(self, latents, t, context):
+    def __call__(self, latents, t, context, saved=None):
         B = latents.shape[0]
         t = np.broadcast_to(np.asarray(t, dtype=np.float32).reshape(-1), (B,))
         temb = self.ops.asarray(timestep_embedding(t, self.time_proj_dim, self.flip_sin_to_cos,
                                                    self.freq_shift))
-        temb = self.time_embedding(temb)
+        temb = self.time_embedding(temb, saved=child(saved, "time_embedding"))
 
         h = self.conv_in(latents)
         skips = [h]
-        for block in self.down_blocks:
-            h, block_skips = block(h, temb, context)
+        for i, block in enumerate(self.down_blocks):
+            h, block_skips = block(h, temb, context, saved=child(saved, f"down_blocks.{i}"))
             skips += block_skips
 
-        h = self.mid_block(h, temb, context)
+        h = self.mid_block(h, temb, context, saved=child(saved, "mid_block"))
 
-        for block in self.up_blocks:
+        for i, block in enumerate(self.up_blocks):
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             size = skips[-1].shape[2:] if skips else None   # the next level's size, for odd inputs
-            h = block(h, block_skips, temb, context, size=size)
+            h = block(h, block_skips, temb, context, size=size, saved=child(saved, f"up_blocks.{i}"))
 
+        if saved is not None:
+            saved.update(latents=latents, h=h)
         return self.conv_out(self.conv_norm_out(h, silu=True))
+
+    def backward(self, saved, grad):
+        """∂L/∂ε̂ (B, C_out, h, w) -> (∂L/∂latents, ∂L/∂context); every parameter's gradient is
+        added into its module's `.grads` (unless frozen).
+
+        The forward's steps in reverse. The skips: conv_in's output and every down-block
+        output was kept on a stack that the up blocks popped; here each up block returns the
+        gradients of the skips it took (`dskips` holds them at the stack's positions), and each
+        down block gets them back with the gradient of its output. The timestep embedding fed
+        every ResNet, so its gradient is the sum of theirs (then through time_embedding's MLP);
+        the text context fed every cross-attention, so its gradient is the sum of theirs.
+        """
+        h = saved["h"]
+        grad = self.conv_out.backward(self.conv_norm_out(h, silu=True), grad)
+        grad = self.conv_norm_out.backward(h, grad, silu=True)
+
+        n_skips = [1] + [len(b.resnets) + len(b.downsamplers) for b in self.down_blocks]   # pushed by each
+        dskips = [None] * sum(n_skips)
+        starts, end = [], len(dskips)                   # where each up block's skips sat on the stack
+        for block in self.up_blocks:
+            end -= len(block.resnets)
+            starts.append(end)
+        dtemb = dcontext = 0
+        for i in reversed(range(len(self.up_blocks))):
+            grad, block_dskips, dt, dc = self.up_blocks[i].backward(saved[f"up_blocks.{i}"], grad)
+            dskips[starts[i]:starts[i] + len(block_dskips)] = block_dskips
+            dtemb, dcontext = dtemb + dt, dcontext + dc
+
+        grad, dt, dc = self.mid_block.backward(saved["mid_block"], grad)
+        dtemb, dcontext = dtemb + dt, dcontext + dc
+
+        end = len(dskips)
+        for i in reversed(range(len(self.down_blocks))):
+            start = end - n_skips[i + 1]
+            grad, dt, dc = self.down_blocks[i].backward(saved[f"down_blocks.{i}"], grad, dskips[start:end])
+            dtemb, dcontext, end = dtemb + dt, dcontext + dc, start
+
+        dlatents = self.conv_in.backward(saved["latents"], grad + dskips[0])
+        self.time_embedding.backward(saved["time_embedding"], dtemb)
+        return dlatents, dcontext
