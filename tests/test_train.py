@@ -21,7 +21,7 @@ from torch_util import sd_v15_config  # noqa: E402
 from tinysd import cli, embeddings  # noqa: E402
 from tinysd.nn import Module  # noqa: E402
 from tinysd.train import (AdamW, LoRALinear, NoiseSchedule, Parameter, TrainConfig, add_lora,  # noqa: E402
-                          diffusion_loss, diffusion_micro_step, LatentDataset, lora_parameters, named_modules,
+                          diffusion_loss, diffusion_micro_step, fit_latents, LatentDataset, lora_parameters, named_modules,
                           read_image_folder, remove_lora, save_embedding, save_lora, step_generators, step_seed,
                           train, train_lora, train_textual_inversion, trainable_parameters, UNET_LORA_TARGETS,
                           TEXT_LORA_TARGETS)
@@ -402,6 +402,17 @@ def test_training_a_lora_lowers_the_loss(tiny_sd, tmp_path):
     adapters, losses = train_lora(sd, folder, TrainConfig(steps=30, batch_size=4, learning_rate=3e-3), rank=4, progress=False)
     sd.unet.zero_grad()
     assert probe(0, 0, 1.0) < 0.9 * base_loss
+
+
+def test_fit_latents_draws_the_pictures_closer_than_the_encoder(tiny_sd, tmp_path):
+    """fit_latents: AdamW on ‖decode(z) − x‖² through the frozen decoder lowers the encoder's error."""
+    sd = tinysd.load(tiny_sd.folder, backend="numpy")
+    images, _ = read_image_folder(write_folder(tmp_path / "fit", n=2), SIZE)
+    start = sd.vae.encode(images).mean
+    fitted = fit_latents(sd, images, start, steps=5, lr=0.05)
+    assert fitted.shape == start.shape and fitted.dtype == np.float32
+    error = lambda z: float(np.mean((sd.vae.decoder(sd.vae.post_quant_conv(z)) - images) ** 2))  # noqa: E731
+    assert error(fitted) < 0.9 * error(start)
 
 
 # -- textual inversion --------------------------------------------------------------------------------------

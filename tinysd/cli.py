@@ -321,6 +321,9 @@ def training_parser(prog, description, lr):
     p.add_argument("--resume", action="store_true", help="continue the run saved in --state")
     p.add_argument("--save-every", type=int, default=100, metavar="N", help="save the state every N steps (default: %(default)s)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="loss plot (default: OUTPUT with -loss.png)")
+    p.add_argument("--fit-latents", type=int, default=0, metavar="N",
+                   help="refine each picture's latent by N steps of gradient descent through the VAE's decoder, for "
+                        "content its encoder never saw (default: 0, the encoder's latents)")
     return p
 
 
@@ -367,7 +370,7 @@ def train_lora_command(argv):
     sd = tinysd.load(args.model, backend=get_backend(args.backend))
     adapters, losses = train_lora(sd, args.data, training_config(args, 1e-2), rank=args.rank, alpha=args.alpha,
                                   text_encoder=args.text_encoder, state_path=state, resume=args.resume,
-                                  save_every=args.save_every)
+                                  save_every=args.save_every, fit_steps=args.fit_latents)
     save_lora(output, adapters)
     plot_losses(losses, plot, title=f"LoRA rank {args.rank}: loss")
     print(f"{output} ({len(adapters)} adapters, final loss {mean_tail(losses):.4f}); state {state}; loss plot {plot}")
@@ -390,7 +393,7 @@ def train_embedding_command(argv):
     sd = tinysd.load(args.model, backend=get_backend(args.backend))
     vectors, losses = train_textual_inversion(sd, args.data, args.token, training_config(args, 0.0), args.vectors,
                                               args.init_word, state_path=state, resume=args.resume,
-                                              save_every=args.save_every)
+                                              save_every=args.save_every, fit_steps=args.fit_latents)
     save_embedding(output, vectors)
     if args.diffusers_output:
         save_embedding(args.diffusers_output, vectors, args.token, format="diffusers")

@@ -394,15 +394,23 @@ def read_image_folder(folder, size):
 class LatentDataset:
     """The training pictures as the VAE's latent distributions N(mean, std²), encoded once, and
     their captions' token ids. `latents(idx, generator)` samples z_0 = s·(mean + std·n) for the
-    pictures `idx` (s the VAE's scaling factor, n from the torch-compatible generator)."""
+    pictures `idx` (s the VAE's scaling factor, n from the torch-compatible generator).
 
-    def __init__(self, sd, images, captions, batch=8):
+    `fit_steps` > 0 replaces each encoder mean by a latent the decoder turns into the picture
+    (`fit_latents`, std 0): for content the VAE's encoder never saw, which it maps to what it
+    knows (the shapes model's encoder turns orange into yellow; its decoder can draw orange).
+    """
+
+    def __init__(self, sd, images, captions, batch=8, fit_steps=0, progress=False):
         means, stds = [], []
         for i in range(0, len(images), batch):
             dist = sd.vae.encode(images[i:i + batch])
             means.append(dist.mean)
             stds.append(dist.std)
         self.mean, self.std = np.concatenate(means), np.concatenate(stds)
+        if fit_steps:
+            self.mean = fit_latents(sd, images, self.mean, fit_steps, progress=progress)
+            self.std = np.zeros_like(self.std)
         self.captions = list(captions)
         self.ids = np.concatenate([sd.tokenizer(c) for c in self.captions])       # (N, 77)
         self.scaling_factor = np.float32(sd.vae.scaling_factor)
@@ -413,6 +421,30 @@ class LatentDataset:
     def latents(self, idx, generator):
         noise = generator.randn(self.mean[idx].shape)
         return self.scaling_factor * (self.mean[idx] + self.std[idx] * noise)
+
+
+def fit_latents(sd, images, start, steps, lr=0.1, batch=16, progress=False):
+    """Latents z (N, 4, h, w) with decode(z) ≈ images, by `steps` AdamW steps on
+    ‖decode(z) − x‖² through the frozen decoder (`Decoder.backward`), from `start` (the encoder's
+    means). float32, unscaled (as `vae.encode(x).mean`)."""
+    from tqdm import tqdm
+
+    vae, ops = sd.vae, sd.vae.ops
+    vae.freeze()
+    holder = Module()
+    fitted = []
+    for i in tqdm(range(0, len(images), batch), desc="fitting latents", disable=not progress):
+        x = ops.asarray(images[i:i + batch])
+        object.__setattr__(holder, "z", ops.asarray(np.array(start[i:i + batch], np.float32)))
+        optimizer = AdamW([Parameter("z", holder, "z")], lr=lr, weight_decay=0.0)
+        for _ in range(steps):
+            saved = {}
+            diff = vae.decoder(vae.post_quant_conv(holder.z), saved=saved) - x
+            grad = vae.decoder.backward(saved, ops.asarray(2 * ops.numpy(diff) / diff.size))
+            holder.grads = {"z": vae.post_quant_conv.backward(holder.z, grad)}
+            optimizer.step()
+        fitted.append(np.array(ops.numpy(holder.z), np.float32))
+    return np.concatenate(fitted)
 
 
 def diffusion_micro_step(sd, data, config, schedule, text_encoder_trained=False):
@@ -566,13 +598,14 @@ def save_lora(path, adapters, metadata=None):
 
 
 def train_lora(sd, data_dir, config, rank=4, alpha=None, text_encoder=False, state_path=None, resume=False,
-               save_every=0, progress=True):
+               save_every=0, progress=True, fit_steps=0):
     """Train LoRA adapters on `sd`'s U-Net attention projections (and, with `text_encoder`, its
-    text encoder's) on a folder of captioned pictures. The adapters stay in the model (the
-    pipeline draws with them); returns (adapters, losses). `save_lora` writes them."""
+    text encoder's) on a folder of captioned pictures (`fit_steps`: see LatentDataset). The
+    adapters stay in the model (the pipeline draws with them); returns (adapters, losses).
+    `save_lora` writes them."""
     size = 8 * sd.unet.config.get("sample_size", 64)
     images, captions = read_image_folder(data_dir, size)
-    data = LatentDataset(sd, images, captions)
+    data = LatentDataset(sd, images, captions, fit_steps=fit_steps, progress=progress)
     schedule = NoiseSchedule(sd.scheduler_config)
     sd.unet.freeze()
     sd.text_encoder.freeze()
@@ -617,7 +650,7 @@ def add_concept_token(sd, token, num_vectors=1, init_word=None, seed=0):
 
 
 def train_textual_inversion(sd, data_dir, token, config, num_vectors=1, init_word=None, state_path=None,
-                            resume=False, save_every=0, progress=True):
+                            resume=False, save_every=0, progress=True, fit_steps=0):
     """Learn `num_vectors` token vectors for `token` from a folder of captioned pictures whose
     captions say `token` (U-Net and text encoder frozen). The token stays loaded in `sd`;
     returns (vectors (n, width), losses). `save_embedding` writes them."""
@@ -630,7 +663,8 @@ def train_textual_inversion(sd, data_dir, token, config, num_vectors=1, init_wor
             raise ValueError(f"{data_dir}: the caption {caption!r} does not say {token!r}; every caption of a "
                              "textual-inversion set names the concept")
     param = add_concept_token(sd, token, num_vectors, init_word, config.seed)
-    data = LatentDataset(sd, images, [expand_multi_vector(c, sd.tokenizer) for c in captions])
+    data = LatentDataset(sd, images, [expand_multi_vector(c, sd.tokenizer) for c in captions], fit_steps=fit_steps,
+                         progress=progress)
     schedule = NoiseSchedule(sd.scheduler_config)
     losses = train(diffusion_micro_step(sd, data, config, schedule, text_encoder_trained=True), [param], config,
                    state_path, resume, save_every, progress, desc="embedding")

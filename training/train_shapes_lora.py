@@ -68,12 +68,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(HERE), help="where the LoRA, the tables and the pictures go")
     p.add_argument("--data", default="/tmp/tinysd-shapes-orange", help="the generated training folder")
-    p.add_argument("--pictures", type=int, default=400)
+    p.add_argument("--pictures", type=int, default=200)
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--text-encoder", action="store_true", help="also adapt the text encoder's attention")
+    p.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=True,
+                   help="also adapt the text encoder's attention (default: yes)")
+    p.add_argument("--fit-steps", type=int, default=40,
+                   help="refine each picture's latent through the decoder (the encoder turns orange into yellow)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="evaluation seeds")
     p.add_argument("--backend", default="cpu")
@@ -95,7 +98,8 @@ def main(argv=None):
     clock = Clock()
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
     adapters, losses = train_lora(sd, args.data, config, rank=args.rank, text_encoder=args.text_encoder,
-                                  state_path=out / "shapes_orange.state.safetensors", resume=args.resume, save_every=50)
+                                  state_path=out / "shapes_orange.state.safetensors", resume=args.resume, save_every=50,
+                                  fit_steps=args.fit_steps)
     timing = clock.report()
     save_lora(out / "shapes_orange.safetensors", adapters)
     plot_losses(losses, out / "shapes_lora_loss.png", title="orange LoRA (rank 4): loss")
