@@ -597,12 +597,20 @@ def save_lora(path, adapters, metadata=None):
     save_file(lora_state_dict(adapters), str(path), metadata={**meta, **(metadata or {})})
 
 
+def check_backward(ops):
+    """Fail before any model work on a backend without backward ops: a one-number SiLU backward
+    (the cuda backend raises NotImplementedError naming the op and saying where to train)."""
+    one = np.zeros(1, np.float32)
+    ops.silu_backward(one, one)
+
+
 def train_lora(sd, data_dir, config, rank=4, alpha=None, text_encoder=False, state_path=None, resume=False,
                save_every=0, progress=True, fit_steps=0):
     """Train LoRA adapters on `sd`'s U-Net attention projections (and, with `text_encoder`, its
     text encoder's) on a folder of captioned pictures (`fit_steps`: see LatentDataset). The
     adapters stay in the model (the pipeline draws with them); returns (adapters, losses).
     `save_lora` writes them."""
+    check_backward(sd.unet.ops)
     size = 8 * sd.unet.config.get("sample_size", 64)
     images, captions = read_image_folder(data_dir, size)
     data = LatentDataset(sd, images, captions, fit_steps=fit_steps, progress=progress)
@@ -656,6 +664,7 @@ def train_textual_inversion(sd, data_dir, token, config, num_vectors=1, init_wor
     returns (vectors (n, width), losses). `save_embedding` writes them."""
     from tinysd.embeddings import expand_multi_vector
 
+    check_backward(sd.unet.ops)
     size = 8 * sd.unet.config.get("sample_size", 64)
     images, captions = read_image_folder(data_dir, size)
     for caption in captions:
