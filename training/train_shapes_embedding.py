@@ -61,6 +61,11 @@ def concept_rate(rows):
     return {k: float(np.mean(v)) for k, v in hits.items()}
 
 
+def loss_by_tenth(losses):
+    """The mean loss over each tenth of the run (one step's loss is too noisy to read)."""
+    return [round(float(np.mean(part)), 5) for part in np.array_split(np.asarray(losses), 10) if len(part)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(HERE))
@@ -95,6 +100,7 @@ def main(argv=None):
                                               state_path=out / "zorb.state.safetensors", resume=args.resume,
                                               save_every=50)
     timing = clock.report()
+    print("mean loss by tenth of the run:", " ".join(f"{v:.4f}" for v in loss_by_tenth(losses)))
     save_embedding(out / "zorb.safetensors", vectors)
     save_embedding(out / "zorb-learned_embeds.safetensors", vectors, TOKEN, format="diffusers")
     plot_losses(losses, out / "shapes_embedding_loss.png", title=f"textual inversion {TOKEN}: loss")
@@ -114,6 +120,7 @@ def main(argv=None):
                               out / "shapes_embedding_eval.png")
     write_json(out / "shapes_embedding_eval.json", {
         "settings": vars(args), "training": timing, "final_loss": float(np.mean(losses[-50:])),
+        "loss_by_tenth": loss_by_tenth(losses),
         "held_out_places": [r[2] for r in held_out], "accuracy": results, "before": before, "after": after})
 
 
