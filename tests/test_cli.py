@@ -3,7 +3,9 @@
 Runs `tinysd.cli.main` in-process on the tiny seeded model of conftest.py (64×64, 2 steps,
 numpy backend) and compares with `tinysd.load(folder)(...)` called with the same arguments.
 """
+import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -305,3 +307,65 @@ def test_module_entry_point_exits_non_zero_without_traceback(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert r.returncode == 2
     assert r.stderr.strip() == "tinysd: error: --mask needs --init-image (the picture to inpaint)"
+
+
+# -- malformed weight files: one line naming the file and the rule, exit 1, never a traceback or a signal --
+def bad_model_files(folder, tiny_sd):
+    """{case: (file, words of the error)}: cut, mangled and malicious single files."""
+    from test_weights import Call, program, tensor_program, write_ckpt
+    single = tiny_sd.single_safetensors.read_bytes()
+    (n,) = struct.unpack("<Q", single[:8])
+    header = single[8: 8 + n]
+    duplicated = b"{" + header[1: header.index(b"},") + 2] + header[1:]        # its first entry twice
+    entries = json.loads(header)
+    first = next(e for e in entries.values() if isinstance(e, dict) and e.get("data_offsets", [1])[0] == 0)
+    first["data_offsets"] = [o + 4 for o in first["data_offsets"]]            # 4 bytes later: a hole, then an overlap
+    shifted = json.dumps(entries).encode()
+    files = {
+        "safetensors cut in half": (single[: len(single) // 2], "truncated data section"),
+        "safetensors header length past the end": (struct.pack("<Q", len(single)) + single[8:], "truncated safetensors header"),
+        "safetensors duplicate key": (struct.pack("<Q", len(duplicated)) + duplicated + single[8 + n:], "twice"),
+        "safetensors shifted offsets": (struct.pack("<Q", len(shifted)) + shifted + single[8 + n:], "data begins at byte 4"),
+        "safetensors deeply nested": (struct.pack("<Q", 200_002) + b"[" * 100_001 + b"]" * 100_001, "nests 100001 levels"),
+        "ckpt negative stride": (tensor_program(3, (4,), (-1,)), "offset, sizes and strides must be ≥ 0"),
+        "ckpt os.system": (program(Call(os.system, "echo pwned")), f"the global {os.system.__module__}.system"),
+        "ckpt cut in half": (tiny_sd.single_ckpt.read_bytes()[: tiny_sd.single_ckpt.stat().st_size // 2],
+                             "not a PyTorch zip checkpoint"),
+        "ckpt empty": (b"", "not a PyTorch zip checkpoint"),
+    }
+    paths = {}
+    for case, (data, message) in files.items():
+        suffix = ".ckpt" if case.startswith("ckpt") else ".safetensors"
+        path = folder / (case.replace(" ", "-").replace(".", "") + suffix)
+        if case in ("ckpt negative stride", "ckpt os.system"):
+            write_ckpt(path, data, [("0", b"\0" * 16)])
+        else:
+            path.write_bytes(data)
+        paths[case] = (path, message)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def bad_models(tiny_sd, tmp_path_factory):
+    pytest.importorskip("torch")
+    return bad_model_files(tmp_path_factory.mktemp("bad-models"), tiny_sd)
+
+
+@pytest.mark.parametrize("case", ["safetensors cut in half", "safetensors header length past the end",
+                                  "safetensors duplicate key", "safetensors shifted offsets", "safetensors deeply nested",
+                                  "ckpt negative stride", "ckpt os.system", "ckpt cut in half", "ckpt empty"])
+def test_malformed_model_file_is_one_line(case, bad_models, tmp_path, capsys):
+    path, message = bad_models[case]
+    assert main(["a cat", "--model", str(path), "-o", str(tmp_path / "x.png")] + FAST) == 1
+    line = one_error_line(capsys)
+    assert str(path) in line and message in line, line
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_file_that_segfaulted_now_exits_1_with_one_line(bad_models, tmp_path):
+    path, message = bad_models["ckpt negative stride"]
+    r = subprocess.run([sys.executable, "-m", "tinysd", "a cat", "--model", str(path), "--backend", "numpy"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and message in lines[0] and str(path) in lines[0], (r.returncode, r.stderr)

@@ -38,63 +38,84 @@ def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0, max_period=10
     return np.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=1).astype(np.float32)
 
 
+def guidance_scale_embedding(w, dim):
+    """The guidance-scale embedding of LCM-distilled U-Nets (diffusers' `LatentConsistencyModelPipeline`
+    calls it with w = guidance_scale − 1; VDM's formula, Kingma et al. 2021):
+
+        freqs_i = exp(−ln(10000) · i / (dim/2 − 1)),  emb = [sin(1000 w · f), cos(1000 w · f)]
+
+    zero-padded to `dim` when odd. w (B,) -> (B, dim) float32.
+    """
+    half = dim // 2
+    step = np.log(np.float32(10000)) / np.float32(half - 1)
+    freqs = np.exp(np.arange(half, dtype=np.float32) * -step)
+    args = (np.asarray(w, dtype=np.float32) * np.float32(1000))[:, None] * freqs[None]
+    emb = np.concatenate([np.sin(args), np.cos(args)], axis=1)
+    return np.pad(emb, ((0, 0), (0, dim % 2))).astype(np.float32)
+
+
 class TimestepEmbedding(Module):
-    """MLP on the sinusoidal embedding: Linear, SiLU, Linear (to 4× the base channels)."""
+    """MLP on the sinusoidal embedding: Linear, SiLU, Linear (to 4× the base channels).
 
-    def __init__(self, in_dim, dim):
+    LCM-distilled U-Nets (`time_cond_proj_dim`) add a projection of the guidance-scale embedding
+    to the sinusoidal one first: linear_1(emb + cond_proj(w_emb)).
+    """
+
+    def __init__(self, in_dim, dim, cond_proj_dim=None):
         self.linear_1, self.linear_2 = Linear(in_dim, dim), Linear(dim, dim)
+        if cond_proj_dim is not None:
+            self.cond_proj = Linear(cond_proj_dim, in_dim, bias=False)
 
-    def __call__(self, x, saved=None):
+    def __call__(self, x, condition=None, saved=None):
+        if condition is not None:
+            x = x + self.cond_proj(condition)
         h = self.linear_1(x)
         if saved is not None:
             saved.update(x=x, h=h)
         return self.linear_2(self.ops.silu(h))
 
     def backward(self, saved, grad):
+        """Through linear_2, SiLU, linear_1 (cond_proj, an LCM U-Net's, is not trained)."""
         x, h = saved["x"], saved["h"]
         return self.linear_1.backward(x, self.ops.silu_backward(self.linear_2.backward(self.ops.silu(h), grad), h))
 
 
-class CrossAttnDownBlock2D(Module):
-    def __init__(self, in_ch, out_ch, temb_ch, n_layers, heads, context_dim, downsample, groups, eps, pad):
-        self.resnets = [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_ch, groups, eps)
-                        for i in range(n_layers)]
-        self.attentions = [Transformer2DModel(heads, out_ch // heads, out_ch, context_dim, groups)
-                           for _ in range(n_layers)]
-        self.downsamplers = [Downsample2D(out_ch, pad)] if downsample else []
-
-    def __call__(self, h, temb, context, saved=None):
-        skips = []
-        for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
-            h = attn(resnet(h, temb, saved=child(saved, f"resnets.{i}")), context, saved=child(saved, f"attentions.{i}"))
-            skips.append(h)
-        for down in self.downsamplers:
-            h = down(h, saved=child(saved, "downsamplers.0"))
-            skips.append(h)
-        return h, skips
-
-    def backward(self, saved, grad, dskips):
-        return _down_block_backward(self, saved, grad, dskips)
-
-
 class DownBlock2D(Module):
+    """Layers 0..n−1: ResNets (CrossAttnDownBlock2D: each followed by a Transformer); layer n: the
+    stride-2 conv (not in the last block). Every layer's output is kept as a skip connection."""
+
     def __init__(self, in_ch, out_ch, temb_ch, n_layers, downsample, groups, eps, pad):
         self.resnets = [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_ch, groups, eps)
                         for i in range(n_layers)]
         self.downsamplers = [Downsample2D(out_ch, pad)] if downsample else []
 
-    def __call__(self, h, temb, context=None, saved=None):
+    def __call__(self, h, temb, context=None, layers=None, saved=None):
+        """-> (h, skips). `layers` (a range; all by default) runs only those: DeepCache's passes stop
+        and resume between two layers (UNet2DConditionModel)."""
         skips = []
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(h, temb, saved=child(saved, f"resnets.{i}"))
-            skips.append(h)
-        for down in self.downsamplers:
-            h = down(h, saved=child(saved, "downsamplers.0"))
+        for i in range(len(self.resnets) + len(self.downsamplers)) if layers is None else layers:
+            h = self.layer(i, h, temb, context, saved)
             skips.append(h)
         return h, skips
 
+    def layer(self, i, h, temb, context, saved=None):
+        if i < len(self.resnets):
+            return self.resnets[i](h, temb, saved=child(saved, f"resnets.{i}"))
+        return self.downsamplers[0](h, saved=child(saved, "downsamplers.0"))
+
     def backward(self, saved, grad, dskips):
         return _down_block_backward(self, saved, grad, dskips)
+
+
+class CrossAttnDownBlock2D(DownBlock2D):
+    def __init__(self, in_ch, out_ch, temb_ch, n_layers, heads, context_dim, downsample, groups, eps, pad):
+        super().__init__(in_ch, out_ch, temb_ch, n_layers, downsample, groups, eps, pad)
+        self.attentions = [Transformer2DModel(heads, out_ch // heads, out_ch, context_dim, groups)
+                           for _ in range(n_layers)]
+
+    def layer(self, i, h, temb, context, saved=None):
+        h = super().layer(i, h, temb, context, saved)
+        return self.attentions[i](h, context, saved=child(saved, f"attentions.{i}")) if i < len(self.attentions) else h
 
 
 def _down_block_backward(block, saved, grad, dskips):
@@ -116,45 +137,42 @@ def _down_block_backward(block, saved, grad, dskips):
     return grad, dtemb, dcontext
 
 
-class CrossAttnUpBlock2D(Module):
-    """Each ResNet first concatenates the matching skip from the down path (channels add)."""
-
-    def __init__(self, in_ch, prev_ch, out_ch, temb_ch, n_layers, heads, context_dim, upsample, groups, eps):
-        self.resnets = [ResnetBlock2D((prev_ch if i == 0 else out_ch) + (in_ch if i == n_layers - 1 else out_ch),
-                                      out_ch, temb_ch, groups, eps) for i in range(n_layers)]
-        self.attentions = [Transformer2DModel(heads, out_ch // heads, out_ch, context_dim, groups)
-                           for _ in range(n_layers)]
-        self.upsamplers = [Upsample2D(out_ch)] if upsample else []
-        self.skip_channels = [in_ch if i == n_layers - 1 else out_ch for i in range(n_layers)]
-
-    def __call__(self, h, skips, temb, context, size=None, saved=None):
-        for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
-            h = self.ops.concat([h, skips.pop()], axis=1)
-            h = attn(resnet(h, temb, saved=child(saved, f"resnets.{i}")), context, saved=child(saved, f"attentions.{i}"))
-        for up in self.upsamplers:
-            h = up(h, size, saved=child(saved, "upsamplers.0"))
-        return h
-
-    def backward(self, saved, grad):
-        return _up_block_backward(self, saved, grad)
-
-
 class UpBlock2D(Module):
+    """Layer i concatenates a skip from the down path (channels add) and runs ResNet i
+    (CrossAttnUpBlock2D: then Transformer i); 2× up-sampling follows the last layer."""
+
     def __init__(self, in_ch, prev_ch, out_ch, temb_ch, n_layers, upsample, groups, eps):
         self.resnets = [ResnetBlock2D((prev_ch if i == 0 else out_ch) + (in_ch if i == n_layers - 1 else out_ch),
                                       out_ch, temb_ch, groups, eps) for i in range(n_layers)]
         self.upsamplers = [Upsample2D(out_ch)] if upsample else []
         self.skip_channels = [in_ch if i == n_layers - 1 else out_ch for i in range(n_layers)]
 
-    def __call__(self, h, skips, temb, context=None, size=None, saved=None):
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(self.ops.concat([h, skips.pop()], axis=1), temb, saved=child(saved, f"resnets.{i}"))
-        for up in self.upsamplers:
-            h = up(h, size, saved=child(saved, "upsamplers.0"))
+    def __call__(self, h, skips, temb, context=None, size=None, layers=None, saved=None):
+        """Each layer takes the last of `skips` (popped). `layers` (a range; all by default) runs
+        only those, as in DownBlock2D; the up-sampling comes with the last layer."""
+        layers = range(len(self.resnets)) if layers is None else layers
+        for i in layers:
+            h = self.layer(i, self.ops.concat([h, skips.pop()], axis=1), temb, context, saved)
+        if layers and layers[-1] == len(self.resnets) - 1:
+            for up in self.upsamplers:
+                h = up(h, size, saved=child(saved, "upsamplers.0"))
         return h
+
+    def layer(self, i, h, temb, context, saved=None):
+        return self.resnets[i](h, temb, saved=child(saved, f"resnets.{i}"))
 
     def backward(self, saved, grad):
         return _up_block_backward(self, saved, grad)
+
+
+class CrossAttnUpBlock2D(UpBlock2D):
+    def __init__(self, in_ch, prev_ch, out_ch, temb_ch, n_layers, heads, context_dim, upsample, groups, eps):
+        super().__init__(in_ch, prev_ch, out_ch, temb_ch, n_layers, upsample, groups, eps)
+        self.attentions = [Transformer2DModel(heads, out_ch // heads, out_ch, context_dim, groups)
+                           for _ in range(n_layers)]
+
+    def layer(self, i, h, temb, context, saved=None):
+        return self.attentions[i](super().layer(i, h, temb, context, saved), context, saved=child(saved, f"attentions.{i}"))
 
 
 def _up_block_backward(block, saved, grad):
@@ -206,7 +224,8 @@ class UNet2DConditionModel(Module):
     """`unet(latents, t, context)` -> ε̂, the noise predicted in `latents` at timestep t.
 
     latents (B, C_in, h, w) float32 (h, w any size; multiples of 8 keep every level even),
-    t a scalar or (B,), context (B, 77, cross_attention_dim).
+    t a scalar or (B,), context (B, 77, cross_attention_dim); timestep_cond (B,
+    time_cond_proj_dim), for LCM-distilled U-Nets only: `guidance_scale_embedding(w)`.
     """
 
     def __init__(self, config):
@@ -228,7 +247,7 @@ class UNet2DConditionModel(Module):
         self.time_proj_dim = channels[0]
 
         self.conv_in = Conv2d(cfg["in_channels"], channels[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(channels[0], temb_ch)
+        self.time_embedding = TimestepEmbedding(channels[0], temb_ch, cfg.get("time_cond_proj_dim"))
 
         self.down_blocks = []
         for i, kind in enumerate(cfg["down_block_types"]):
@@ -260,30 +279,80 @@ class UNet2DConditionModel(Module):
     def in_channels(self):
         return self.config["in_channels"]
 
-    def __call__(self, latents, t, context, saved=None):
+    def __call__(self, latents, t, context, timestep_cond=None, cache_branch=None, cached=None, saved=None):
+        """ε̂ = unet(latents, t, context). The skips are numbered in the order the down path makes
+        them, s_0 = conv_in(z), s_1 = D_1(s_0), ..., s_{n−1}; the up path's ResNets take them back
+        in reverse order, U_j taking s_j:
+
+            u_{n−1} = mid(s_{n−1}),   u_{j−1} = U_j([u_j, s_j]),   ε̂ = conv_out(u_{−1})
+
+        timestep_cond: (B, time_cond_proj_dim), an LCM-distilled U-Net's guidance-scale embedding.
+        DeepCache (Ma et al. 2023) at branch k (0 <= k < n, the package's `cache_branch_id`; n = 12
+        for SD v1): a full pass (`cached=None`) also returns u_k, the hidden state that enters U_k;
+        a shallow pass (`cached=u_k`) runs only s_0..s_k and U_k..U_0 on it, skipping the deep
+        part between them. Both return (ε̂, u_k). Branch 0 is the shallowest: conv_in, the last
+        up block's last ResNet (and Transformer), conv_out.
+        Training: `saved` (a dict, full passes only) keeps the activations `backward` needs.
+        """
         B = latents.shape[0]
         t = np.broadcast_to(np.asarray(t, dtype=np.float32).reshape(-1), (B,))
         temb = self.ops.asarray(timestep_embedding(t, self.time_proj_dim, self.flip_sin_to_cos,
                                                    self.freq_shift))
-        temb = self.time_embedding(temb, saved=child(saved, "time_embedding"))
+        if timestep_cond is not None:        # (B, time_cond_proj_dim): LCM's guidance_scale_embedding
+            timestep_cond = self.ops.asarray(timestep_cond)
+        temb = self.time_embedding(temb, timestep_cond, saved=child(saved, "time_embedding"))
 
+        n = self.num_skips
+        if cache_branch is None and cached is not None:
+            raise ValueError("cached features need the cache_branch they were made at")
+        if cache_branch is not None and not 0 <= cache_branch < n:
+            raise ValueError(f"cache_branch must be in [0, {n - 1}] (this U-Net has {n} skip connections), "
+                             f"got {cache_branch}")
+        if saved is not None and cache_branch is not None:
+            raise ValueError("training (saved=...) needs a full pass: no cache_branch")
+        k = n - 1 if cache_branch is None else cache_branch
         h = self.conv_in(latents)
-        skips = [h]
-        for i, block in enumerate(self.down_blocks):
-            h, block_skips = block(h, temb, context, saved=child(saved, f"down_blocks.{i}"))
-            skips += block_skips
-
-        h = self.mid_block(h, temb, context, saved=child(saved, "mid_block"))
-
-        for i, block in enumerate(self.up_blocks):
-            n = len(block.resnets)
-            block_skips, skips = skips[-n:], skips[:-n]
-            size = skips[-1].shape[2:] if skips else None   # the next level's size, for odd inputs
-            h = block(h, block_skips, temb, context, size=size, saved=child(saved, f"up_blocks.{i}"))
-
+        h, skips = self.down(h, [h], temb, context, k + 1, saved)                # s_0..s_k
+        if cached is None:                                                       # the deep part: u_k
+            h_deep, all_skips = self.down(h, skips, temb, context, n, saved)
+            u = self.mid_block(h_deep, temb, context, saved=child(saved, "mid_block"))
+            cached = self.up(u, all_skips, temb, context, k + 1, saved)
+        h = self.up(cached, skips, temb, context, 0, saved)
         if saved is not None:
             saved.update(latents=latents, h=h)
-        return self.conv_out(self.conv_norm_out(h, silu=True))
+        eps = self.conv_out(self.conv_norm_out(h, silu=True))
+        return eps if cache_branch is None else (eps, cached)
+
+    @property
+    def num_skips(self):
+        """n: conv_in's output and one per down-path layer (= the up path's ResNets)."""
+        return 1 + sum(len(b.resnets) + len(b.downsamplers) for b in self.down_blocks)
+
+    def down(self, h, skips, temb, context, stop, saved=None):
+        """Go on down from s_{len(skips)−1} = h until the skips s_0..s_{stop−1} are made. -> (h, skips)"""
+        first = 1                                 # the number of the skip this block makes first
+        for i, block in enumerate(self.down_blocks):
+            n = len(block.resnets) + len(block.downsamplers)
+            layers = range(max(len(skips) - first, 0), min(stop - first, n))
+            if layers:
+                h, block_skips = block(h, temb, context, layers, saved=child(saved, f"down_blocks.{i}"))
+                skips = skips + block_skips
+            first += n
+        return h, skips
+
+    def up(self, h, skips, temb, context, stop, saved=None):
+        """Go on up from u_j = h, j = len(skips) − 1, through U_j, ..., U_stop; -> u_{stop−1}."""
+        end = self.num_skips                      # this block's ResNet i takes skip s_{end−1−i}
+        for i, block in enumerate(self.up_blocks):
+            n = len(block.resnets)
+            layers = range(max(end - len(skips), 0), min(end - stop, n))
+            if layers:
+                last = layers.stop == n and end > n     # up-samples: to the next level's size, for odd inputs
+                size = skips[end - n - 1].shape[2:] if last else None
+                h = block(h, skips[end - layers.stop:end - layers.start], temb, context, size, layers,
+                          saved=child(saved, f"up_blocks.{i}"))
+            end -= n
+        return h
 
     def backward(self, saved, grad):
         """∂L/∂ε̂ (B, C_out, h, w) -> (∂L/∂latents, ∂L/∂context); every parameter's gradient is
