@@ -57,6 +57,11 @@ def write_json(path, data):
     Path(path).write_text(json.dumps(data, indent=1))
 
 
+def loss_by_tenth(losses):
+    """The mean loss over each tenth of the run (one step's loss is too noisy to read)."""
+    return [round(float(np.mean(part)), 5) for part in np.array_split(np.asarray(losses), 10) if len(part)]
+
+
 def table(title, results):
     """Print {label: accuracy dict} as a small table."""
     print(title)
@@ -64,4 +69,4 @@ def table(title, results):
         print(f"  {label:38s} " + "  ".join(f"{k} {v:4.0%}" for k, v in acc.items()))
 
 
-__all__ = ["shapes_data", "evaluate_shapes", "write_folder", "score", "Clock", "write_json", "table"]
+__all__ = ["shapes_data", "evaluate_shapes", "write_folder", "score", "Clock", "write_json", "table", "loss_by_tenth"]

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shapes_finetune import Clock, HERE, evaluate_shapes, score, shapes_data, table, write_folder, write_json
+from shapes_finetune import (Clock, HERE, evaluate_shapes, loss_by_tenth, score, shapes_data, table, write_folder,
+                             write_json)
 
 TOKEN = "<zorb>"
 TRAIN_PLACES = ("left", "top", "center")
@@ -59,11 +60,6 @@ def concept_rate(rows):
             "large": [r["area"] >= threshold for r in rows]}
     hits["large purple star"] = [all(parts) for parts in zip(*hits.values())]
     return {k: float(np.mean(v)) for k, v in hits.items()}
-
-
-def loss_by_tenth(losses):
-    """The mean loss over each tenth of the run (one step's loss is too noisy to read)."""
-    return [round(float(np.mean(part)), 5) for part in np.array_split(np.asarray(losses), 10) if len(part)]
 
 
 def main(argv=None):

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shapes_finetune import Clock, HERE, evaluate_shapes, score, shapes_data, table, write_folder, write_json
+from shapes_finetune import (Clock, HERE, evaluate_shapes, loss_by_tenth, score, shapes_data, table, write_folder,
+                             write_json)
 
 ORANGE = (245, 125, 20)
 PLACES = list(shapes_data.POSITIONS)
@@ -101,6 +102,7 @@ def main(argv=None):
                                   state_path=out / "shapes_orange.state.safetensors", resume=args.resume, save_every=50,
                                   fit_steps=args.fit_steps)
     timing = clock.report()
+    print("mean loss by tenth of the run:", " ".join(f"{v:.4f}" for v in loss_by_tenth(losses)))
     save_lora(out / "shapes_orange.safetensors", adapters)
     plot_losses(losses, out / "shapes_lora_loss.png", title="orange LoRA (rank 4): loss")
     after, pictures_after, acc_after = score(sd, held, args.seeds)
@@ -120,7 +122,7 @@ def main(argv=None):
                               out / "shapes_lora_eval.png")
     write_json(out / "shapes_lora_eval.json", {
         "settings": {k: v for k, v in vars(args).items()}, "training": timing,
-        "final_loss": float(np.mean(losses[-50:])), "accuracy": results,
+        "final_loss": float(np.mean(losses[-50:])), "loss_by_tenth": loss_by_tenth(losses), "accuracy": results,
         "before": before, "after": after, "other_colours_with_lora": spill_rows, "other_colours_without": base_rows})
 
 
