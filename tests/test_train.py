@@ -333,7 +333,8 @@ def ours_with_lora_file(tiny_sd, tmp_path, text_encoder=True, alpha=2.0):
 
 def test_lora_file_loads_in_diffusers_and_draws_the_same_picture(tiny_sd, tmp_path):
     """The kohya file through diffusers' load_lora_weights: every adapter taken, and the same
-    picture as tinysd drawing with the adapters (final latents 1e-3, image 0.5/255)."""
+    picture as tinysd drawing with the adapters (final latents 1e-3, image 0.5/255); tinysd's
+    own reader (`load_lora_weights`, tinysd.lora) draws it too."""
     from safetensors.numpy import load_file
 
     sd, adapters, path = ours_with_lora_file(tiny_sd, tmp_path)
@@ -352,6 +353,9 @@ def test_lora_file_loads_in_diffusers_and_draws_the_same_picture(tiny_sd, tmp_pa
     got = sd(seed=0, scheduler="pndm", **kwargs).images
     scale = np.abs(want).max()
     assert np.abs(got - want).max() <= 1e-3 * scale
+    reread = tinysd.load(tiny_sd.folder, backend="numpy")        # the file through tinysd's own LoRA reader
+    reread.load_lora_weights(str(path))
+    assert np.abs(reread(seed=0, scheduler="pndm", **kwargs).images - want).max() <= 1e-3 * scale
     assert np.abs(plain - want).max() > 0.05 * scale                # the adapters change the picture
     image_ours, image_ref = sd.decode(got), (pipe.vae.decode(torch.from_numpy(want) / 0.18215).sample / 2 + 0.5).clamp(0, 1)
     assert np.abs(image_ours - image_ref.detach().permute(0, 2, 3, 1).numpy()).mean() <= 0.5 / 255
