@@ -240,9 +240,29 @@ class Progress:
         self.bar.close()
 
 
+class Timings:
+    """Seconds per phase of the run, one line on stderr at the end when TINYSD_TIMINGS is set
+    (benchmarks/bench_startup.py reads it): imports (the model code and the backend's kernels),
+    load (weights), picture (the pipeline call: prompt, steps, decode; kernels compiled or read
+    from Numba's cache on their first call), save (the PNGs)."""
+
+    def __init__(self):
+        self.phases, self.last = {}, time.perf_counter()
+
+    def mark(self, phase):
+        now = time.perf_counter()
+        self.phases[phase], self.last = now - self.last, now
+
+    def report(self):
+        if os.environ.get("TINYSD_TIMINGS"):
+            print("tinysd: timings: " + ", ".join(f"{k} {v:.3f} s" for k, v in self.phases.items()), file=sys.stderr)
+
+
 # -- the run -----------------------------------------------------------------------------------------
 def generate(args):
+    timings = Timings()
     import tinysd
+    import tinysd.pipeline  # noqa: F401  (timed as imports, not as load)
     from tinysd.backend import get_backend
     from tinysd.pngmeta import format_parameters
 
@@ -253,7 +273,9 @@ def generate(args):
     mask = read_image(args.mask, "--mask", "L") if args.mask else None
 
     backend = get_backend(args.backend)                 # --backend cuda without a GPU fails here
+    timings.mark("imports")
     sd = tinysd.load(args.model, backend=backend)
+    timings.mark("load")
     sampler = args.sampler or model_sampler(sd.scheduler_config)
     progress = Progress(count_steps(sd, sampler, args.steps, args.strength if init else None))
     try:
@@ -263,6 +285,7 @@ def generate(args):
                  num_images_per_prompt=args.batch_size, output_type="pil", callback=progress)
     finally:
         progress.close()
+    timings.mark("picture")
 
     width, height = out.images[0].size
     texts = [format_parameters(args.prompt, args.negative_prompt, args.steps, sampler, args.guidance_scale, seed,
@@ -270,8 +293,10 @@ def generate(args):
                                denoising_strength=args.strength if init else None,
                                batch_size=args.batch_size, batch_pos=i) for i in range(args.batch_size)]
     save_pngs(out.images, paths, texts)
+    timings.mark("save")
     for path in paths:
         print(f"{path} (seed {seed})")
+    timings.report()
     return 0
 
 

@@ -1,0 +1,243 @@
+"""How long the first picture takes: a fresh install (empty Numba cache) and the next run (cache filled).
+
+    python benchmarks/bench_startup.py                           # both rows, 3 runs each, the minimum
+    python benchmarks/bench_startup.py --rows shapes --repeat 5 --json startup.json
+    python benchmarks/bench_startup.py --rows shapes --kernels --importtime   # where the time goes
+
+Rows:
+- shapes: the whole command `python -m tinysd "a red circle" --model shapes --seed 1` (the packaged
+  64×64 model, 20 steps), wall time of the process, and its phases as the CLI reports them with
+  TINYSD_TIMINGS=1: imports (model code and kernels), load (weights), picture (the pipeline call,
+  kernels compiled or read from the cache on first use), save; "python" is the rest (interpreter
+  start, argument parsing, exit).
+- full: SD v1.5-sized random weights (built once by benchmarks/bench_cpu.py's model_folder, about
+  4 GB under --workdir): load, the first U-Net step (CFG batch 2, 64×64 latents) and a warm step
+  (the faster of the second and third), in a fresh process; the target is (load + first step) ≤ 2 ×
+  a warm step even with an empty cache.
+
+"Cold" runs each get a new empty NUMBA_CACHE_DIR (what a fresh install has: Numba compiles every
+kernel on its first call); "warm" runs share one that a run before them filled. Python's own
+bytecode caches are warm in both. Every run is its own process; each figure is the minimum over
+--repeat runs, printed beside the 1-minute load average when it started (the machine may be shared).
+--kernels adds, for one cold run of each row, the seconds Numba spent compiling each kernel
+(numba's compile events, nested compiles counted in their caller); --importtime the slowest imports
+(python -X importtime).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a red circle"
+CLI = [sys.executable, "-m", "tinysd", PROMPT, "--model", "shapes", "--seed", "1"]
+
+# Runs in the measured process with --kernels: the top-level compile of each kernel, in seconds.
+COMPILE_LISTENER = r"""
+import atexit, json, sys, time
+from numba.core import event
+
+class Compiles(event.Listener):
+    def __init__(self):
+        self.depth, self.start, self.seconds = 0, 0.0, {}
+    def on_start(self, ev):
+        self.depth += 1
+        if self.depth == 1:
+            self.start = time.perf_counter()
+    def on_end(self, ev):
+        self.depth -= 1
+        if self.depth == 0:
+            f = ev.data["dispatcher"].py_func
+            name = f.__module__.rsplit(".", 1)[-1] + "." + f.__qualname__
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - self.start
+
+_compiles = Compiles()
+event.register("numba:compile", _compiles)
+atexit.register(lambda: print("COMPILES " + json.dumps(_compiles.seconds), file=sys.stderr))
+"""
+
+# The full-size row's process: prints one JSON line of seconds.
+FULL_WORKER = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+import tinysd
+from tinysd.backend import get_backend
+backend = get_backend("cpu")
+t1 = time.perf_counter()
+sd = tinysd.load(sys.argv[1], backend=backend)
+t2 = time.perf_counter()
+rng = np.random.default_rng(0)
+latents = rng.standard_normal((2, 4, 64, 64)).astype(np.float32)
+context = rng.standard_normal((2, 77, 768)).astype(np.float32)
+t = np.array([500, 500])
+
+def step():
+    start = time.perf_counter()
+    sd.ops.numpy(sd.unet(sd.ops.asarray(latents), t, sd.ops.asarray(context)))
+    return time.perf_counter() - start
+
+first = step()
+warm = min(step(), step())
+print("RESULT " + json.dumps({"imports": t1 - t0, "load": t2 - t1, "first_step": first, "warm_step": warm}))
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", default="shapes,full", help="comma-separated: shapes, full (default both)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per row and cache state; the minimum is shown (default 3)")
+    p.add_argument("--kernels", action="store_true", help="one more cold run per row: compile seconds per kernel")
+    p.add_argument("--importtime", action="store_true", help="the slowest imports of the CLI (python -X importtime)")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/tinysd-bench"),
+                   help="where the SD v1.5-sized random model folder is kept (as bench_cpu.py)")
+    p.add_argument("--json", type=Path, help="also write every run here")
+    args = p.parse_args(argv)
+    args.row_list = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if set(args.row_list) - {"shapes", "full"} or not args.row_list:
+        p.error(f"--rows: choose from shapes, full; got {args.rows!r}")
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    return args
+
+
+def run(cmd, cache_dir, extra_env=None):
+    """Run cmd with Numba's cache in cache_dir; (wall seconds, stdout, stderr, load average at start)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), TINYSD_TIMINGS="1", **(extra_env or {}))
+    load_avg = os.getloadavg()[0]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall, proc.stdout, proc.stderr, load_avg
+
+
+def compiles(stderr):
+    line = next((ln for ln in stderr.splitlines() if ln.startswith("COMPILES ")), None)
+    return json.loads(line[len("COMPILES "):]) if line else {}
+
+
+# -- the shapes CLI ---------------------------------------------------------------------------------------
+def cli_run(cache_dir, out_dir, kernels=False):
+    cmd = CLI + ["-o", str(out_dir / "startup.png")]
+    if kernels:      # the same main(), with the compile listener installed first
+        cmd = [sys.executable, "-c", COMPILE_LISTENER + "\nfrom tinysd.cli import main\nsys.exit(main())"] + cmd[3:]
+    wall, _, err, load_avg = run(cmd, cache_dir)
+    m = re.search(r"tinysd: timings: (.*)", err)
+    if not m:
+        raise SystemExit(f"no timings line from the CLI:\n{err[-2000:]}")
+    phases = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", m[1])}
+    phases["python"] = wall - sum(phases.values())
+    return {"wall": wall, **phases, "load_average": load_avg, "compiles": compiles(err) if kernels else None}
+
+
+def full_run(cache_dir, folder, kernels=False):
+    code = (COMPILE_LISTENER if kernels else "") + FULL_WORKER
+    wall, out, err, load_avg = run([sys.executable, "-c", code, str(folder)], cache_dir)
+    line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"the full-size worker printed no result:\n{out[-2000:]}\n{err[-2000:]}")
+    r = json.loads(line[len("RESULT "):])
+    r["ratio"] = (r["load"] + r["first_step"]) / r["warm_step"]
+    return {"wall": wall, **r, "load_average": load_avg, "compiles": compiles(err) if kernels else None}
+
+
+def measure(row, args, tmp):
+    """{"cold": [runs], "warm": [runs]} (+ "kernels": one cold run's compile seconds)."""
+    if row == "full":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_cpu import model_folder
+        folder = model_folder(args.workdir)
+        one = lambda cache, kernels=False: full_run(cache, folder, kernels)   # noqa: E731
+    else:
+        one = lambda cache, kernels=False: cli_run(cache, tmp, kernels)        # noqa: E731
+    runs = {"cold": [], "warm": []}
+    warm_cache = tmp / f"{row}-warm"
+    for i in range(args.repeat):
+        runs["cold"].append(one(tmp / f"{row}-cold-{i}"))
+        print(f"  {row} cold {i + 1}/{args.repeat}: {runs['cold'][-1]['wall']:.2f} s", flush=True)
+    one(warm_cache)                                   # fills the warm runs' cache
+    for i in range(args.repeat):
+        runs["warm"].append(one(warm_cache))
+        print(f"  {row} warm {i + 1}/{args.repeat}: {runs['warm'][-1]['wall']:.2f} s", flush=True)
+    if args.kernels:
+        runs["kernels"] = one(tmp / f"{row}-kernels", kernels=True)["compiles"]
+    return runs
+
+
+# -- reports ----------------------------------------------------------------------------------------------
+def best(runs, key):
+    """The minimum of key over the runs, and the load average when that run started."""
+    r = min(runs, key=lambda r: r[key])
+    return r[key], r["load_average"]
+
+
+def print_tables(results):
+    if "shapes" in results:
+        cols = ("wall", "imports", "load", "picture", "save", "python")
+        print(f"\n`python -m tinysd \"{PROMPT}\" --model shapes` (64×64, 20 steps), seconds, "
+              "minimum of the runs [1-min load average at its start]")
+        print(f"{'cache':8s}" + "".join(f"{c:>16s}" for c in cols))
+        for state in ("cold", "warm"):
+            print(f"{state:8s}" + "".join("{:>9.2f} [{:>4.1f}]".format(*best(results["shapes"][state], c)) for c in cols))
+    if "full" in results:
+        cols = ("load", "first_step", "warm_step", "ratio")
+        print("\nSD v1.5-sized U-Net (random weights), CFG batch 2 at 64×64, seconds; ratio = (load + first "
+              "step) / warm step, target ≤ 2")
+        print(f"{'cache':8s}" + "".join(f"{c:>16s}" for c in cols))
+        for state in ("cold", "warm"):
+            print(f"{state:8s}" + "".join("{:>9.2f} [{:>4.1f}]".format(*best(results["full"][state], c)) for c in cols))
+    for row, runs in results.items():
+        if runs.get("kernels"):
+            total = sum(runs["kernels"].values())
+            print(f"\n{row}, one cold run: {total:.2f} s compiling, per kernel (nested compiles in their caller)")
+            for name, s in sorted(runs["kernels"].items(), key=lambda kv: -kv[1]):
+                print(f"  {s:7.2f}  {name}")
+
+
+def print_importtime():
+    """Seconds of import per package (numpy, numba, scipy, ...: the self time of all its modules)
+    and of tinysd's slowest modules."""
+    code = "import tinysd.cli, tinysd.pipeline; from tinysd.backend import get_backend; get_backend()"
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, cwd=REPO)
+    packages, own = {}, {}
+    for m in re.finditer(r"import time:\s+(\d+) \|\s+\d+ \| *(\S+)", proc.stderr):
+        self_us, name = int(m[1]), m[2]
+        top = name.split(".")[0]
+        packages[top] = packages.get(top, 0) + self_us
+        if top == "tinysd":
+            own[name] = self_us
+    print(f"\nimports of the CLI and the cpu backend (python -X importtime): {sum(packages.values()) / 1e6:.3f} s")
+    for name, us in sorted(packages.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {us / 1e6:6.3f} s  {name}")
+    for name, us in sorted(own.items(), key=lambda kv: -kv[1])[:5]:
+        print(f"  {us / 1e6:6.3f} s    {name}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="tinysd-startup-") as tmp:
+        for row in args.row_list:
+            print(f"{row} ...", flush=True)
+            results[row] = measure(row, args, Path(tmp))
+    print(f"\n{os.cpu_count()} CPUs, {args.repeat} runs per figure")
+    print_tables(results)
+    if args.importtime:
+        print_importtime()
+    if args.json:
+        args.json.write_text(json.dumps({"repeat": args.repeat, "cpus": os.cpu_count(), "results": results}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
