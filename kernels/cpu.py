@@ -2,17 +2,17 @@
 
 Each override computes what the NumpyBackend method of the same name computes (tests/
 test_kernels_cpu.py checks them against each other). GEMM-shaped work goes to BLAS sgemm
-(kernels/blas.py); Numba fuses what surrounds it and runs it on all cores (prange).
-Inputs are normalised to C-contiguous float32 before a kernel sees them, so every kernel
-compiles once (and is cached on disk, `cache=True`).
+(kernels/blas.py); Numba fuses what surrounds it, and kernels/threads.py runs it on all cores.
+
+Every kernel compiles once (and is cached on disk, `cache=True`): its array arguments are
+normalised to read-only C-contiguous float32 inputs and fresh float32 outputs, so it sees one
+type signature whether a weight is a view of a read-only memory-mapped file or an array in
+memory, and whatever layout or dtype the caller passed.
 """
 import mmap
-import warnings
 
-import numba
 import numpy as np
 
-import tinysd
 from tinysd.backend import NumpyBackend, conv_output_size
 from tinysd.kernels import attention as _attention
 from tinysd.kernels import conv as _conv
@@ -20,20 +20,16 @@ from tinysd.kernels import elementwise as _el
 from tinysd.kernels import norm as _norm
 from tinysd.kernels import winograd as _winograd
 from tinysd.kernels.blas import blas_single_threaded, gemm
-
-# Numba's parallel loops run on GNU OpenMP's threads, sgemm on OpenBLAS's own. By default an
-# OpenMP thread spins on its core for a while after each loop, and the OpenBLAS thread that needs
-# that core next waits the spin out: on 2 cores every small GEMM after a prange kernel cost ~1 ms
-# (the tiny "shapes" model took 14 s a picture, 0.4 s without the spin; the SD U-Net step 14.2 →
-# 11.9 s). `import tinysd` sets OMP_WAIT_POLICY=PASSIVE, unless libgomp was loaded before it.
-if tinysd._openmp_spins:
-    warnings.warn("libgomp was loaded before tinysd (by torch?) with spinning threads, which slows "
-                  "the cpu backend's small ops; import tinysd first or start Python with "
-                  "OMP_WAIT_POLICY=PASSIVE", RuntimeWarning, stacklevel=2)
+from tinysd.kernels.threads import num_threads, parallel_for
 
 
 def _f32(x):
-    return np.ascontiguousarray(x, dtype=np.float32)
+    """x as a read-only C-contiguous float32 array: a kernel's input (see the module docstring)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.flags.writeable:
+        x = x.view()
+        x.flags.writeable = False
+    return x
 
 
 def _release_file_pages(x):
@@ -57,8 +53,8 @@ def _release_file_pages(x):
 
 def _unary(kernel, x):
     x = _f32(x)
-    out = np.empty_like(x)
-    kernel(x.reshape(-1), out.reshape(-1))
+    out = np.empty(x.shape, np.float32)
+    parallel_for(kernel, x.size, x.reshape(-1), out.reshape(-1), work=2 * x.size)
     return out
 
 
@@ -90,7 +86,7 @@ class CpuBackend(NumpyBackend):
         of the memory-mapped checkpoint, as with the numpy backend."""
         x = np.asarray(x)
         if x.ndim != 4:
-            return _f32(x)
+            return np.ascontiguousarray(x, dtype=np.float32)
         tap_major = np.empty((x.shape[0], x.shape[2], x.shape[3], x.shape[1]), np.float32)
         tap_major[:] = x.transpose(0, 2, 3, 1)
         _release_file_pages(x)
@@ -112,7 +108,7 @@ class CpuBackend(NumpyBackend):
         B, Cin = x.shape[:2]
         Cout, _, kh, kw = weight.shape
         (pt, pb, pl, pr), Ho, Wo = conv_output_size(x.shape, weight.shape, stride, padding)
-        bias = np.zeros(Cout, np.float32) if bias is None else _f32(bias)
+        bias = _f32(np.zeros(Cout, np.float32) if bias is None else bias)
         out = np.empty((B, Cout, Ho, Wo), np.float32)
         if kh == kw == 1 and stride == 1 and not (pt or pb or pl or pr):
             _conv.conv1x1_kernel(x, _f32(weight.reshape(Cout, Cin)), bias, out)
@@ -134,30 +130,33 @@ class CpuBackend(NumpyBackend):
         """Winograd F(m×m, 3×3), m = 2 or 4 (kernels/winograd.py)."""
         Cin, Cout = x.shape[1], out.shape[1]
         U = np.empty(((m + 2) ** 2, Cout, Cin), np.float32)      # one (Cout, Cin) matrix per ξ
-        (_winograd.weight_transform_f2 if m == 2 else _winograd.weight_transform_f4)(w, U)
+        parallel_for(_winograd.weight_transform_f2 if m == 2 else _winograd.weight_transform_f4, Cout, w, U,
+                     work=U.size)
         Tx = -(-out.shape[3] // m)                              # tiles per tile row
         rows = x.shape[0] * -(-out.shape[2] // m)               # tile rows in the batch
-        per_task = max(1, round(self.winograd_chunk_tiles / Tx))                 # in tile rows,
-        per_task = min(per_task, -(-rows // (2 * numba.get_num_threads())))      # 2+ tasks per core
+        per_task = max(1, round(self.winograd_chunk_tiles / Tx))            # in tile rows,
+        per_task = min(per_task, -(-rows // (2 * num_threads())))           # 2+ tasks per core
         with blas_single_threaded():                        # one GEMM per core, chunks in parallel
-            _winograd.conv3x3_kernel(x, U, bias, int(pt), int(pl), out, per_task)
+            parallel_for(_winograd.conv3x3_kernel, -(-rows // per_task), x, _f32(U), bias, int(pt), int(pl), out,
+                         per_task)
 
     def group_norm(self, x, num_groups, weight, bias, eps, silu=False):
         x = _f32(x)
         B, C = x.shape[:2]
         if C % num_groups:
             raise ValueError(f"group_norm: {C} channels do not split into {num_groups} groups")
-        out = np.empty_like(x)
+        out = np.empty(x.shape, np.float32)
         shape = (B, num_groups, C // num_groups, -1)
-        _norm.group_norm_kernel(x.reshape(shape), _f32(weight), _f32(bias), float(eps), bool(silu),
-                                out.reshape(shape))
+        parallel_for(_norm.group_norm_kernel, B * num_groups, x.reshape(shape), _f32(weight), _f32(bias), float(eps),
+                     bool(silu), out.reshape(shape), work=2 * x.size)
         return out
 
     def layer_norm(self, x, weight, bias, eps):
         x = _f32(x)
-        out = np.empty_like(x)
+        out = np.empty(x.shape, np.float32)
         C = x.shape[-1]
-        _norm.layer_norm_kernel(x.reshape(-1, C), _f32(weight), _f32(bias), float(eps), out.reshape(-1, C))
+        parallel_for(_norm.layer_norm_kernel, x.size // C, x.reshape(-1, C), _f32(weight), _f32(bias), float(eps),
+                     out.reshape(-1, C), work=2 * x.size)
         return out
 
     def silu(self, x):
@@ -175,7 +174,8 @@ class CpuBackend(NumpyBackend):
         if two_f % 2:
             raise ValueError(f"geglu: last axis {two_f} is not even")
         out = np.empty((*lead, two_f // 2), np.float32)
-        _el.geglu_kernel(x.reshape(-1, two_f), out.reshape(-1, two_f // 2))
+        rows = x.size // two_f
+        parallel_for(_el.geglu_kernel, rows, x.reshape(rows, two_f), out.reshape(rows, two_f // 2), work=x.size + out.size)
         return out
 
     def linear_geglu(self, x, weight, bias=None):
@@ -188,26 +188,32 @@ class CpuBackend(NumpyBackend):
         if 4 * x2.shape[0] * two_f < self.linear_geglu_min_bytes:
             return super().linear_geglu(x, weight, bias)
         out = np.empty((x2.shape[0], two_f // 2), np.float32)
-        bias = np.zeros(two_f, np.float32) if bias is None else _f32(bias)
+        bias = _f32(np.zeros(two_f, np.float32) if bias is None else bias)
+        tile = self.linear_geglu_tile
+        tasks = -(-x2.shape[0] // tile) * -(-out.shape[1] // tile)
         with blas_single_threaded():                        # one GEMM per core, tiles in parallel
-            _el.linear_geglu_kernel(x2, _f32(weight), bias, out, self.linear_geglu_tile)
+            parallel_for(_el.linear_geglu_kernel, tasks, x2, _f32(weight), bias, out, tile)
         return out.reshape(*lead, two_f // 2)
 
     def attention(self, q, k, v, heads, causal=False):
         q, k, v = _f32(q), _f32(k), _f32(v)
         if q.shape[2] % heads:
             raise ValueError(f"attention: {q.shape[2]} channels do not split into {heads} heads")
-        out = np.empty_like(q)
+        out = np.empty(q.shape, np.float32)
         tile_q, tile_k = self.attention_tiles
+        B, Nq, C = q.shape
+        tasks = B * heads * -(-Nq // tile_q)
+        work = 2 * q.size + 2 * k.size + B * heads * Nq * k.shape[1]        # + the scores
         with blas_single_threaded():                     # the tiles run one per core
-            _attention.attention_kernel(q, k, v, int(heads), bool(causal), out, tile_q, tile_k)
+            parallel_for(_attention.attention_kernel, tasks, q, k, v, int(heads), bool(causal), out, tile_q, tile_k,
+                         work=work)
         return out
 
     def to_tokens(self, x):
         x = _f32(x)
         B, C, H, W = x.shape
         out = np.empty((B, H * W, C), np.float32)
-        _el.transpose_kernel(x.reshape(B, C, H * W), out)
+        parallel_for(_el.transpose_kernel, B * -(-C // 32), x.reshape(B, C, H * W), out, work=2 * x.size)
         return out
 
     def to_image(self, x, height, width):
@@ -216,12 +222,13 @@ class CpuBackend(NumpyBackend):
         if N != height * width:
             raise ValueError(f"to_image: {N} tokens are not a {height}×{width} image")
         out = np.empty((B, C, height, width), np.float32)
-        _el.transpose_kernel(x, out.reshape(B, C, N))
+        parallel_for(_el.transpose_kernel, B * -(-N // 32), x, out.reshape(B, C, N), work=2 * x.size)
         return out
 
     def upsample_nearest2x(self, x):
         x = _f32(x)
         B, C, H, W = x.shape
         out = np.empty((B, C, 2 * H, 2 * W), np.float32)
-        _el.upsample_nearest2x_kernel(x.reshape(B * C, H, W), out.reshape(B * C, 2 * H, 2 * W))
+        parallel_for(_el.upsample_nearest2x_kernel, B * C, x.reshape(B * C, H, W), out.reshape(B * C, 2 * H, 2 * W),
+                     work=5 * x.size)
         return out
