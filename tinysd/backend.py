@@ -12,7 +12,6 @@ through an op.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import erf, expit
 
 
 class NumpyBackend:
@@ -80,14 +79,17 @@ class NumpyBackend:
 
     def silu(self, x):
         """SiLU (swish): x·σ(x)."""
+        from scipy.special import expit      # here, not at the top: 0.1 s that the other backends never need
         return (x * expit(x)).astype(np.float32, copy=False)
 
     def gelu(self, x):
         """Exact GELU: x·Φ(x) = ½x(1 + erf(x/√2))."""
+        from scipy.special import erf
         return 0.5 * x * (1.0 + erf(x * np.float32(1 / np.sqrt(2.0))))   # float32 throughout
 
     def quick_gelu(self, x):
         """CLIP's GELU approximation: x·σ(1.702x)."""
+        from scipy.special import expit
         return (x * expit(1.702 * x)).astype(np.float32, copy=False)
 
     def geglu(self, x):
