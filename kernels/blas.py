@@ -23,8 +23,14 @@ llvm.add_symbol("tinysd_sgemm", get_cython_function_address("scipy.linalg.cython
 _sgemm = types.ExternalFunction("tinysd_sgemm", types.void(*[types.intp] * 13))
 
 
-@njit(cache=True)
-def gemm(a, b, c, alpha=1.0, beta=0.0, trans_b=False):
+# One signature for every caller: any 2-D float32 views (layout 'A'; a and b read-only, which
+# writable arrays convert to), so gemm compiles once, not once per layout a kernel passes.
+_matrix_in = types.Array(types.float32, 2, "A", readonly=True)
+_matrix_out = types.Array(types.float32, 2, "A")
+
+
+@njit(types.void(_matrix_in, _matrix_in, _matrix_out, types.float64, types.float64, types.boolean), cache=True)
+def gemm(a, b, c, alpha, beta, trans_b):
     """c ← α·a·op(b) + β·c, row-major, op(b) = bᵀ if `trans_b`.
 
     a (M, K), b (K, N) or (N, K) with `trans_b`, c (M, N): float32 2-D arrays (or views) whose

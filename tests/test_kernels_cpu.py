@@ -311,7 +311,7 @@ def test_every_kernel_compiles_once_for_read_only_and_writable_weights():
     """Weights that are views of a read-only memory-mapped file and weights in memory give every
     kernel the same type signature, so a fresh install compiles each kernel once (and the cache
     filled by one model serves the next)."""
-    from tinysd.kernels import attention, conv, elementwise, norm, winograd
+    from tinysd.kernels import attention, blas, conv, elementwise, norm, winograd
     be = CpuBackend()
     be.linear_geglu_min_bytes = 0
     for writable in (True, False):
@@ -340,7 +340,7 @@ def test_every_kernel_compiles_once_for_read_only_and_writable_weights():
                elementwise.silu_kernel, elementwise.gelu_kernel, elementwise.quick_gelu_kernel,
                elementwise.geglu_kernel, elementwise.linear_geglu_kernel, elementwise.upsample_nearest2x_kernel,
                elementwise.transpose_kernel, norm.group_norm_kernel, norm.layer_norm_kernel,
-               winograd.weight_transform_f2, winograd.weight_transform_f4, winograd.conv3x3_kernel]
+               winograd.weight_transform_f2, winograd.weight_transform_f4, winograd.conv3x3_kernel, blas.gemm]
     for kernel in kernels:
         assert len(kernel.signatures) == 1, (kernel.__name__, kernel.signatures)
 
