@@ -3,9 +3,11 @@
 Each parallel kernel is a plain `@njit(nogil=True)` function whose last two arguments say which
 of its tasks to run: `kernel(..., start, stop)` runs tasks start … stop − 1, whatever its outer
 loop walks (output tiles, rows, groups). `parallel_for(kernel, n, *args)` cuts range(n) into
-one contiguous share per thread (the static schedule a `prange` loop gets) and runs the shares at
-once; the kernels release the GIL, so they run on separate cores. The calling thread runs the
-first share itself.
+one contiguous share per thread (the static schedule of a `prange` loop), which the calling
+thread and the helper threads claim one at a time until none is left; the kernels release the
+GIL, so the shares run on separate cores. Claiming, rather than handing each helper its share,
+matters on a busy machine: a helper that wakes late finds its share already done by the caller,
+instead of holding the whole op up until it gets a core.
 
 Why not Numba's own `parallel=True` and `prange`: Numba turns a prange loop into a separate
 function (a gufunc) and LLVM optimises and compiles the loop's body, and every function it calls,
@@ -19,6 +21,7 @@ waiting for it costs ~50 µs, more than the whole op for the shipped model's 8×
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,20 +59,44 @@ def _executor(workers):
 
 
 def parallel_for(kernel, n, *args, work=None):
-    """Run kernel(*args, start, stop) over tasks 0 … n − 1, in one share per thread.
+    """Run kernel(*args, start, stop) over tasks 0 … n − 1, spread over the threads.
 
     work: about how many values the whole call reads and writes; below `min_work` (or with a
     single task or thread) everything runs on the calling thread.
     """
-    shares = min(n, _threads)
-    if shares <= 1 or (work is not None and work < min_work):
+    threads = min(n, _threads)
+    if threads <= 1 or (work is not None and work < min_work):
         kernel(*args, 0, n)
         return
-    bounds = [n * i // shares for i in range(shares + 1)]
-    pool = _executor(shares - 1)
-    others = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, shares)]
-    try:
-        kernel(*args, bounds[0], bounds[1])
-    finally:
-        for share in others:
-            share.result()           # waits; re-raises a share's exception
+    job = _Job(kernel, args, n, threads)
+    pool = _executor(threads - 1)
+    for _ in range(threads - 1):
+        pool.submit(job.run)
+    job.run()
+    job.wait()
+
+
+class _Job:
+    """One parallel_for call: one contiguous share of the tasks per thread, each claimed by
+    whichever thread asks first. The calling thread claims too, so if a helper thread is slow to
+    wake (a busy machine), the caller runs that share as well instead of waiting for the helper."""
+
+    def __init__(self, kernel, args, n, shares):
+        self.kernel, self.args, self.shares = kernel, args, shares
+        self.bounds = [n * i // shares for i in range(shares + 1)]
+        self.claimed, self.finished = itertools.count(), itertools.count(1)   # next() is atomic
+        self.all_done, self.error = threading.Event(), None
+
+    def run(self):
+        while (i := next(self.claimed)) < self.shares:
+            try:
+                self.kernel(*self.args, self.bounds[i], self.bounds[i + 1])
+            except Exception as e:                   # noqa: BLE001  re-raised in the caller
+                self.error = self.error or e
+            if next(self.finished) == self.shares:
+                self.all_done.set()
+
+    def wait(self):
+        self.all_done.wait()
+        if self.error is not None:
+            raise self.error

@@ -362,9 +362,10 @@ def test_parallel_for_runs_every_task_once():
         threads.set_num_threads(before)
 
 
-def test_parallel_for_shares_and_errors():
-    """Contiguous shares, one per thread, the caller's thread taking the first; small work stays
-    on the calling thread; an exception in any share reaches the caller."""
+def test_parallel_for_shares_and_errors(monkeypatch):
+    """One contiguous share per thread, every task once; small work stays on the calling thread;
+    a helper thread that never gets to run holds nothing up (the caller claims its share); an
+    exception in any share reaches the caller."""
     import threading
 
     from tinysd.kernels import threads
@@ -381,12 +382,20 @@ def test_parallel_for_shares_and_errors():
         threads.set_num_threads(3)
         threads.parallel_for(kernel, 10, False)
         assert sorted(c[:2] for c in calls) == [(0, 3), (3, 6), (6, 10)]
-        assert {c[2] for c in calls if c[0] == 0} == {me}
         calls.clear()
         threads.parallel_for(kernel, 10, False, work=threads.min_work - 1)
         assert calls == [(0, 10, me)]
         with pytest.raises(ValueError, match="share failed"):
             threads.parallel_for(kernel, 10, True)
+
+        class Asleep:                        # a pool whose threads never wake
+            def submit(self, fn, *args):
+                pass
+
+        monkeypatch.setattr(threads, "_executor", lambda workers: Asleep())
+        calls.clear()
+        threads.parallel_for(kernel, 10, False)
+        assert sorted(calls) == [(0, 3, me), (3, 6, me), (6, 10, me)]
         with pytest.raises(ValueError, match="≥ 1"):
             threads.set_num_threads(0)
     finally:
