@@ -9,6 +9,7 @@ normalised to read-only C-contiguous float32 inputs and fresh float32 outputs, s
 type signature whether a weight is a view of a read-only memory-mapped file or an array in
 memory, and whatever layout or dtype the caller passed.
 """
+import contextlib
 import mmap
 
 import numpy as np
@@ -78,6 +79,11 @@ class CpuBackend(NumpyBackend):
     # (the U-Net's 64×64 blocks: 84 MB, 117 → 94 ms); smaller ones run faster as one GEMM.
     linear_geglu_min_bytes = 64 << 20
     linear_geglu_tile = 256         # output rows × features per task: h and gate scratch 512 KB
+    # A GEMM below this many multiply-adds runs on one BLAS thread (~0.3 ms of one core's work):
+    # waking OpenBLAS's other threads saves little on it, and where the cores are busy each such
+    # GEMM waits for a helper thread to get one: the shipped model's picture took 80 s instead of
+    # 1.7 s on this machine with other jobs running (load average 15).
+    blas_parallel_min_macs = 1 << 24
 
     def asarray(self, x):
         """As NumpyBackend. 4-D arrays (conv weights (Cout, Cin, kh, kw)) keep their shape and
@@ -100,8 +106,13 @@ class CpuBackend(NumpyBackend):
         y = np.empty((x2.shape[0], n_out), np.float32)
         if bias is not None:
             y[:] = bias                                   # y = x Wᵀ + b as one GEMM with β = 1
-        gemm(x2, _f32(weight), y, 1.0, 0.0 if bias is None else 1.0, True)
+        with self._blas_threads(y.size * n_in):
+            gemm(x2, _f32(weight), y, 1.0, 0.0 if bias is None else 1.0, True)
         return y.reshape(*lead, n_out)
+
+    def _blas_threads(self, macs):
+        """One BLAS thread for a GEMM (or a conv's GEMMs) of fewer than `blas_parallel_min_macs`."""
+        return blas_single_threaded() if macs < self.blas_parallel_min_macs else contextlib.nullcontext()
 
     def conv2d(self, x, weight, bias=None, stride=1, padding=0):
         x = _f32(x)
@@ -111,7 +122,8 @@ class CpuBackend(NumpyBackend):
         bias = _f32(np.zeros(Cout, np.float32) if bias is None else bias)
         out = np.empty((B, Cout, Ho, Wo), np.float32)
         if kh == kw == 1 and stride == 1 and not (pt or pb or pl or pr):
-            _conv.conv1x1_kernel(x, _f32(weight.reshape(Cout, Cin)), bias, out)
+            with self._blas_threads(out.size * Cin):
+                _conv.conv1x1_kernel(x, _f32(weight.reshape(Cout, Cin)), bias, out)
             return out
         w = _f32(weight.transpose(0, 2, 3, 1))            # (Cout, kh, kw, Cin); no copy for weights from asarray
         winograd = kh == kw == 3 and stride == 1
@@ -120,10 +132,12 @@ class CpuBackend(NumpyBackend):
         elif winograd and B * -(-Ho // 2) * -(-Wo // 2) >= self.winograd_f2_min_tiles:
             self._conv3x3_winograd(2, x, w, bias, pt, pl, out)
         elif B * Ho * Wo <= self.im2col_max_pixels:
-            _conv.im2col_conv2d_kernel(x, w, bias, int(stride), int(pt), int(pl), out)
+            with self._blas_threads(out.size * Cin * kh * kw):
+                _conv.im2col_conv2d_kernel(x, w, bias, int(stride), int(pt), int(pl), out)
         else:
-            _conv.conv2d_kernel(x, w, bias, int(stride), int(pt), int(pb), int(pl), int(pr), out,
-                                int(self.conv_chunk_bytes))
+            with self._blas_threads(out.size * Cin * kh * kw):
+                _conv.conv2d_kernel(x, w, bias, int(stride), int(pt), int(pb), int(pl), int(pr), out,
+                                    int(self.conv_chunk_bytes))
         return out
 
     def _conv3x3_winograd(self, m, x, w, bias, pt, pl, out):
