@@ -45,18 +45,20 @@ import atexit, json, sys, time
 from numba.core import event
 
 class Compiles(event.Listener):
+    # wall and CPU seconds of each top-level compile, in the thread that compiles
     def __init__(self):
-        self.depth, self.start, self.seconds = 0, 0.0, {}
+        self.depth, self.start, self.seconds = 0, (0.0, 0.0), {}
     def on_start(self, ev):
         self.depth += 1
         if self.depth == 1:
-            self.start = time.perf_counter()
+            self.start = (time.perf_counter(), time.thread_time())
     def on_end(self, ev):
         self.depth -= 1
         if self.depth == 0:
             f = ev.data["dispatcher"].py_func
             name = f.__module__.rsplit(".", 1)[-1] + "." + f.__qualname__
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - self.start
+            wall, cpu = self.seconds.get(name, (0.0, 0.0))
+            self.seconds[name] = (wall + time.perf_counter() - self.start[0], cpu + time.thread_time() - self.start[1])
 
 _compiles = Compiles()
 event.register("numba:compile", _compiles)
@@ -197,10 +199,11 @@ def print_tables(results):
             print(f"{state:8s}" + "".join("{:>9.2f} [{:>4.1f}]".format(*best(results["full"][state], c)) for c in cols))
     for row, runs in results.items():
         if runs.get("kernels"):
-            total = sum(runs["kernels"].values())
-            print(f"\n{row}, one cold run: {total:.2f} s compiling, per kernel (nested compiles in their caller)")
-            for name, s in sorted(runs["kernels"].items(), key=lambda kv: -kv[1]):
-                print(f"  {s:7.2f}  {name}")
+            wall, cpu = (sum(v[i] for v in runs["kernels"].values()) for i in (0, 1))
+            print(f"\n{row}, one cold run: {wall:.2f} s compiling ({cpu:.2f} s CPU), per kernel, wall (CPU) "
+                  "seconds, nested compiles counted in their caller:")
+            for name, (w, c) in sorted(runs["kernels"].items(), key=lambda kv: -kv[1][0]):
+                print(f"  {w:7.2f} ({c:5.2f})  {name}")
 
 
 def print_importtime():
