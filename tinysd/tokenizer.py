@@ -207,8 +207,9 @@ def load_vocab_merges(folder) -> tuple[dict[str, int], list[tuple[str, str]]]:
                                     "vocab.json and merges.txt (or tokenizer.json)")
     with open(folder / "vocab.json", encoding="utf-8") as f:
         vocab = json.load(f)
-    with open(folder / "merges.txt", encoding="utf-8") as f:
-        merges = [_parse_merge(line, folder / "merges.txt", n) for n, line in enumerate(f, 1)
+    merges_file = folder / "merges.txt"         # made once: a Path for each of 49K lines took longer than the reading
+    with open(merges_file, encoding="utf-8") as f:
+        merges = [_parse_merge(line, merges_file, n) for n, line in enumerate(f, 1)
                   if line.strip() and not line.startswith("#version")]
     return vocab, merges
 
