@@ -3,6 +3,7 @@
     python benchmarks/bench_startup.py                           # both rows, 3 runs each, the minimum
     python benchmarks/bench_startup.py --rows shapes --repeat 5 --json startup.json
     python benchmarks/bench_startup.py --rows shapes --kernels --importtime   # where the time goes
+    python benchmarks/bench_startup.py --python main=/tmp/venv-main/bin/python --python branch=.venv/bin/python
 
 Rows:
 - shapes: the whole command `python -m tinysd "a red circle" --model shapes --seed 1` (the packaged
@@ -19,6 +20,9 @@ Rows:
 kernel on its first call); "warm" runs share one that a run before them filled. Python's own
 bytecode caches are warm in both. Every run is its own process; each figure is the minimum over
 --repeat runs, printed beside the 1-minute load average when it started (the machine may be shared).
+--python LABEL=PATH (repeatable) measures the tinysd that each interpreter imports (e.g. a venv with
+main installed, and one with a branch), their runs interleaved so that a busy machine slows them alike;
+the measured processes start in an empty folder, so the interpreter's own install is what they import.
 --kernels adds, for one cold run of each row, the seconds Numba spent compiling each kernel
 (numba's compile events, nested compiles counted in their caller); --importtime the slowest imports
 (python -X importtime).
@@ -37,7 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle"
-CLI = [sys.executable, "-m", "tinysd", PROMPT, "--model", "shapes", "--seed", "1"]
+CLI = ["-m", "tinysd", PROMPT, "--model", "shapes", "--seed", "1"]     # after the interpreter
 
 # Runs in the measured process with --kernels: the top-level compile of each kernel, in seconds.
 COMPILE_LISTENER = r"""
@@ -101,21 +105,32 @@ def parse_args(argv=None):
     p.add_argument("--workdir", type=Path, default=Path("/tmp/tinysd-bench"),
                    help="where the SD v1.5-sized random model folder is kept (as bench_cpu.py)")
     p.add_argument("--json", type=Path, help="also write every run here")
+    p.add_argument("--python", action="append", metavar="LABEL=PATH", default=[],
+                   help="an interpreter whose tinysd to measure (repeatable; default: this one, as 'this')")
     args = p.parse_args(argv)
     args.row_list = [r.strip() for r in args.rows.split(",") if r.strip()]
     if set(args.row_list) - {"shapes", "full"} or not args.row_list:
         p.error(f"--rows: choose from shapes, full; got {args.rows!r}")
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
+    args.pythons = {}
+    for item in args.python or [f"this={sys.executable}"]:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            p.error(f"--python: expected LABEL=PATH, got {item!r}")
+        args.pythons[label] = path
     return args
 
 
 def run(cmd, cache_dir, extra_env=None):
-    """Run cmd with Numba's cache in cache_dir; (wall seconds, stdout, stderr, load average at start)."""
+    """Run cmd with Numba's cache in cache_dir, in an empty folder (so that the interpreter's own
+    tinysd is imported, not one in the current folder); (wall seconds, stdout, stderr, load average
+    at start)."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), TINYSD_TIMINGS="1", **(extra_env or {}))
     load_avg = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    with tempfile.TemporaryDirectory(prefix="tinysd-startup-cwd-") as cwd:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
     wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -128,10 +143,10 @@ def compiles(stderr):
 
 
 # -- the shapes CLI ---------------------------------------------------------------------------------------
-def cli_run(cache_dir, out_dir, kernels=False):
-    cmd = CLI + ["-o", str(out_dir / "startup.png")]
+def cli_run(python, cache_dir, out_dir, kernels=False):
+    cmd = [python] + CLI + ["-o", str(out_dir / "startup.png")]
     if kernels:      # the same main(), with the compile listener installed first
-        cmd = [sys.executable, "-c", COMPILE_LISTENER + "\nfrom tinysd.cli import main\nsys.exit(main())"] + cmd[3:]
+        cmd = [python, "-c", COMPILE_LISTENER + "\nfrom tinysd.cli import main\nsys.exit(main())"] + cmd[3:]
     wall, _, err, load_avg = run(cmd, cache_dir)
     m = re.search(r"tinysd: timings: (.*)", err)
     if not m:
@@ -141,9 +156,9 @@ def cli_run(cache_dir, out_dir, kernels=False):
     return {"wall": wall, **phases, "load_average": load_avg, "compiles": compiles(err) if kernels else None}
 
 
-def full_run(cache_dir, folder, kernels=False):
+def full_run(python, cache_dir, folder, kernels=False):
     code = (COMPILE_LISTENER if kernels else "") + FULL_WORKER
-    wall, out, err, load_avg = run([sys.executable, "-c", code, str(folder)], cache_dir)
+    wall, out, err, load_avg = run([python, "-c", code, str(folder)], cache_dir)
     line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"the full-size worker printed no result:\n{out[-2000:]}\n{err[-2000:]}")
@@ -153,25 +168,29 @@ def full_run(cache_dir, folder, kernels=False):
 
 
 def measure(row, args, tmp):
-    """{"cold": [runs], "warm": [runs]} (+ "kernels": one cold run's compile seconds)."""
+    """{label: {"cold": [runs], "warm": [runs]} (+ "kernels": one cold run's compile seconds)}, the
+    interpreters' runs interleaved (cold 1 of each, cold 2 of each, ..., then the warm ones)."""
     if row == "full":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_cpu import model_folder
         folder = model_folder(args.workdir)
-        one = lambda cache, kernels=False: full_run(cache, folder, kernels)   # noqa: E731
+        one = lambda python, cache, kernels=False: full_run(python, cache, folder, kernels)   # noqa: E731
     else:
-        one = lambda cache, kernels=False: cli_run(cache, tmp, kernels)        # noqa: E731
-    runs = {"cold": [], "warm": []}
-    warm_cache = tmp / f"{row}-warm"
+        one = lambda python, cache, kernels=False: cli_run(python, cache, tmp, kernels)        # noqa: E731
+    runs = {label: {"cold": [], "warm": []} for label in args.pythons}
     for i in range(args.repeat):
-        runs["cold"].append(one(tmp / f"{row}-cold-{i}"))
-        print(f"  {row} cold {i + 1}/{args.repeat}: {runs['cold'][-1]['wall']:.2f} s", flush=True)
-    one(warm_cache)                                   # fills the warm runs' cache
+        for label, python in args.pythons.items():
+            runs[label]["cold"].append(one(python, tmp / f"{row}-{label}-cold-{i}"))
+            print(f"  {row} {label} cold {i + 1}/{args.repeat}: {runs[label]['cold'][-1]['wall']:.2f} s", flush=True)
+    for label, python in args.pythons.items():
+        one(python, tmp / f"{row}-{label}-warm")                # fills the warm runs' cache
     for i in range(args.repeat):
-        runs["warm"].append(one(warm_cache))
-        print(f"  {row} warm {i + 1}/{args.repeat}: {runs['warm'][-1]['wall']:.2f} s", flush=True)
+        for label, python in args.pythons.items():
+            runs[label]["warm"].append(one(python, tmp / f"{row}-{label}-warm"))
+            print(f"  {row} {label} warm {i + 1}/{args.repeat}: {runs[label]['warm'][-1]['wall']:.2f} s", flush=True)
     if args.kernels:
-        runs["kernels"] = one(tmp / f"{row}-kernels", kernels=True)["compiles"]
+        for label, python in args.pythons.items():
+            runs[label]["kernels"] = one(python, tmp / f"{row}-{label}-kernels", kernels=True)["compiles"]
     return runs
 
 
@@ -182,28 +201,33 @@ def best(runs, key):
     return r[key], r["load_average"]
 
 
+def print_table(title, cols, by_label):
+    """One line per interpreter and cache state: the minimum of each column [load average]."""
+    print(title)
+    width = max(len(label) for label in by_label) + 6
+    print(f"{'':{width}s}" + "".join(f"{c:>16s}" for c in cols))
+    for state in ("cold", "warm"):
+        for label, runs in by_label.items():
+            print(f"{label + ' ' + state:{width}s}" + "".join("{:>9.2f} [{:>4.1f}]".format(*best(runs[state], c))
+                                                             for c in cols))
+
+
 def print_tables(results):
     if "shapes" in results:
-        cols = ("wall", "imports", "load", "picture", "save", "python")
-        print(f"\n`python -m tinysd \"{PROMPT}\" --model shapes` (64×64, 20 steps), seconds, "
-              "minimum of the runs [1-min load average at its start]")
-        print(f"{'cache':8s}" + "".join(f"{c:>16s}" for c in cols))
-        for state in ("cold", "warm"):
-            print(f"{state:8s}" + "".join("{:>9.2f} [{:>4.1f}]".format(*best(results["shapes"][state], c)) for c in cols))
+        print_table(f"\n`python -m tinysd \"{PROMPT}\" --model shapes` (64×64, 20 steps), seconds, "
+                    "minimum of the runs [1-min load average at its start]",
+                    ("wall", "imports", "load", "picture", "save", "python"), results["shapes"])
     if "full" in results:
-        cols = ("load", "first_step", "warm_step", "ratio")
-        print("\nSD v1.5-sized U-Net (random weights), CFG batch 2 at 64×64, seconds; ratio = (load + first "
-              "step) / warm step, target ≤ 2")
-        print(f"{'cache':8s}" + "".join(f"{c:>16s}" for c in cols))
-        for state in ("cold", "warm"):
-            print(f"{state:8s}" + "".join("{:>9.2f} [{:>4.1f}]".format(*best(results["full"][state], c)) for c in cols))
-    for row, runs in results.items():
-        if runs.get("kernels"):
-            wall, cpu = (sum(v[i] for v in runs["kernels"].values()) for i in (0, 1))
-            print(f"\n{row}, one cold run: {wall:.2f} s compiling ({cpu:.2f} s CPU), per kernel, wall (CPU) "
-                  "seconds, nested compiles counted in their caller:")
-            for name, (w, c) in sorted(runs["kernels"].items(), key=lambda kv: -kv[1][0]):
-                print(f"  {w:7.2f} ({c:5.2f})  {name}")
+        print_table("\nSD v1.5-sized U-Net (random weights), CFG batch 2 at 64×64, seconds; ratio = (load + first "
+                    "step) / warm step, target ≤ 2", ("load", "first_step", "warm_step", "ratio"), results["full"])
+    for row, by_label in results.items():
+        for label, runs in by_label.items():
+            if runs.get("kernels"):
+                wall, cpu = (sum(v[i] for v in runs["kernels"].values()) for i in (0, 1))
+                print(f"\n{row} ({label}), one cold run: {wall:.2f} s compiling ({cpu:.2f} s CPU), per kernel, "
+                      "wall (CPU) seconds, nested compiles counted in their caller:")
+                for name, (w, c) in sorted(runs["kernels"].items(), key=lambda kv: -kv[1][0]):
+                    print(f"  {w:7.2f} ({c:5.2f})  {name}")
 
 
 def print_importtime():
@@ -232,12 +256,14 @@ def main(argv=None):
         for row in args.row_list:
             print(f"{row} ...", flush=True)
             results[row] = measure(row, args, Path(tmp))
-    print(f"\n{os.cpu_count()} CPUs, {args.repeat} runs per figure")
+    print(f"\n{os.cpu_count()} CPUs, {args.repeat} runs per figure; " +
+          ", ".join(f"{label}: {python}" for label, python in args.pythons.items()))
     print_tables(results)
     if args.importtime:
         print_importtime()
     if args.json:
-        args.json.write_text(json.dumps({"repeat": args.repeat, "cpus": os.cpu_count(), "results": results}, indent=2))
+        args.json.write_text(json.dumps({"repeat": args.repeat, "cpus": os.cpu_count(), "pythons": args.pythons,
+                                         "results": results}, indent=2))
         print(f"wrote {args.json}")
     return 0
 
