@@ -10,7 +10,8 @@ Rows:
   64×64 model, 20 steps), wall time of the process, and its phases as the CLI reports them with
   TINYSD_TIMINGS=1: imports (model code and kernels), load (weights), picture (the pipeline call,
   kernels compiled or read from the cache on first use), save; "python" is the rest (interpreter
-  start, argument parsing, exit).
+  start, argument parsing, exit). "cpu" is the CPU seconds of the whole process (all threads),
+  "picture_cpu" those of the picture: on a shared machine they move far less than wall seconds.
 - full: SD v1.5-sized random weights (built once by benchmarks/bench_cpu.py's model_folder, about
   4 GB under --workdir): load, the first U-Net step (CFG batch 2, 64×64 latents) and a warm step
   (the faster of the second and third), in a fresh process; the target is (load + first step) ≤ 2 ×
@@ -33,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -72,27 +74,31 @@ atexit.register(lambda: print("COMPILES " + json.dumps(_compiles.seconds), file=
 # The full-size row's process: prints one JSON line of seconds.
 FULL_WORKER = r"""
 import json, sys, time
-t0 = time.perf_counter()
+clock = lambda: (time.perf_counter(), time.process_time())      # wall, CPU of all threads
+t0 = clock()
 import numpy as np
 import tinysd
 from tinysd.backend import get_backend
 backend = get_backend("cpu")
-t1 = time.perf_counter()
+t1 = clock()
 sd = tinysd.load(sys.argv[1], backend=backend)
-t2 = time.perf_counter()
+t2 = clock()
 rng = np.random.default_rng(0)
 latents = rng.standard_normal((2, 4, 64, 64)).astype(np.float32)
 context = rng.standard_normal((2, 77, 768)).astype(np.float32)
 t = np.array([500, 500])
 
 def step():
-    start = time.perf_counter()
+    start = clock()
     sd.ops.numpy(sd.unet(sd.ops.asarray(latents), t, sd.ops.asarray(context)))
-    return time.perf_counter() - start
+    end = clock()
+    return end[0] - start[0], end[1] - start[1]
 
 first = step()
 warm = min(step(), step())
-print("RESULT " + json.dumps({"imports": t1 - t0, "load": t2 - t1, "first_step": first, "warm_step": warm}))
+print("RESULT " + json.dumps({"imports": t1[0] - t0[0], "load": t2[0] - t1[0], "load_cpu": t2[1] - t1[1],
+                              "first_step": first[0], "first_step_cpu": first[1],
+                              "warm_step": warm[0], "warm_step_cpu": warm[1]}))
 """
 
 
@@ -124,17 +130,18 @@ def parse_args(argv=None):
 
 def run(cmd, cache_dir, extra_env=None):
     """Run cmd with Numba's cache in cache_dir, in an empty folder (so that the interpreter's own
-    tinysd is imported, not one in the current folder); (wall seconds, stdout, stderr, load average
-    at start)."""
+    tinysd is imported, not one in the current folder); (wall seconds, CPU seconds of the process
+    (all its threads), stdout, stderr, load average at start)."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir), TINYSD_TIMINGS="1", **(extra_env or {}))
     load_avg = os.getloadavg()[0]
-    start = time.perf_counter()
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with tempfile.TemporaryDirectory(prefix="tinysd-startup-cwd-") as cwd:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
-    wall = time.perf_counter() - start
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if proc.returncode:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return wall, proc.stdout, proc.stderr, load_avg
+    return wall, cpu, proc.stdout, proc.stderr, load_avg
 
 
 def compiles(stderr):
@@ -147,24 +154,28 @@ def cli_run(python, cache_dir, out_dir, kernels=False):
     cmd = [python] + CLI + ["-o", str(out_dir / "startup.png")]
     if kernels:      # the same main(), with the compile listener installed first
         cmd = [python, "-c", COMPILE_LISTENER + "\nfrom tinysd.cli import main\nsys.exit(main())"] + cmd[3:]
-    wall, _, err, load_avg = run(cmd, cache_dir)
+    wall, cpu, _, err, load_avg = run(cmd, cache_dir)
     m = re.search(r"tinysd: timings: (.*)", err)
     if not m:
         raise SystemExit(f"no timings line from the CLI:\n{err[-2000:]}")
-    phases = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) s", m[1])}
-    phases["python"] = wall - sum(phases.values())
-    return {"wall": wall, **phases, "load_average": load_avg, "compiles": compiles(err) if kernels else None}
+    phases = {}
+    for name, phase_wall, phase_cpu in re.findall(r"(\w+) ([\d.]+) s / ([\d.]+) s CPU", m[1]):
+        phases[name], phases[name + "_cpu"] = float(phase_wall), float(phase_cpu)
+    phases["python"] = wall - sum(v for k, v in phases.items() if not k.endswith("_cpu"))
+    return {"wall": wall, "cpu": cpu, **phases, "load_average": load_avg,
+            "compiles": compiles(err) if kernels else None}
 
 
 def full_run(python, cache_dir, folder, kernels=False):
     code = (COMPILE_LISTENER if kernels else "") + FULL_WORKER
-    wall, out, err, load_avg = run([python, "-c", code, str(folder)], cache_dir)
+    wall, cpu, out, err, load_avg = run([python, "-c", code, str(folder)], cache_dir)
     line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"the full-size worker printed no result:\n{out[-2000:]}\n{err[-2000:]}")
     r = json.loads(line[len("RESULT "):])
     r["ratio"] = (r["load"] + r["first_step"]) / r["warm_step"]
-    return {"wall": wall, **r, "load_average": load_avg, "compiles": compiles(err) if kernels else None}
+    r["ratio_cpu"] = (r["load_cpu"] + r["first_step_cpu"]) / r["warm_step_cpu"]
+    return {"wall": wall, "cpu": cpu, **r, "load_average": load_avg, "compiles": compiles(err) if kernels else None}
 
 
 def measure(row, args, tmp):
@@ -216,10 +227,12 @@ def print_tables(results):
     if "shapes" in results:
         print_table(f"\n`python -m tinysd \"{PROMPT}\" --model shapes` (64×64, 20 steps), seconds, "
                     "minimum of the runs [1-min load average at its start]",
-                    ("wall", "imports", "load", "picture", "save", "python"), results["shapes"])
+                    ("wall", "cpu", "imports", "load", "picture", "picture_cpu", "save", "python"), results["shapes"])
     if "full" in results:
         print_table("\nSD v1.5-sized U-Net (random weights), CFG batch 2 at 64×64, seconds; ratio = (load + first "
-                    "step) / warm step, target ≤ 2", ("load", "first_step", "warm_step", "ratio"), results["full"])
+                    "step) / warm step, target ≤ 2; *_cpu: CPU seconds of all threads",
+                    ("load", "first_step", "warm_step", "ratio", "load_cpu", "first_step_cpu", "warm_step_cpu",
+                     "ratio_cpu"), results["full"])
     for row, by_label in results.items():
         for label, runs in by_label.items():
             if runs.get("kernels"):

@@ -241,21 +241,22 @@ class Progress:
 
 
 class Timings:
-    """Seconds per phase of the run, one line on stderr at the end when TINYSD_TIMINGS is set
-    (benchmarks/bench_startup.py reads it): imports (the model code and the backend's kernels),
-    load (weights), picture (the pipeline call: prompt, steps, decode; kernels compiled or read
-    from Numba's cache on their first call), save (the PNGs)."""
+    """Seconds per phase of the run, wall and CPU (all threads), one line on stderr at the end when
+    TINYSD_TIMINGS is set (benchmarks/bench_startup.py reads it): imports (the model code and the
+    backend's kernels), load (weights), picture (the pipeline call: prompt, steps, decode; kernels
+    compiled or read from Numba's cache on their first call), save (the PNGs)."""
 
     def __init__(self):
-        self.phases, self.last = {}, time.perf_counter()
+        self.phases, self.last = {}, (time.perf_counter(), time.process_time())
 
     def mark(self, phase):
-        now = time.perf_counter()
-        self.phases[phase], self.last = now - self.last, now
+        now = (time.perf_counter(), time.process_time())
+        self.phases[phase], self.last = (now[0] - self.last[0], now[1] - self.last[1]), now
 
     def report(self):
         if os.environ.get("TINYSD_TIMINGS"):
-            print("tinysd: timings: " + ", ".join(f"{k} {v:.3f} s" for k, v in self.phases.items()), file=sys.stderr)
+            print("tinysd: timings: " + ", ".join(f"{k} {wall:.3f} s / {cpu:.3f} s CPU"
+                                                  for k, (wall, cpu) in self.phases.items()), file=sys.stderr)
 
 
 # -- the run -----------------------------------------------------------------------------------------
