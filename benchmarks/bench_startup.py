@@ -18,7 +18,7 @@ Rows:
   a warm step even with an empty cache.
 
 "Cold" runs each get a new empty NUMBA_CACHE_DIR (what a fresh install has: Numba compiles every
-kernel on its first call); "warm" runs share one that a run before them filled. Python's own
+kernel on its first call); "warm" runs use the one that the last cold run filled. Python's own
 bytecode caches are warm in both. Every run is its own process; each figure is the minimum over
 --repeat runs, printed beside the 1-minute load average when it started (the machine may be shared).
 --python LABEL=PATH (repeatable) measures the tinysd that each interpreter imports (e.g. a venv with
@@ -193,11 +193,9 @@ def measure(row, args, tmp):
         for label, python in args.pythons.items():
             runs[label]["cold"].append(one(python, tmp / f"{row}-{label}-cold-{i}"))
             print(f"  {row} {label} cold {i + 1}/{args.repeat}: {runs[label]['cold'][-1]['wall']:.2f} s", flush=True)
-    for label, python in args.pythons.items():
-        one(python, tmp / f"{row}-{label}-warm")                # fills the warm runs' cache
-    for i in range(args.repeat):
+    for i in range(args.repeat):           # in the cache that the last cold run filled
         for label, python in args.pythons.items():
-            runs[label]["warm"].append(one(python, tmp / f"{row}-{label}-warm"))
+            runs[label]["warm"].append(one(python, tmp / f"{row}-{label}-cold-{args.repeat - 1}"))
             print(f"  {row} {label} warm {i + 1}/{args.repeat}: {runs[label]['warm'][-1]['wall']:.2f} s", flush=True)
     if args.kernels:
         for label, python in args.pythons.items():
