@@ -14,7 +14,7 @@ Rows:
   "picture_cpu" those of the picture: on a shared machine they move far less than wall seconds.
 - full: SD v1.5-sized random weights (built once by benchmarks/bench_cpu.py's model_folder, about
   4 GB under --workdir): load, the first U-Net step (CFG batch 2, 64×64 latents) and a warm step
-  (the faster of the second and third), in a fresh process; the target is (load + first step) ≤ 2 ×
+  (the second), in a fresh process; the target is (load + first step) ≤ 2 ×
   a warm step even with an empty cache.
 
 "Cold" runs each get a new empty NUMBA_CACHE_DIR (what a fresh install has: Numba compiles every
@@ -95,7 +95,7 @@ def step():
     return end[0] - start[0], end[1] - start[1]
 
 first = step()
-warm = min(step(), step())
+warm = step()
 print("RESULT " + json.dumps({"imports": t1[0] - t0[0], "load": t2[0] - t1[0], "load_cpu": t2[1] - t1[1],
                               "first_step": first[0], "first_step_cpu": first[1],
                               "warm_step": warm[0], "warm_step_cpu": warm[1]}))
@@ -105,6 +105,7 @@ print("RESULT " + json.dumps({"imports": t1[0] - t0[0], "load": t2[0] - t1[0], "
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default="shapes,full", help="comma-separated: shapes, full (default both)")
+    p.add_argument("--cache", default="cold,warm", help="comma-separated: cold, warm (default both)")
     p.add_argument("--repeat", type=int, default=3, help="runs per row and cache state; the minimum is shown (default 3)")
     p.add_argument("--kernels", action="store_true", help="one more cold run per row: compile seconds per kernel")
     p.add_argument("--importtime", action="store_true", help="the slowest imports of the CLI (python -X importtime)")
@@ -119,6 +120,9 @@ def parse_args(argv=None):
         p.error(f"--rows: choose from shapes, full; got {args.rows!r}")
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
+    args.states = [c.strip() for c in args.cache.split(",") if c.strip()]
+    if set(args.states) - {"cold", "warm"} or "cold" not in args.states:
+        p.error(f"--cache: cold, or cold,warm (the warm runs use the cache a cold run filled); got {args.cache!r}")
     args.pythons = {}
     for item in args.python or [f"this={sys.executable}"]:
         label, sep, path = item.partition("=")
@@ -193,7 +197,7 @@ def measure(row, args, tmp):
         for label, python in args.pythons.items():
             runs[label]["cold"].append(one(python, tmp / f"{row}-{label}-cold-{i}"))
             print(f"  {row} {label} cold {i + 1}/{args.repeat}: {runs[label]['cold'][-1]['wall']:.2f} s", flush=True)
-    for i in range(args.repeat):           # in the cache that the last cold run filled
+    for i in range(args.repeat if "warm" in args.states else 0):     # in the cache the last cold run filled
         for label, python in args.pythons.items():
             runs[label]["warm"].append(one(python, tmp / f"{row}-{label}-cold-{args.repeat - 1}"))
             print(f"  {row} {label} warm {i + 1}/{args.repeat}: {runs[label]['warm'][-1]['wall']:.2f} s", flush=True)
@@ -217,6 +221,8 @@ def print_table(title, cols, by_label):
     print(f"{'':{width}s}" + "".join(f"{c:>16s}" for c in cols))
     for state in ("cold", "warm"):
         for label, runs in by_label.items():
+            if not runs[state]:
+                continue
             print(f"{label + ' ' + state:{width}s}" + "".join("{:>9.2f} [{:>4.1f}]".format(*best(runs[state], c))
                                                              for c in cols))
 
