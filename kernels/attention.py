@@ -66,7 +66,7 @@ def _softmax_tile(S, m, l, O, q0, k0, causal):
             O[r, c] *= correction
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def attention_kernel(q, k, v, heads, causal, out, tile_q, tile_k, start, stop):
     """q, out (B, Nq, heads·d); k, v (B, Nk, heads·d), all C-contiguous float32. Task
     (b·heads + h)·⌈Nq/tile_q⌉ + i is query tile i of head h of image b; tasks start … stop − 1."""

@@ -80,26 +80,26 @@ def quick_gelu(x):
     return x * sigmoid(F32(1.702) * x)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def silu_kernel(x, out, start, stop):
     """out[i] = silu(x[i]) for i in start … stop − 1 of the flat x, out."""
     for i in range(start, stop):
         out[i] = silu(x[i])
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def gelu_kernel(x, out, start, stop):
     for i in range(start, stop):
         out[i] = gelu(x[i])
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def quick_gelu_kernel(x, out, start, stop):
     for i in range(start, stop):
         out[i] = quick_gelu(x[i])
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def geglu_kernel(x, out, start, stop):
     """x (M, 2F) -> out (M, F) = h·GELU(gate), h = x[:, :F], gate = x[:, F:]; rows start … stop − 1."""
     F = out.shape[1]
@@ -108,7 +108,7 @@ def geglu_kernel(x, out, start, stop):
             out[m, f] = x[m, f] * gelu(x[m, F + f])
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def linear_geglu_kernel(x, w, bias, out, tile, start, stop):
     """out (N, F) = h·GELU(gate) with [h | gate] = x wᵀ + bias, x (N, K), w (2F, K): the GEGLU
     feed-forward's first half. The output goes in tiles of tile × tile, tasks start … stop − 1
@@ -133,7 +133,7 @@ def linear_geglu_kernel(x, w, bias, out, tile, start, stop):
                 out[r0 + i, f0 + j] = h[i, j] * gelu(gate[i, j])
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def upsample_nearest2x_kernel(x, out, start, stop):
     """x (P, H, W) planes -> out (P, 2H, 2W), out[p, y, x] = x[p, y//2, x//2]; planes start … stop − 1."""
     P, H, W = x.shape
@@ -147,7 +147,7 @@ def upsample_nearest2x_kernel(x, out, start, stop):
                 out[p, 2 * y + 1, 2 * j + 1] = v
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def transpose_kernel(x, out, start, stop):
     """out[b] = x[b]ᵀ for x (B, R, C), out (B, C, R), in 32×32 blocks so that both the reads and
     the writes stay within a few cache lines (a plain strided copy misses on every element).

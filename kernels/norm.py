@@ -27,7 +27,7 @@ def _mean_rstd(row, eps):
     return mean, 1.0 / np.sqrt(var + eps)
 
 
-@njit(nogil=True, fastmath={"reassoc", "contract"}, cache=True)
+@njit(nogil=True, error_model="numpy", fastmath={"reassoc", "contract"}, cache=True)
 def group_norm_kernel(x, weight, bias, eps, apply_silu, out, start, stop):
     """x, out (B, G, C/G, S) with S spatial positions; weight, bias (C,). Task bg = b·G + g is
     one group of one image; tasks start … stop − 1."""
@@ -46,7 +46,7 @@ def group_norm_kernel(x, weight, bias, eps, apply_silu, out, start, stop):
                     out[b, g, c, s] = x[b, g, c, s] * scale + shift
 
 
-@njit(nogil=True, fastmath={"reassoc", "contract"}, cache=True)
+@njit(nogil=True, error_model="numpy", fastmath={"reassoc", "contract"}, cache=True)
 def layer_norm_kernel(x, weight, bias, eps, out, start, stop):
     """x, out (M, C); normalise each of the rows start … stop − 1 over C."""
     C = x.shape[1]

@@ -75,7 +75,7 @@ def _store_rows(y, out, b, o, y0):
             out[b, o, y0 + u, j] = y[u, j]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def weight_transform_f2(w, U, start, stop):
     """w (Cout, 3, 3, Cin) tap-major -> U (16, Cout, Cin), U[4a + b] = (G g Gᵀ)[a, b], for the
     output channels start … stop − 1."""
@@ -174,7 +174,7 @@ def _g6(g0, g1, g2):
             g2)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def weight_transform_f4(w, U, start, stop):
     """w (Cout, 3, 3, Cin) tap-major -> U (36, Cout, Cin), U[6a + b] = (G g Gᵀ)[a, b], for the
     output channels start … stop − 1."""
@@ -272,7 +272,7 @@ def output_transform_f4(M, bias, Ty, Tx, r0, out):
             _store_rows(y, out, b, o, y0)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, error_model="numpy", cache=True)
 def conv3x3_kernel(x, U, bias, pt, pl, out, chunk, start, stop):
     """x (B, Cin, H, W), U from `weight_transform_f2` (16, Cout, Cin) or `weight_transform_f4`
     (36, Cout, Cin), out (B, Cout, Ho, Wo): stride-1 3×3 convolution with padding (pt, pl) at the
