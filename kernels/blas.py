@@ -114,7 +114,7 @@ _set_threads = _openblas("scipy_openblas_set_num_threads", "openblas_set_num_thr
 def blas_single_threaded():
     """Run the block with OpenBLAS on one thread, then give it back its thread count.
 
-    For kernels that call sgemm from every core at once (attention tiles in a prange): each call
+    For kernels that call sgemm from every core at once (attention tiles, one per thread): each call
     should stay on its own core. Set around the whole parallel region, from one thread: OpenBLAS's
     thread count is one global, and `openblas_set_num_threads_local` set and restored per task
     races between the cores and can leave every later GEMM on a single thread.

@@ -1,6 +1,6 @@
 """Elementwise kernels: SiLU, GELU, CLIP's quick GELU, GEGLU (alone and fused with the linear
-before it), nearest 2× up-sampling, the image <-> tokens transpose. Each runs tasks
-start … stop − 1 of its outer loop; `kernels/threads.py` spreads them over the cores.
+before it), ReLU (TAESD), nearest 2× up-sampling, the image <-> tokens transpose. Each runs
+tasks start … stop − 1 of its outer loop; `kernels/threads.py` spreads them over the cores.
 
 Their NumPy twins are the methods of `tinysd.backend.NumpyBackend`. Numba calls libm's scalar
 `expf`/`erff` (no SVML here), ~10× slower than a vector loop, so `exp` and `erf` below are
@@ -131,6 +131,12 @@ def linear_geglu_kernel(x, w, bias, out, tile, start, stop):
         for i in range(r1 - r0):
             for j in range(f1 - f0):
                 out[r0 + i, f0 + j] = h[i, j] * gelu(gate[i, j])
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def relu_kernel(x, out, start, stop):
+    for i in range(start, stop):
+        out[i] = max(x[i], F32(0.0))
 
 
 @njit(nogil=True, error_model="numpy", cache=True)

@@ -164,6 +164,23 @@ def test_callback_sees_every_step(sd_folder):
     assert all(s[2] == s[3] == (1, 4, SIZE // 8, SIZE // 8) for s in seen)
 
 
+@pytest.mark.parametrize("kind, sampler, strength", [("txt2img", "pndm", None), ("img2img", "pndm", 0.5),
+                                                     ("inpaint", "heun", 0.6)])
+def test_reports_its_step_count_and_parameters(tiny_sd, sd_folder, kind, sampler, strength):
+    """The pipeline, not its caller, knows how many U-Net steps a run takes (as diffusers'
+    `pipe.num_timesteps`) and what to write in a PNG's parameters."""
+    seen, reference_steps = [], []
+    kw = {} if strength is None else dict(strength=strength)
+    run_tinysd(sd_folder, kind, sampler, callback=lambda *a: seen.append(sd_folder.num_timesteps), **kw)
+    run_reference(tiny_sd, kind, sampler, callback_on_step_end=lambda pipe, i, t, kwargs: (
+        reference_steps.append(pipe.num_timesteps), kwargs)[1], **kw)
+    assert seen == reference_steps and len(seen) == seen[0]
+    out = sd_folder(PROMPT, num_inference_steps=STEPS, seed=3, scheduler=sampler, output_type="latent")
+    assert out.parameters == {"Steps": STEPS, "Sampler": {"pndm": "PLMS", "heun": "Heun"}[sampler],
+                              "CFG scale": 7.5, "Seed": 3, "Size": "64x64", "Model": "diffusers",
+                              "Denoising strength": None}
+
+
 def test_pil_output_and_seed(sd_folder):
     out = sd_folder(PROMPT, num_inference_steps=1, seed=7, height=SIZE, width=SIZE)
     assert out.seed == 7 and out.images[0].size == (SIZE, SIZE) and out.images[0].mode == "RGB"
@@ -179,3 +196,20 @@ def test_pil_output_and_seed(sd_folder):
 def test_bad_arguments(sd_folder, kwargs, message):
     with pytest.raises(ValueError, match=message):
         sd_folder(PROMPT, num_inference_steps=1, seed=0, **kwargs)
+
+
+def test_mask_of_another_size_is_resized_as_diffusers_does(tiny_sd, sd_folder):
+    """diffusers resizes mask_image to the image's size (Lanczos, then >= 0.5): so does tinysd."""
+    from PIL import Image
+
+    image, _ = make_image_and_mask()
+    mask = np.zeros((40, 24), np.uint8)           # another size and aspect ratio than the 64×64 image
+    mask[:, 9:] = 255
+    ours = sd_folder(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, seed=SEED, scheduler="euler_a",
+                     image=image, mask_image=mask, output_type="latent").images
+    pipe = reference_pipe(tiny_sd, "inpaint", "euler_a")
+    with torch.no_grad():
+        ref = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, image=Image.fromarray(image),
+                   mask_image=Image.fromarray(mask), height=SIZE, width=SIZE, output_type="latent",
+                   generator=torch.Generator("cpu").manual_seed(SEED)).images.numpy()
+    assert_close(ours, ref, rtol=1e-3, name="final latents")

@@ -17,34 +17,54 @@ same picture as diffusers' pipelines.
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
+import os
 import secrets
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from tinysd import embeddings, prompt as a1111_prompt
 from tinysd.backend import get_backend
 from tinysd.rng import Generator
-from tinysd.schedulers import make_scheduler
+from tinysd.pngmeta import sampler_fields
+from tinysd.schedulers import SCHEDULERS, LCMScheduler, canonical_name, make_scheduler
+from tinysd.taesd import load_taesd
 from tinysd.text_encoder import CLIPTextModel
 from tinysd.tokenizer import CLIPTokenizer
-from tinysd.unet import UNet2DConditionModel
+from tinysd.unet import UNet2DConditionModel, guidance_scale_embedding
 from tinysd.vae import AutoencoderKL
-from tinysd.weights import load_checkpoint
+from tinysd.weights import load_checkpoint, load_vae
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 VAE_SCALE = 8   # the VAE shrinks H and W by 8
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}   # diffusers' pipelines' defaults
 
 
-def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None):
+def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=None, taesd=None):
     """A ready pipeline from a model id, a diffusers folder or a single .safetensors/.ckpt file.
 
     backend: 'numpy' (reference), 'cpu' (Numba kernels) or 'cuda'; None picks 'cpu' if it runs.
     variant: 'fp16' reads a diffusers folder's `*.fp16.safetensors` (computed in float32).
     config: for a single file whose model is not SD v1.5-shaped, a diffusers folder (or
     {part: config dict}) giving the configs, as diffusers' `from_single_file(config=...)`.
+    vae: a standalone VAE to use instead of the model's own (e.g. vae-ft-mse-840000-ema-pruned):
+    a file in the original or diffusers layout, or a diffusers `vae/` folder (weights.load_vae).
+    taesd: the tiny autoencoder (`tinysd.taesd.load_taesd`: a folder, hub id, taesd_decoder
+    file or (encoder, decoder) pair) for `vae_decoder="taesd"` and previews; loaded first.
     """
-    ckpt = load_checkpoint(source, variant=variant, config=config)
     backend = get_backend(backend)
+    tiny = load_taesd(taesd, backend) if taesd is not None else None
+    ckpt = load_checkpoint(source, variant=variant, config=config)
+    vae_fields = {}
+    if vae is not None:
+        ckpt.configs["vae"], ckpt.state_dicts["vae"], vae_file = load_vae(vae, ckpt.configs["vae"])
+        check_vae_fits(ckpt.configs, vae)
+        vae_fields = {"VAE hash": file_sha256(vae_file)[:10], "VAE": Path(vae_file).name if Path(vae).is_file()
+                      else Path(vae).name}                    # as A1111 writes a VAE file's name and hash
     where = str(ckpt.source)
 
     def build(cls, part):
@@ -52,8 +72,35 @@ def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None):
             ckpt.state_dicts[part], source=f"{where} ({part})")
 
     tokenizer = CLIPTokenizer.from_folder(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else CLIPTokenizer()
-    return StableDiffusion(tokenizer, build(CLIPTextModel, "text_encoder"), build(UNet2DConditionModel, "unet"),
-                           build(AutoencoderKL, "vae"), ckpt.configs["scheduler"], backend)
+    sd = StableDiffusion(tokenizer, build(CLIPTextModel, "text_encoder"), build(UNet2DConditionModel, "unet"),
+                         build(AutoencoderKL, "vae"), ckpt.configs["scheduler"], backend)
+    sd.model_name = model_name(source)
+    sd.vae_fields = vae_fields
+    sd.taesd = tiny
+    return sd
+
+
+def check_vae_fits(configs, vae):
+    """A swapped-in VAE must make the latents the U-Net works on."""
+    latent, unet_out = configs["vae"].get("latent_channels", 4), configs["unet"].get("out_channels", 4)
+    if latent != unet_out:
+        raise ValueError(f"vae {vae}: its latents have {latent} channels, the model's U-Net works on {unet_out}")
+
+
+def file_sha256(path, chunk=1 << 24):
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_name(source):
+    """What A1111 writes as "Model": the checkpoint file's stem, the folder's or the repo's name."""
+    path = Path(str(source))
+    return path.stem if path.suffix in (".safetensors", ".ckpt") else path.name
 
 
 @dataclass
@@ -61,48 +108,185 @@ class PipelineOutput:
     images: object                       # list of PIL images, or (B, H, W, 3) floats in [0, 1], or latents
     seed: int | None = None              # the seed the noise came from (None if `generator` was passed)
     nsfw_content_detected: list = field(default_factory=list)   # no safety checker: always empty
+    # What the generation did, as AUTOMATIC1111 names it in a PNG's `parameters` ("Steps",
+    # "Sampler", "CFG scale", "Seed", "Size", "Model", "Denoising strength", ...): tinysd.pngmeta.infotext
+    parameters: dict = field(default_factory=dict)
 
 
 class StableDiffusion:
+    model_name = None        # "Model" in the PNG parameters; set by `load`
+    taesd = None             # tinysd.taesd.AutoencoderTiny for vae_decoder="taesd" and previews
+    vae_fields = {}          # "VAE", "VAE hash" in the PNG parameters for a swapped-in VAE; set by `load`
+    num_timesteps = 0        # U-Net steps of the generation running (or last run), for progress bars
+
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config, backend):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.scheduler_config = dict(scheduler_config)
-        self.scheduler = make_scheduler(self.scheduler_config.get("_class_name", "pndm"), self.scheduler_config)
+        self.scheduler = make_scheduler(self.default_sampler, self.scheduler_config)
         self.ops = backend
+        self.textual_inversions = {}      # token -> tinysd.embeddings.TextualInversion, once loaded
+
+    @property
+    def default_sampler(self):
+        """The sampler name of the model's own scheduler (scheduler/scheduler_config.json)."""
+        name = canonical_name(self.scheduler_config.get("_class_name", "PNDMScheduler"))
+        if self.is_lcm_model and name not in ("lcm", "tcd"):
+            return "lcm"     # a single file carries SD v1.5's PNDM config; this U-Net needs LCM's steps
+        karras = f"{name}_karras"
+        return karras if self.scheduler_config.get("use_karras_sigmas") and karras in SCHEDULERS else name
+
+    @property
+    def is_lcm_model(self):
+        """An LCM-distilled U-Net (`time_cond_proj_dim`): guidance enters as an embedding, no CFG batch."""
+        return self.unet.config.get("time_cond_proj_dim") is not None
+
+    # -- LoRA (tinysd.lora), with diffusers' method names ------------------------------------------
+    @property
+    def loras(self):
+        """The LoRA adapters loaded into the text encoder and U-Net (`tinysd.lora.LoraAdapters`)."""
+        if "_loras" not in self.__dict__:
+            from tinysd.lora import LoraAdapters
+            self._loras = LoraAdapters({"unet": self.unet, "text_encoder": self.text_encoder})
+        return self._loras
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None):
+        """Load a LoRA (kohya/A1111, diffusers or PEFT; .safetensors, .pt/.bin, a diffusers LoRA
+        folder, or a dict) and make it the active adapter, with weight 1. Its name defaults to
+        default_0, default_1, ... Raises tinysd.lora.LoraError, changing nothing, if it does not fit."""
+        self.loras.load(pretrained_model_name_or_path_or_dict, adapter_name)
+
+    def set_adapters(self, adapter_names, adapter_weights=None):
+        """Use exactly these adapters, each with its weight (a number, or {"unet": w, "text_encoder": w})."""
+        self.loras.set_adapters(adapter_names, adapter_weights)
+
+    def get_active_adapters(self):
+        return self.loras.active()
+
+    def delete_adapters(self, adapter_names):
+        self.loras.delete(adapter_names)
+
+    def unload_lora_weights(self):
+        """Remove every LoRA: the weights are the loaded ones again, bit for bit."""
+        self.loras.unload()
 
     # -- the parts of one generation --------------------------------------------------------------
-    def encode_prompt(self, prompt, negative_prompt=None, num_images_per_prompt=1, guidance=True):
-        """Text -> context (B·n, 77, D); with guidance, [uncond; cond] stacked in one batch."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        cond = self._embed(prompts, num_images_per_prompt)
-        if not guidance:
-            return cond
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
+    def load_textual_inversion(self, pretrained_model_name_or_path, token=None):
+        """Add a textual-inversion embedding (A1111 .pt, .safetensors, diffusers learned_embeds.bin
+        or its folder) as new tokens, as diffusers' `load_textual_inversion` (tinysd.embeddings)."""
+        return embeddings.load_textual_inversion(self, pretrained_model_name_or_path, token)
+
+    def encode_prompt(self, prompt, negative_prompt=None, num_images_per_prompt=1, guidance=True, *,
+                      prompt_embeds=None, negative_prompt_embeds=None, prompt_weighting=False, clip_skip=None):
+        """Text -> context (B·n, L, D); with guidance, [uncond; cond] stacked in one batch.
+
+        Diffusers' plain prompts: L = 77, longer prompts cut (with a warning), `clip_skip` on the
+        prompt only (as diffusers). prompt_weighting=True: A1111's rules (tinysd.prompt) with
+        `clip_skip` on both; L = 77·k for k chunks, the shorter side padded with the empty
+        prompt's chunks. prompt_embeds / negative_prompt_embeds (B, L, D) are used as given.
+        """
+        return self._encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance, prompt_embeds,
+                                   negative_prompt_embeds, prompt_weighting, clip_skip)[0]
+
+    def _encode_prompt(self, prompt, negative_prompt, n, guidance, prompt_embeds, negative_prompt_embeds,
+                       prompt_weighting, clip_skip):
+        """(context, {A1111 field: value}): "Clip skip", "TI hashes", "Pad conds" where they apply."""
+        prompts, negatives = self._prompt_lists(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        negatives = negatives if guidance else None
+        clip_skip = clip_skip or None
+        fields = {"Clip skip": clip_skip + 1 if clip_skip and prompts else None}
+        if prompt_weighting:
+            texts = (prompts or []) + (negatives or [])
+            encoded, used, k = self._embed_weighted(texts, clip_skip) if texts else (None, [], [])
+            cond = encoded[:len(prompts)] if prompts is not None else None
+            uncond = encoded[len(prompts or []):] if negatives is not None else None
+            # A1111 pads the shorter of prompt and negative prompt (and says so) with its "Pad conds" option
+            fields["Pad conds"] = prompts is not None and negatives is not None and \
+                max(k[:len(prompts)]) != max(k[len(prompts):])
         else:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
-        return self.ops.concat([self._embed(negatives, num_images_per_prompt), cond], axis=0)
+            used = []
+            cond = self._embed(prompts, clip_skip, used) if prompts is not None else None
+            uncond = self._embed(negatives, None, used) if negatives is not None else None   # as diffusers
+        cond = self._embeds(prompt_embeds, "prompt_embeds") if cond is None else cond
+        if guidance and uncond is None:
+            uncond = self._embeds(negative_prompt_embeds, "negative_prompt_embeds")
+        if guidance and uncond.shape != cond.shape:
+            raise ValueError(f"the prompt's context has shape {cond.shape} and the negative prompt's {uncond.shape}: "
+                             f"pass prompt_embeds and negative_prompt_embeds of one shape")
+        fields["TI hashes"] = embeddings.hashes_field(dict.fromkeys(used))
+        context = np.concatenate([uncond, cond]) if guidance else cond
+        context = np.repeat(context, n, axis=0)        # each prompt's n images side by side
+        return self.ops.asarray(context), {k: v for k, v in fields.items() if v}
 
-    def _embed(self, prompts, n):
+    def _prompt_lists(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds):
+        """(prompts, negative prompts) as lists; None where embeddings are given instead."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("give either `prompt` or `prompt_embeds`" if prompt is None else
+                             "give `prompt` or `prompt_embeds`, not both")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("give `negative_prompt` or `negative_prompt_embeds`, not both")
+        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts) if prompts is not None else len(self._embeds(prompt_embeds, "prompt_embeds"))
+        if negative_prompt_embeds is not None:
+            return prompts, None
+        negatives = [""] * batch if negative_prompt is None else [negative_prompt] * batch \
+            if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != batch:
+            raise ValueError(f"negative_prompt has {len(negatives)} entries for {batch} prompts")
+        return prompts, negatives
+
+    def _embeds(self, x, name):
+        """Given embeddings, checked: (B, L, D) with D the U-Net's cross-attention width."""
+        x = np.asarray(x, dtype=np.float32)
+        width = self.unet.config["cross_attention_dim"]
+        if x.ndim != 3 or x.shape[2] != width or not x.shape[0] or not x.shape[1]:
+            raise ValueError(f"{name} must have shape (batch, tokens, {width}), got {x.shape}")
+        return x
+
+    def _embed(self, prompts, clip_skip, used):
+        """Diffusers' plain prompts -> (B, 77, D); appends the embeddings they use to `used`."""
+        prompts = [embeddings.expand_multi_vector(p, self.tokenizer) for p in prompts]
         ids = self.tokenizer(prompts)                         # (B, 77)
-        return self.text_encoder(np.repeat(ids, n, axis=0))   # each prompt's n images side by side
+        used += embeddings.used_in(ids, self.textual_inversions.values())
+        return self.ops.numpy(self.text_encoder(ids, clip_skip))
 
-    def predict_noise(self, latents, t, context, guidance_scale):
-        """ε for `latents` at t; with guidance, ε_uncond + s·(ε_cond − ε_uncond) from one batch."""
-        guidance = guidance_scale > 1.0
+    def _embed_weighted(self, texts, clip_skip):
+        """A1111's prompts (tinysd.prompt) -> ((B, 77·k, D), the embeddings they use, each one's
+        chunk count); all padded to the longest one's k chunks with the empty prompt's chunk."""
+        lines = [a1111_prompt.tokenize_line(t, self.tokenizer, self.textual_inversions.values()) for t in texts]
+        counts = [len(chunks) for chunks, _ in lines]
+        chunks = [c for cs, _ in lines for c in cs + [a1111_prompt.empty_chunk(self.tokenizer)] * (max(counts) - len(cs))]
+        z = self.ops.numpy(self.text_encoder(np.array([c.ids for c in chunks]), clip_skip))   # (B·k, 77, D)
+        z = np.stack([a1111_prompt.emphasis(zc, c.weights) for zc, c in zip(z, chunks)])
+        return z.reshape(len(texts), -1, z.shape[-1]), [ti for _, used in lines for ti in used], counts
+
+    def predict_noise(self, latents, t, context, guidance_scale, timestep_cond=None, unet=None):
+        """ε for `latents` at t; with guidance, ε_uncond + s·(ε_cond − ε_uncond) from one batch.
+
+        timestep_cond: an LCM-distilled U-Net's guidance embedding, which replaces the CFG batch.
+        unet: the U-Net as this generation calls it (DeepCache's per-step hook), else self.unet.
+        """
+        guidance = guidance_scale > 1.0 and timestep_cond is None
         x = np.concatenate([latents, latents]) if guidance else latents
-        eps = self.ops.numpy(self.unet(self.ops.asarray(x), t, context))
+        eps = self.ops.numpy((unet or self.unet)(self.ops.asarray(x), t, context, timestep_cond=timestep_cond))
         if not guidance:
             return eps
         eps_uncond, eps_cond = np.split(eps, 2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
-    def decode(self, latents):
-        """Latents -> images (B, H, W, 3) in [0, 1]; undoes the 0.18215 scaling first."""
-        x = self.ops.numpy(self.vae.decode(latents / self.vae.scaling_factor))
+    def decode(self, latents, decoder="vae"):
+        """Latents -> images (B, H, W, 3) in [0, 1]: by the VAE (undoing the 0.18215 scaling
+        first), or with decoder="taesd" by the tiny autoencoder (whose scaling factor is 1)."""
+        model = self._decoder(decoder)
+        x = self.ops.numpy(model.decode(np.asarray(latents, np.float32) / np.float32(model.scaling_factor)))
         return np.clip(x / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+    def _decoder(self, decoder):
+        if decoder not in ("vae", "taesd"):
+            raise ValueError(f"vae_decoder {decoder!r}: choose 'vae' or 'taesd'")
+        if decoder == "taesd" and (self.taesd is None or "decoder" not in self.taesd.parts):
+            raise ValueError("vae_decoder='taesd' needs a TAESD decoder: tinysd.load(model, taesd=PATH) "
+                             "(CLI --taesd PATH), or sd.taesd = tinysd.taesd.load_taesd(PATH)")
+        return self.vae if decoder == "vae" else self.taesd
 
     def encode(self, images, generator):
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents z = 0.18215·(μ + σ·noise)."""
@@ -110,10 +294,12 @@ class StableDiffusion:
         return self.vae.scaling_factor * dist.sample(generator.randn(dist.mean.shape))
 
     # -- generation -----------------------------------------------------------------------------------
-    def __call__(self, prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5,
+    def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5,
                  height=None, width=None, seed=None, generator=None, latents=None, scheduler=None, eta=0.0,
                  output_type="pil", callback=None, image=None, strength=None, mask_image=None,
-                 num_images_per_prompt=1):
+                 num_images_per_prompt=1, prompt_embeds=None, negative_prompt_embeds=None,
+                 prompt_weighting=False, clip_skip=None, vae_decoder="vae", deepcache_interval=None,
+                 deepcache_branch=0):
         """Generate images; the arguments are diffusers' `StableDiffusionPipeline` ones.
 
         txt2img by default; img2img with `image=` (and `strength`, default 0.8); inpainting with
@@ -121,12 +307,26 @@ class StableDiffusion:
         `tinysd.rng.Generator`) fixes the noise as `torch.Generator("cpu").manual_seed(seed)` does.
         `callback(step, timestep, latents)` runs after every step; if it takes a
         `pred_original_sample` argument it also gets the sampler's x̂₀.
+        Prompts as diffusers reads them (77 tokens); prompt_weighting=True reads them as A1111
+        does: `(word:1.3)`, `[word]`, BREAK, any length (see `encode_prompt`). `clip_skip=N` skips
+        the text encoder's last N layers (diffusers' meaning: A1111's "Clip skip" N + 1).
+        `deepcache_interval=N`: DeepCache, the full U-Net every N-th step and between them only its
+        shallow branch at `deepcache_branch` on the cached deep features (`DeepCache`).
         Returns PipelineOutput with `.images` per `output_type`: "pil", "np" or "latent".
+        `vae_decoder="taesd"` decodes with the tiny autoencoder (`load(..., taesd=PATH)`).
+
+        LCM: `scheduler="lcm", num_inference_steps=4, guidance_scale=1` with the LCM-LoRA on any
+        SD v1.5 model; an LCM-distilled U-Net (`time_cond_proj_dim`) runs as diffusers'
+        `LatentConsistencyModelPipeline`: guidance_scale enters as the embedding of w = s − 1,
+        one U-Net pass per step, no negative prompt; its img2img takes strength·50 of LCM's grid.
         """
-        if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type {output_type!r}: choose 'pil', 'np' or 'latent'")
-        if mask_image is not None and image is None:
-            raise ValueError("inpainting needs `image=` as well as `mask_image=`")
+        self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
+                          generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
+                          num_images_per_prompt, prompt_embeds, negative_prompt_embeds, prompt_weighting, clip_skip,
+                          deepcache_interval, deepcache_branch)
+        if output_type != "latent":
+            self._decoder(vae_decoder)           # "vae", or "taesd" with a TAESD loaded
+        height, width = (None if v is None else int(v) for v in (height, width))   # 512.0 -> 512, as diffusers
         if generator is None:
             seed = secrets.randbits(63) if seed is None else int(seed)
             generator = Generator(seed)
@@ -138,13 +338,25 @@ class StableDiffusion:
         default_size = self.unet.config.get("sample_size", 64) * VAE_SCALE
         height, width = height or default_size, width or default_size
         check_size(height, width)
+        txt2img = image is None
+        if txt2img and self.unet.in_channels == 9:
+            # txt2img on an inpainting model, as A1111 runs it: the whole picture is repainted and
+            # the masked image the U-Net sees is mid-grey (0 in [-1, 1])
+            image, mask_image = np.zeros((1, 3, height, width), np.float32), np.ones((height, width), np.float32)
 
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        batch = len(prompts) * num_images_per_prompt
-        guidance = guidance_scale > 1.0
-        context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guidance)
+        guidance = guidance_scale > 1.0 and not self.is_lcm_model
+        context, prompt_fields = self._encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance,
+                                                     prompt_embeds, negative_prompt_embeds, prompt_weighting, clip_skip)
+        batch = context.shape[0] // (2 if guidance else 1)
+        timestep_cond = None
+        if self.is_lcm_model:             # as LatentConsistencyModelPipeline: w = s − 1, no CFG batch
+            if negative_prompt is not None:
+                warnings.warn("an LCM-distilled U-Net runs without classifier-free guidance: negative_prompt "
+                              "has no effect", stacklevel=2)
+            w = np.full(batch, guidance_scale - 1, dtype=np.float32)
+            timestep_cond = guidance_scale_embedding(w, self.unet.config["time_cond_proj_dim"])
 
-        sched = self._scheduler(scheduler)
+        sched, sched_name = self._scheduler(scheduler)
         sched.set_timesteps(num_inference_steps)
         timesteps = sched.timesteps
         shape = (batch, 4, height // VAE_SCALE, width // VAE_SCALE)
@@ -152,9 +364,9 @@ class StableDiffusion:
         mask = masked_latents = image_latents = None
         if mask_image is not None:
             mask, masked_image = preprocess_mask(mask_image, image)
-            strength = 1.0 if strength is None else strength
+            strength = DEFAULT_STRENGTH["inpaint"] if strength is None else strength
         elif image is not None:
-            strength = 0.8 if strength is None else strength
+            strength = DEFAULT_STRENGTH["img2img"] if strength is None else strength
 
         if image is None:
             if latents is None:
@@ -162,7 +374,7 @@ class StableDiffusion:
             latents = np.asarray(latents, dtype=np.float32) * np.float32(sched.init_noise_sigma)
             noise = None
         else:
-            timesteps = strength_timesteps(sched, num_inference_steps, strength)
+            timesteps = strength_timesteps(sched, num_inference_steps, strength, within_grid=self.is_lcm_model)
             pure_noise = mask is not None and strength >= 1.0      # inpainting from scratch
             nine_channel = self.unet.in_channels == 9
             if not (pure_noise and nine_channel):                   # the 9-channel U-Net sees the image
@@ -181,25 +393,145 @@ class StableDiffusion:
                     # unused; draw its VAE noise all the same so later draws stay aligned with its seed
                     generator.randn((masked_image.shape[0], 4) + shape[2:])
 
+        deepcache = deepcache_interval and DeepCache(self.unet, deepcache_interval, deepcache_branch, sched.timesteps)
         latents = self._denoise(latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
-                                mask=mask, masked_latents=masked_latents, image_latents=image_latents, noise=noise)
+                                mask=mask, masked_latents=masked_latents, image_latents=image_latents, noise=noise,
+                                timestep_cond=timestep_cond, unet=deepcache)
+        parameters = {"Steps": num_inference_steps, **sampler_fields(sched_name), "CFG scale": float(guidance_scale),
+                      "Seed": seed, "Size": f"{width}x{height}", "Model": self.model_name,
+                      "Denoising strength": None if txt2img else float(strength), **self.vae_fields, **prompt_fields,
+                      **self.loras.parameters(),
+                      **(deepcache.parameters() if deepcache else {})}
         if output_type == "latent":
-            return PipelineOutput(latents, seed)
-        images = self.decode(latents)
+            return PipelineOutput(latents, seed, parameters=parameters)
+        images = self.decode(latents, decoder=vae_decoder)
         if output_type == "pil":
             images = to_pil(images)
-        return PipelineOutput(images, seed)
+        return PipelineOutput(images, seed, parameters=parameters)
+
+    def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
+                     generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
+                     num_images_per_prompt, prompt_embeds=None, negative_prompt_embeds=None, prompt_weighting=False,
+                     clip_skip=None, deepcache_interval=None, deepcache_branch=0):
+        """Check `__call__`'s arguments before any model work, in the order of its signature: a bad
+        value raises a TypeError (wrong kind) or ValueError (wrong value) naming the argument, the
+        value and what is allowed. Values diffusers takes and handles sensibly pass as they do there
+        (guidance_scale <= 1 turns guidance off, a mask of another size is resized to the image)."""
+        if prompt is None and prompt_embeds is None:
+            raise TypeError("prompt must be a string or a list of strings, got None (or give prompt_embeds=)")
+        if prompt_embeds is None:
+            batch = len(check_prompt("prompt", prompt))
+        elif prompt is not None:
+            raise ValueError("give `prompt` or `prompt_embeds`, not both")
+        else:
+            batch = len(self._embeds(prompt_embeds, "prompt_embeds"))
+        if negative_prompt is not None:
+            if negative_prompt_embeds is not None:
+                raise ValueError("give `negative_prompt` or `negative_prompt_embeds`, not both")
+            negatives = check_prompt("negative_prompt", negative_prompt)
+            if not isinstance(negative_prompt, str) and len(negatives) != batch:
+                raise ValueError(f"negative_prompt {show(negative_prompt)} has {len(negatives)} entries for "
+                                 f"{batch} prompt(s): pass one string for all, or a list of one per prompt")
+        elif negative_prompt_embeds is not None:
+            self._embeds(negative_prompt_embeds, "negative_prompt_embeds")
+        # at most the training schedule's length (a sampler object passed in checks its own)
+        most = None if _is_sampler(scheduler) else self.scheduler_config.get("num_train_timesteps", 1000)
+        check_int("num_inference_steps", num_inference_steps, 1, most)
+        check_number("guidance_scale", guidance_scale, hint=" (1 or less turns classifier-free guidance off)")
+        for name, size in (("height", height), ("width", width)):
+            if size is not None:
+                check_side(name, size)
+        if seed is not None:
+            check_int("seed", seed, 0, 2 ** 64 - 1, allowed="an integer in [0, 2**64) (None draws a random one)")
+        if generator is not None:
+            if not isinstance(generator, Generator):
+                raise TypeError(f"generator must be a tinysd.rng.Generator (e.g. Generator(42); or pass seed=42), "
+                                f"got {show(generator)}")
+            if seed is not None:
+                raise ValueError(f"pass seed or generator, not both (got seed={seed!r} and a generator)")
+        if scheduler is not None and not _is_sampler(scheduler):
+            if not isinstance(scheduler, str):
+                raise TypeError(f"scheduler must be a sampler name such as 'euler_a' or a sampler object, "
+                                f"got {show(scheduler)}")
+            try:
+                canonical_name(scheduler)
+            except ValueError as e:                          # "unknown sampler 'x'; valid names: ..."
+                raise ValueError(f"scheduler: {e}") from None
+        check_number("eta", eta, low=0.0, hint=" (DDIM's eta: 0 is deterministic, 1 adds DDPM's noise)")
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type {output_type!r}: choose 'pil', 'np' or 'latent'")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable as callback(step, timestep, latents), got {show(callback)}")
+        if image is not None:
+            check_image("image", image)
+        if strength is not None:
+            check_number("strength", strength, low=0.0, high=1.0)
+            if image is None:
+                raise ValueError(f"strength={strength!r} needs image= (img2img or inpainting); txt2img starts "
+                                 f"from pure noise")
+        if mask_image is not None:
+            check_image("mask_image", mask_image)
+            if image is None:
+                raise ValueError("inpainting needs `image=` as well as `mask_image=`")
+        check_int("num_images_per_prompt", num_images_per_prompt, 1)
+        if latents is not None:
+            self.check_latents(latents, image, height, width, batch * num_images_per_prompt)
+        if not isinstance(prompt_weighting, bool):
+            raise TypeError(f"prompt_weighting must be True (A1111's prompt rules) or False (diffusers'), "
+                            f"got {show(prompt_weighting)}")
+        if clip_skip is not None:
+            layers = len(self.text_encoder.text_model.encoder.layers)
+            check_int("clip_skip", clip_skip, 0, layers, allowed=f"an integer from 0 to {layers}, the text encoder "
+                      f"layers to skip (diffusers' meaning; A1111's 'Clip skip' minus 1)")
+        if deepcache_interval is not None:
+            check_int("deepcache_interval", deepcache_interval, 1, allowed="an integer >= 1: the full U-Net runs "
+                      "every N-th step (None turns DeepCache off)")
+        last = self.unet.num_skips - 1
+        check_int("deepcache_branch", deepcache_branch, 0, last, allowed=f"an integer from 0 to {last}, DeepCache's "
+                  f"branch (0 = the shallowest)")
+        if deepcache_branch and deepcache_interval is None:
+            raise ValueError(f"deepcache_branch={deepcache_branch} needs deepcache_interval= (DeepCache is off "
+                             f"without it)")
+        # the sampler must take the step count (LCM: at most its 50-point grid), and a strength too
+        # small for the steps leaves no step: try them on a fresh sampler
+        sched, _ = self._scheduler(scheduler)
+        sched.set_timesteps(num_inference_steps)
+        if image is not None:
+            if strength is None:
+                strength = DEFAULT_STRENGTH["inpaint" if mask_image is not None else "img2img"]
+            strength_timesteps(sched, num_inference_steps, strength, within_grid=self.is_lcm_model)
+
+    def check_latents(self, latents, image, height, width, batch):
+        """`latents` replaces the txt2img start noise: (batch, 4, height/8, width/8), finite numbers."""
+        if image is not None:
+            raise ValueError("latents= is the txt2img start noise; img2img and inpainting start from the encoded "
+                             "image: pass latents or image, not both")
+        try:
+            array = np.asarray(latents)
+        except (TypeError, ValueError):
+            array = None
+        if array is None or array.dtype.kind not in "iuf":
+            raise TypeError(f"latents must be an array of real numbers, got {show(latents)}")
+        size = self.unet.config.get("sample_size", 64) * VAE_SCALE
+        expected = (batch, 4, (height or size) // VAE_SCALE, (width or size) // VAE_SCALE)   # 4 latent channels
+        if array.shape != expected:
+            raise ValueError(f"latents has shape {array.shape}; height={height or size}, width={width or size} and "
+                             f"{batch} image(s) need {expected} (batch, 4, height/8, width/8)")
+        if not np.isfinite(array).all():
+            raise ValueError(f"latents has {int(np.size(array) - np.isfinite(array).sum())} non-finite values "
+                             f"(nan or inf)")
 
     def _denoise(self, latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
-                 mask=None, masked_latents=None, image_latents=None, noise=None):
-        """The reverse-diffusion loop: z_T -> z_0, one sampler step per timestep."""
+                 mask=None, masked_latents=None, image_latents=None, noise=None, timestep_cond=None, unet=None):
+        """The reverse-diffusion loop: z_T -> z_0, one sampler step per timestep (`unet`: see predict_noise)."""
         wants_x0 = callback is not None and "pred_original_sample" in inspect.signature(callback).parameters
         nine_channel = self.unet.in_channels == 9
+        self.num_timesteps = len(timesteps)
         for i, t in enumerate(timesteps):
             x = sched.scale_model_input(latents, t)
             if nine_channel:
                 x = np.concatenate([x, mask, masked_latents], axis=1)
-            eps = self.predict_noise(x, t, context, guidance_scale)
+            eps = self.predict_noise(x, t, context, guidance_scale, timestep_cond, unet)
             out = sched.step(eps, t, latents, generator=generator, eta=eta)
             latents = out.prev_sample
             if mask is not None and not nine_channel:
@@ -214,18 +546,53 @@ class StableDiffusion:
         return latents
 
     def _scheduler(self, scheduler):
-        """A fresh sampler for one generation (samplers keep per-run state)."""
+        """(a fresh sampler for one generation, its name): samplers keep per-run state."""
         if scheduler is None:
-            scheduler = self.scheduler_config.get("_class_name", "pndm")
+            scheduler = self.default_sampler
         if isinstance(scheduler, str):
-            return make_scheduler(scheduler, self.scheduler_config)
-        return scheduler
+            return make_scheduler(scheduler, self.scheduler_config), canonical_name(scheduler)
+        return scheduler, type(scheduler).__name__
 
 
-def strength_timesteps(sched, num_inference_steps, strength):
-    """img2img skips the first (1 − strength) of the schedule: start from the image noised to t_start."""
+class DeepCache:
+    """DeepCache (Ma et al. 2023, "DeepCache: Accelerating Diffusion Models for Free"), one
+    generation's per-step hook: called as the U-Net, it runs the full U-Net every `interval`-th step,
+    keeping u_k, the deep features entering the up path's ResNet at `branch` k, and in between
+    only the shallow branch on them (UNet2DConditionModel: the down path to skip s_k, the up path
+    from U_k). Steps count as the DeepCache package's DeepCacheSDHelper counts them: a U-Net call
+    at t is step i, the first index of t in the sampler's timesteps (Heun's and PLMS's second
+    call at a timestep counts as its first), and runs the full U-Net when (i − i_0) % interval
+    == 0, i_0 the generation's first step (img2img starts part-way). The CFG batch shares one
+    cache: u_k holds both halves."""
+
+    def __init__(self, unet, interval, branch, timesteps):
+        self.unet, self.interval, self.branch = unet, interval, branch
+        self.timesteps = np.asarray(timesteps)
+        self.first = self.features = None
+
+    def __call__(self, x, t, context, timestep_cond=None):
+        step = int(np.flatnonzero(self.timesteps == t)[0])
+        self.first = step if self.first is None else self.first
+        full = (step - self.first) % self.interval == 0
+        eps, self.features = self.unet(x, t, context, timestep_cond=timestep_cond, cache_branch=self.branch,
+                                       cached=None if full else self.features)
+        return eps
+
+    def parameters(self):
+        return {"DeepCache interval": self.interval, "DeepCache branch": self.branch}
+
+
+def strength_timesteps(sched, num_inference_steps, strength, within_grid=False):
+    """img2img skips the first (1 − strength) of the schedule: start from the image noised to t_start.
+
+    within_grid: an LCM-distilled model with a consistency sampler takes all n steps from the lowest
+    strength·50 points of LCM's grid instead (diffusers' LatentConsistencyModelImg2ImgPipeline).
+    """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if within_grid and isinstance(sched, LCMScheduler):
+        sched.set_timesteps(num_inference_steps, strength=strength)
+        return sched.timesteps
     init = min(int(num_inference_steps * strength), num_inference_steps)
     t_start = max(num_inference_steps - init, 0) * sched.order
     if hasattr(sched, "set_begin_index"):
@@ -241,10 +608,98 @@ def repeat_to(x, batch):
     return np.concatenate([x] * (batch // x.shape[0])) if batch != x.shape[0] else x
 
 
+def show(value, limit=80):
+    """A value as an error message shows it: its repr (shortened) and its type."""
+    text = repr(value)
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def check_int(name, value, low, high=None, allowed=None):
+    """`value` must be an integer (a bool is not one) in [low, high]."""
+    if allowed is None:
+        allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {allowed}, got {show(value)}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def check_number(name, value, low=None, high=None, hint=""):
+    """`value` must be a finite real number (a bool is not one) in [low, high]."""
+    if low is not None and high is not None:
+        allowed = f"in [{low:g}, {high:g}]"
+    else:
+        allowed = "a finite number" + (f" >= {low:g}" if low is not None else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number {allowed}{hint}, got {show(value)}")
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be {allowed}{hint}, got {value}")
+
+
+def check_side(name, value):
+    """An image side in pixels: a positive multiple of 8 (an integral float passes, as in diffusers)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive multiple of 8 (pixels, an integer), got {show(value)}")
+    if not math.isfinite(value) or int(value) != value or value <= 0 or value % VAE_SCALE:
+        raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+
+
+def check_prompt(name, prompt):
+    """A prompt: a string, or a non-empty list (or tuple) of strings, each valid Unicode text. -> list."""
+    if isinstance(prompt, str):
+        texts = [prompt]
+    elif isinstance(prompt, (list, tuple)):
+        texts = list(prompt)
+        if not texts:
+            raise ValueError(f"{name}={prompt!r} is empty: pass a string or a non-empty list of strings")
+    else:
+        raise TypeError(f"{name} must be a string or a list of strings, got {show(prompt)}")
+    for i, text in enumerate(texts):
+        where = name if isinstance(prompt, str) else f"{name}[{i}]"
+        if not isinstance(text, str):
+            raise TypeError(f"{where} must be a string, got {show(text)}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:     # a lone surrogate (U+D800..U+DFFF) is no character of any text
+            raise ValueError(f"{where} {show(text, 40)} holds the surrogate {text[e.start]!r} at index {e.start}, "
+                             f"which is not a Unicode character (text decoded with errors='surrogateescape' or "
+                             f"from UTF-16 by halves?): pass valid text") from None
+    return texts
+
+
+IMAGE_KINDS = "a PIL image, a file path, or an (H, W, 3) array (uint8, or floats in [0, 1]; (H, W) grey and " \
+              "(H, W, 4) RGBA work too)"
+
+
+def check_image(name, image):
+    """An image or mask as `load_image` reads it; a file's contents are checked when it is read."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike, Image.Image)):
+        return
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{name} must be {IMAGE_KINDS}, got {show(image)}")
+    if image.dtype != np.uint8 and image.dtype.kind != "f":
+        raise TypeError(f"{name}: an array of dtype {image.dtype}; it must be uint8 (0-255) or floats in [0, 1]")
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+        hint = (f"; this one looks channel-first: pass {name}.transpose(1, 2, 0)"
+                if image.ndim == 3 and image.shape[0] in (1, 3, 4) else "")
+        raise ValueError(f"{name}: an array of shape {image.shape}; it must be {IMAGE_KINDS}{hint}")
+    if 0 in image.shape:
+        raise ValueError(f"{name}: an empty array of shape {image.shape}")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise ValueError(f"{name}: the array holds non-finite values (nan or inf); pixels must be in [0, 1]")
+
+
+def _is_sampler(scheduler):
+    """A sampler object (one of tinysd.schedulers' classes, or one like them), not a name."""
+    return hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step")
+
+
 def check_size(height, width):
-    for name, v in (("height", height), ("width", width)):
-        if int(v) != v or v <= 0 or v % 8:
-            raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
+    check_side("height", height)
+    check_side("width", width)
 
 
 def load_image(image, mode="RGB"):
@@ -267,6 +722,10 @@ def preprocess_image(image, height=None, width=None):
     """Image -> (1, 3, H, W) float32 in [−1, 1]; resized (Lanczos) to height×width, or its own
     size rounded down to a multiple of 8, as diffusers' VaeImageProcessor does."""
     pil = load_image(image)
+    for name, side, given in (("width", pil.width, width), ("height", pil.height, height)):
+        if given is None and side < VAE_SCALE:     # its own size, rounded down to a multiple of 8, would be 0
+            raise ValueError(f"image is {pil.width}x{pil.height} pixels: its {name}, rounded down to a multiple of 8, "
+                             f"is 0; pass a larger image, or height= and width= to resize it")
     width = width or pil.width - pil.width % VAE_SCALE
     height = height or pil.height - pil.height % VAE_SCALE
     check_size(height, width)

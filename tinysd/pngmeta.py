@@ -30,11 +30,13 @@ A1111_SAMPLER_NAMES = {
     "heun": "Heun",
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "lcm": "LCM",
+    "tcd": "TCD",        # not in A1111 itself; the name Forge and ComfyUI give it
 }
 
 # One `Key: value` of the last line: the value is a JSON string or runs to the next comma.
 PARAM = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-INT_KEYS = ("Steps", "Seed", "Batch size", "Batch pos")
+INT_KEYS = ("Steps", "Seed", "Batch size", "Batch pos", "Clip skip")
 FLOAT_KEYS = ("CFG scale", "Denoising strength")
 
 
@@ -42,6 +44,27 @@ def quote(value):
     """A value as written in the parameters line: JSON-quoted if it holds ',', ':' or a newline."""
     text = str(value)
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+# The order A1111 writes its fields in; a generation's fields are written in this order, others after.
+A1111_ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
+               "VAE hash", "VAE", "Batch size", "Batch pos", "Denoising strength", "Clip skip", "Lora hashes",
+               "TI hashes", "Pad conds")
+
+
+def infotext(prompt, negative_prompt, fields):
+    """The A1111 `parameters` text: the prompt, the negative prompt, and `fields` ({A1111 key:
+    value}; None values left out) on the last line in A1111's order."""
+    rank = {key: i for i, key in enumerate(A1111_ORDER)}
+    keys = sorted((k for k, v in fields.items() if v is not None), key=lambda k: rank.get(k, len(rank)))
+    line = ", ".join(f"{k}: {quote(fields[k])}" for k in keys)
+    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{line}".strip()
+
+
+def sampler_fields(sampler):
+    """{"Sampler": A1111's display name} of a tinysd sampler name (e.g. 'euler_a' -> 'Euler a')."""
+    return {"Sampler": A1111_SAMPLER_NAMES.get(sampler, sampler)}
 
 
 def format_parameters(prompt, negative_prompt, steps, sampler, cfg_scale, seed, width, height,
@@ -53,18 +76,25 @@ def format_parameters(prompt, negative_prompt, steps, sampler, cfg_scale, seed, 
     """
     fields = {
         "Steps": steps,
-        "Sampler": A1111_SAMPLER_NAMES.get(sampler, sampler),
+        **sampler_fields(sampler),
         "CFG scale": float(cfg_scale),
         "Seed": seed,
         "Size": f"{width}x{height}",
-        "Model": model.replace(",", "").replace(":", "") if model else None,   # as A1111 cleans it
-        "Batch size": batch_size if batch_size > 1 else None,
-        "Batch pos": batch_pos if batch_size > 1 else None,
+        "Model": model,
         "Denoising strength": float(denoising_strength) if denoising_strength is not None else None,
     }
-    line = ", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None)
-    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
-    return f"{prompt}{negative}\n{line}".strip()
+    return infotext(prompt, negative_prompt, batch_fields(fields, batch_size, batch_pos))
+
+
+def batch_fields(fields, batch_size, batch_pos):
+    """`fields` with A1111's "Batch size"/"Batch pos" for image `batch_pos` of a batch (none for 1),
+    and "Model" cleaned as A1111 cleans it."""
+    fields = dict(fields)
+    if fields.get("Model"):
+        fields["Model"] = str(fields["Model"]).replace(",", "").replace(":", "")
+    if batch_size > 1:
+        fields.update({"Batch size": batch_size, "Batch pos": batch_pos})
+    return fields
 
 
 def parse_parameters(text):

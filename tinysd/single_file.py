@@ -13,6 +13,7 @@ renamed once here. Everything else in the file (EMA copies `model_ema.*`, the sc
 
 The U-Net's flat block list, for SD v1 (L = layers_per_block = 2):
 
+    time_embed.0 / .2               time_embedding.linear_1 / linear_2 (+ cond_proj, LCM U-Nets)
     input_blocks.0.0                conv_in
     input_blocks.{1 + i(L+1) + j}   down_blocks.i.resnets.j (.0) and .attentions.j (.1)
     input_blocks.{(i+1)(L+1)}.0.op  down_blocks.i.downsamplers.0.conv
@@ -55,6 +56,46 @@ def split_components(state, source):
     return parts
 
 
+# What a file that is not a whole SD v1 model is
+
+
+# (test on the top-level keys, description and the option that takes it), first match wins
+FILE_KINDS = (
+    (lambda keys: any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k
+                      or ".lora.down." in k or "_lora.down." in k or ".hada_w1_a" in k or ".lokr_w1" in k
+                      for k in keys),
+     "a LoRA", "pass it with --lora PATH[:WEIGHT] (Python: sd.load_lora_weights(path))"),
+    (lambda keys: "string_to_param" in keys or "emb_params" in keys or "clip_l" in keys,
+     "a textual-inversion embedding",
+     "put it in --embeddings-dir and write its file name in the prompt (Python: sd.load_textual_inversion(path))"),
+    (lambda keys: any(k.startswith(("control_model.", "controlnet_cond_embedding.", "input_hint_block.")) for k in keys),
+     "a ControlNet", "pass it with --control-net PATH"),
+    (lambda keys: any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in keys)
+     or (keys and all(re.match(r"\d+\.", k) for k in keys)),
+     "a TAESD tiny autoencoder", "pass it with --taesd PATH"),
+    (lambda keys: any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks."))
+                      for k in keys),
+     "a standalone VAE", "pass it with --vae PATH next to a model (Python: tinysd.load(model, vae=path))"),
+    (lambda keys: any(k.startswith("conditioner.embedders.") for k in keys),
+     "an SD-XL checkpoint", "tinysd implements SD v1 (1.4, 1.5 and their fine-tunes)"),
+    (lambda keys: any(k.startswith("cond_stage_model.model.") for k in keys),
+     "an SD 2.x checkpoint (OpenCLIP text encoder)", "tinysd implements SD v1 (1.4, 1.5 and their fine-tunes)"),
+)
+
+
+def file_kind(state):
+    """(what the file is, the option that takes it) for a checkpoint's top-level dict that is not
+    a whole SD v1 model, or None if its keys match no known kind. A single embedding vector
+    ({token: (768,)}: diffusers' learned_embeds.bin) counts as a textual-inversion embedding."""
+    keys = [k for k in state if isinstance(k, str)]
+    for test, what, option in FILE_KINDS:
+        if test(keys):
+            return what, option
+    if len(keys) == 1 and getattr(state[keys[0]], "ndim", 0) in (1, 2):
+        return FILE_KINDS[1][1:]
+    return None
+
+
 # U-Net
 
 
@@ -63,6 +104,12 @@ RESNET = {  # original ResBlock -> diffusers ResnetBlock2D
     "out_layers.0": "norm2", "out_layers.3": "conv2",
     "emb_layers.1": "time_emb_proj", "skip_connection": "conv_shortcut",
 }
+
+
+# An LCM-distilled U-Net's guidance-embedding projection (`time_cond_proj_dim`) has no
+# CompVis name: diffusers' convert_diffusers_to_original_stable_diffusion.py leaves its
+# diffusers name as is, other converters spell it after `time_embed.0`. Both load.
+COND_PROJ = ("time_embedding.cond_proj", "time_embed.cond_proj")
 
 
 def unet_block_names(config):
@@ -74,6 +121,7 @@ def unet_block_names(config):
         "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
         "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
         "middle_block.2": "mid_block.resnets.1",
+        **{name: "time_embedding.cond_proj" for name in COND_PROJ},
     }
     for i in range(levels):
         for j in range(L):
@@ -237,12 +285,14 @@ def unet_sizes(state, source):
     if attn2 is None:
         raise SingleFileError(f"{source}: the U-Net has no cross-attention (attn2.to_k); not SD v1's layout")
     proj_in = next(k for k in state if k.endswith(".1.proj_in.weight"))
+    cond_proj = next((f"{name}.weight" for name in COND_PROJ if f"{name}.weight" in state), None)
     return {
         "in_channels": shape("input_blocks.0.0.weight")[1], "out_channels": shape("out.2.weight")[0],
         "block_out_channels": widths, "layers_per_block": L,
         "down_block_types": down, "up_block_types": up,
         "cross_attention_dim": shape(attn2)[1],
         "use_linear_projection": len(shape(proj_in)) == 2,            # SD v1: a 1x1 conv (4-D)
+        "time_cond_proj_dim": shape(cond_proj)[1] if cond_proj else None,   # LCM-distilled U-Nets
     }
 
 
