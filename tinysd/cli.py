@@ -339,9 +339,30 @@ def apply_loras(sd, requests):
         sd.set_adapters([r[0] for r in requests], [{"text_encoder": r[2], "unet": r[3]} for r in requests])
 
 
+class Timings:
+    """Seconds per phase of the run, wall and CPU (all threads), one line on stderr at the end when
+    TINYSD_TIMINGS is set (benchmarks/bench_startup.py reads it): imports (the model code and the
+    backend's kernels), load (weights), picture (the pipeline call: prompt, steps, decode; kernels
+    compiled or read from Numba's cache on their first call), save (the PNGs)."""
+
+    def __init__(self):
+        self.phases, self.last = {}, (time.perf_counter(), time.process_time())
+
+    def mark(self, phase):
+        now = (time.perf_counter(), time.process_time())
+        self.phases[phase], self.last = (now[0] - self.last[0], now[1] - self.last[1]), now
+
+    def report(self):
+        if os.environ.get("TINYSD_TIMINGS"):
+            print("tinysd: timings: " + ", ".join(f"{k} {wall:.3f} s / {cpu:.3f} s CPU"
+                                                  for k, (wall, cpu) in self.phases.items()), file=sys.stderr)
+
+
 # -- the run -----------------------------------------------------------------------------------------
 def generate(args):
+    timings = Timings()
     import tinysd
+    import tinysd.pipeline  # noqa: F401  (timed as imports, not as load)
     from tinysd import embeddings
     from tinysd.backend import get_backend
     from tinysd.pngmeta import batch_fields, infotext
@@ -358,10 +379,12 @@ def generate(args):
     prompt, written_prompt, loras = lora_requests(args)
 
     backend = get_backend(args.backend)                 # --backend cuda without a GPU fails here
+    timings.mark("imports")
     sd = tinysd.load(args.model, backend=backend, vae=args.vae, taesd=args.taesd)
     apply_loras(sd, loras)
     if args.embeddings_dir is not None:
         embeddings.load_dir(sd, args.embeddings_dir)    # each under its file name; bad files skipped, with a warning
+    timings.mark("load")
     progress = callback = Progress(sd)
     if args.preview:            # TAESD draws the previews, the VAE the final image
         from tinysd.taesd import preview_callback
@@ -376,12 +399,15 @@ def generate(args):
                  deepcache_interval=args.deepcache, deepcache_branch=args.deepcache_branch or 0)
     finally:
         progress.close()
+    timings.mark("picture")
 
     texts = [infotext(written_prompt, args.negative_prompt, batch_fields(out.parameters, args.batch_size, i))
              for i in range(args.batch_size)]
     save_pngs(out.images, paths, texts)
+    timings.mark("save")
     for path in paths:
         print(f"{path} (seed {seed})")
+    timings.report()
     return 0
 
 
