@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tinysd.backend import get_backend
+from tinysd.controlnet import Control, build_controlnet, read_controlnet
 from tinysd.rng import Generator
 from tinysd.pngmeta import sampler_fields
 from tinysd.schedulers import SCHEDULERS, canonical_name, make_scheduler
@@ -37,15 +38,19 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 VAE_SCALE = 8   # the VAE shrinks H and W by 8
 
 
-def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None):
+def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, controlnet=None):
     """A ready pipeline from a model id, a diffusers folder or a single .safetensors/.ckpt file.
 
     backend: 'numpy' (reference), 'cpu' (Numba kernels) or 'cuda'; None picks 'cpu' if it runs.
     variant: 'fp16' reads a diffusers folder's `*.fp16.safetensors` (computed in float32).
     config: for a single file whose model is not SD v1.5-shaped, a diffusers folder (or
     {part: config dict}) giving the configs, as diffusers' `from_single_file(config=...)`.
+    controlnet: a ControlNet (folder, single file or packaged name) or a list of them; each is
+    checked against the model's U-Net before anything is built (tinysd.controlnet).
     """
     ckpt = load_checkpoint(source, variant=variant, config=config)
+    controlnets = [read_controlnet(c, ckpt.configs["unet"], model_name(source))
+                   for c in ([] if controlnet is None else controlnet if isinstance(controlnet, (list, tuple)) else [controlnet])]
     backend = get_backend(backend)
     where = str(ckpt.source)
 
@@ -57,6 +62,7 @@ def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None):
     sd = StableDiffusion(tokenizer, build(CLIPTextModel, "text_encoder"), build(UNet2DConditionModel, "unet"),
                          build(AutoencoderKL, "vae"), ckpt.configs["scheduler"], backend)
     sd.model_name = model_name(source)
+    sd.controlnets = [build_controlnet(c, backend) for c in controlnets]
     return sd
 
 
@@ -82,6 +88,7 @@ class StableDiffusion:
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config, backend):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
+        self.controlnets = []    # tinysd.controlnet.ControlNetModel, applied when a call passes control_image
         self.scheduler_config = dict(scheduler_config)
         self.scheduler = make_scheduler(self.default_sampler, self.scheduler_config)
         self.ops = backend
@@ -112,11 +119,13 @@ class StableDiffusion:
         ids = self.tokenizer(prompts)                         # (B, 77)
         return self.text_encoder(np.repeat(ids, n, axis=0))   # each prompt's n images side by side
 
-    def predict_noise(self, latents, t, context, guidance_scale):
-        """ε for `latents` at t; with guidance, ε_uncond + s·(ε_cond − ε_uncond) from one batch."""
+    def predict_noise(self, latents, t, context, guidance_scale, control=None):
+        """ε for `latents` at t; with guidance, ε_uncond + s·(ε_cond − ε_uncond) from one batch.
+        `control(x, t, context)`, a ControlNet's per-step hook, gives the U-Net's extra residuals."""
         guidance = guidance_scale > 1.0
         x = np.concatenate([latents, latents]) if guidance else latents
-        eps = self.ops.numpy(self.unet(self.ops.asarray(x), t, context))
+        residuals = control(x, t, context) if control is not None else {}
+        eps = self.ops.numpy(self.unet(self.ops.asarray(x), t, context, **residuals))
         if not guidance:
             return eps
         eps_uncond, eps_cond = np.split(eps, 2)
@@ -136,7 +145,8 @@ class StableDiffusion:
     def __call__(self, prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5,
                  height=None, width=None, seed=None, generator=None, latents=None, scheduler=None, eta=0.0,
                  output_type="pil", callback=None, image=None, strength=None, mask_image=None,
-                 num_images_per_prompt=1):
+                 num_images_per_prompt=1, control_image=None, controlnet_conditioning_scale=None,
+                 control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False, control_preprocess=None):
         """Generate images; the arguments are diffusers' `StableDiffusionPipeline` ones.
 
         txt2img by default; img2img with `image=` (and `strength`, default 0.8); inpainting with
@@ -144,6 +154,11 @@ class StableDiffusion:
         `tinysd.rng.Generator`) fixes the noise as `torch.Generator("cpu").manual_seed(seed)` does.
         `callback(step, timestep, latents)` runs after every step; if it takes a
         `pred_original_sample` argument it also gets the sampler's x̂₀.
+        With ControlNets loaded (`load_controlnet`): `control_image` (one per ControlNet), each with
+        its `controlnet_conditioning_scale` (default 1.0, 0.8 for img2img, 0.5 for inpainting) and
+        `control_guidance_start`/`_end` (fractions of the steps), and `guess_mode`, as diffusers'
+        StableDiffusionControlNet(Img2Img|Inpaint)Pipeline;
+        `control_preprocess` ("canny", "canny:50:150", ... see tinysd.hints) makes the hint first.
         Returns PipelineOutput with `.images` per `output_type`: "pil", "np" or "latent".
         """
         if output_type not in ("pil", "np", "latent"):
@@ -155,9 +170,17 @@ class StableDiffusion:
             generator = Generator(seed)
         else:
             seed = None
+        control = None
+        if control_image is not None or self.controlnets:      # checked, images read, before any model work
+            if controlnet_conditioning_scale is None:          # diffusers' default of each ControlNet pipeline
+                controlnet_conditioning_scale = 1.0 if image is None else 0.8 if mask_image is None else 0.5
+            control = Control(self.controlnets, control_image, controlnet_conditioning_scale, control_guidance_start,
+                              control_guidance_end, guess_mode, control_preprocess)
         if image is not None:
             image = preprocess_image(image, height, width)
             height, width = image.shape[2:]
+        elif control is not None:
+            height, width = control.default_size(height, width)
         default_size = self.unet.config.get("sample_size", 64) * VAE_SCALE
         height, width = height or default_size, width or default_size
         check_size(height, width)
@@ -165,6 +188,8 @@ class StableDiffusion:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts) * num_images_per_prompt
         guidance = guidance_scale > 1.0
+        if control is not None:
+            control.prepare(self.ops, batch, num_images_per_prompt, guidance, height, width)
         context = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, guidance)
 
         sched, sched_name = self._scheduler(scheduler)
@@ -205,10 +230,12 @@ class StableDiffusion:
                     generator.randn((masked_image.shape[0], 4) + shape[2:])
 
         latents = self._denoise(latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
-                                mask=mask, masked_latents=masked_latents, image_latents=image_latents, noise=noise)
+                                mask=mask, masked_latents=masked_latents, image_latents=image_latents, noise=noise,
+                                control=control and control.hook(len(timesteps)))
         parameters = {"Steps": num_inference_steps, **sampler_fields(sched_name), "CFG scale": float(guidance_scale),
                       "Seed": seed, "Size": f"{width}x{height}", "Model": self.model_name,
-                      "Denoising strength": float(strength) if image is not None else None}
+                      "Denoising strength": float(strength) if image is not None else None,
+                      **(control.parameters() if control else {})}
         if output_type == "latent":
             return PipelineOutput(latents, seed, parameters=parameters)
         images = self.decode(latents)
@@ -217,8 +244,9 @@ class StableDiffusion:
         return PipelineOutput(images, seed, parameters=parameters)
 
     def _denoise(self, latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
-                 mask=None, masked_latents=None, image_latents=None, noise=None):
-        """The reverse-diffusion loop: z_T -> z_0, one sampler step per timestep."""
+                 mask=None, masked_latents=None, image_latents=None, noise=None, control=None):
+        """The reverse-diffusion loop: z_T -> z_0, one sampler step per timestep (`control`: the
+        ControlNets' per-step hook, tinysd.controlnet.ControlHook)."""
         wants_x0 = callback is not None and "pred_original_sample" in inspect.signature(callback).parameters
         nine_channel = self.unet.in_channels == 9
         self.num_timesteps = len(timesteps)
@@ -226,7 +254,7 @@ class StableDiffusion:
             x = sched.scale_model_input(latents, t)
             if nine_channel:
                 x = np.concatenate([x, mask, masked_latents], axis=1)
-            eps = self.predict_noise(x, t, context, guidance_scale)
+            eps = self.predict_noise(x, t, context, guidance_scale, control=control and control.step(i))
             out = sched.step(eps, t, latents, generator=generator, eta=eta)
             latents = out.prev_sample
             if mask is not None and not nine_channel:
@@ -239,6 +267,20 @@ class StableDiffusion:
                 extra = {"pred_original_sample": out.pred_original_sample} if wants_x0 else {}
                 callback(i, t, latents, **extra)
         return latents
+
+    def load_controlnet(self, source, variant=None):
+        """Add a ControlNet (diffusers folder, control_*.safetensors/.pth file, packaged name, or a
+        list): checked against this U-Net, then used by every call that passes `control_image`."""
+        sources = source if isinstance(source, (list, tuple)) else [source]
+        checkpoints = [read_controlnet(s, self.unet.config, self.model_name or "the loaded model", variant)
+                       for s in sources]
+        self.controlnets += [build_controlnet(c, self.ops) for c in checkpoints]
+        return self
+
+    def unload_controlnet(self):
+        """Forget the loaded ControlNets: calls generate without control again."""
+        self.controlnets = []
+        return self
 
     def _scheduler(self, scheduler):
         """(a fresh sampler for one generation, its name): samplers keep per-run state."""

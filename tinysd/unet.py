@@ -186,7 +186,10 @@ class UNet2DConditionModel(Module):
     def in_channels(self):
         return self.config["in_channels"]
 
-    def __call__(self, latents, t, context):
+    def __call__(self, latents, t, context, down_block_additional_residuals=None, mid_block_additional_residual=None):
+        """ε̂ for `latents` at t. A ControlNet's residuals r_k, r_mid (tinysd.controlnet) join the
+        skip connections and the mid block: skip_k <- skip_k + r_k (one r_k per skip, in the down
+        path's order), h_mid <- mid_block(h) + r_mid."""
         B = latents.shape[0]
         t = np.broadcast_to(np.asarray(t, dtype=np.float32).reshape(-1), (B,))
         temb = self.ops.asarray(timestep_embedding(t, self.time_proj_dim, self.flip_sin_to_cos,
@@ -198,8 +201,15 @@ class UNet2DConditionModel(Module):
         for block in self.down_blocks:
             h, block_skips = block(h, temb, context)
             skips += block_skips
+        if down_block_additional_residuals is not None:          # ControlNet: where the control enters
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals has {len(down_block_additional_residuals)} "
+                                 f"tensors, the U-Net has {len(skips)} skip connections")
+            skips = [skip + r for skip, r in zip(skips, down_block_additional_residuals)]
 
         h = self.mid_block(h, temb, context)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual
 
         for block in self.up_blocks:
             n = len(block.resnets)

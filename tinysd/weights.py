@@ -437,12 +437,27 @@ def load_single_file(path, config=None):
         base = read_configs(SD15_CONFIGS)
     else:
         base = config if isinstance(config, dict) else read_configs(config)
-    configs, state_dicts = single_file.convert(read_weights(path), base, source=str(path), derive_sizes=config is None)
+    state = read_weights(path)
+    refuse_controlnet(path, state)
+    configs, state_dicts = single_file.convert(state, base, source=str(path), derive_sizes=config is None)
     return Checkpoint(configs, state_dicts, None, str(path))
+
+
+def refuse_controlnet(source, state=None):
+    """A ControlNet (a packaged name, a diffusers ControlNet folder, or a file whose keys are a
+    ControlNet's) passed as the model: one error saying what it is and which option takes it."""
+    from tinysd import controlnet
+
+    path = Path(str(source)).expanduser()
+    if (str(source) in controlnet.PACKAGED or (state is None and path.is_dir() and controlnet.is_controlnet_folder(path))
+            or (state is not None and controlnet.is_controlnet_state(state))):
+        raise CheckpointError(f"{source} is a ControlNet, not a Stable Diffusion model: pass it with --control-net "
+                              f"(Python: tinysd.load(model, controlnet={str(source)!r})) and the model with --model")
 
 
 def load_checkpoint(source=DEFAULT_MODEL, *, variant=None, config=None, cache_dir=None, local_files_only=False):
     """Configs and state dicts from a model id, a diffusers folder, or a .safetensors/.ckpt file."""
+    refuse_controlnet(source)
     path = resolve(source, variant=variant, cache_dir=cache_dir, local_files_only=local_files_only)
     if path.is_dir():
         return load_diffusers_folder(path, variant)

@@ -1,0 +1,457 @@
+"""ControlNet against diffusers: the model block by block, the U-Net's residual entry, every
+pipeline mode with one and two ControlNets, both weight layouts; the hint preprocessors against
+OpenCV; the shipped "shapes-canny" ControlNet.
+
+The ControlNets are diffusers' `ControlNetModel.from_unet` on the tiny SD v1 U-Net with every
+parameter randomised (so the zero convolutions are not zero), saved with `save_pretrained` (fp32
+and the fp16 variant) and in the original single-file layout (`control_model.*`, .safetensors and
+.pth), whose key mapping is checked by converting back with diffusers' own converter.
+"""
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+import tinysd  # noqa: E402
+from tinysd import controlnet as cn  # noqa: E402
+from tinysd import hints  # noqa: E402
+from controlnet_reference import controlnet_to_original, random_controlnet  # noqa: E402
+from reference_models import numpy_state  # noqa: E402
+from test_pipeline import NEGATIVE, PROMPT, SEED, SIZE, STEPS, assert_same_picture, make_image_and_mask  # noqa: E402
+from torch_util import assert_close  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def nets(tiny_sd, tmp_path_factory):
+    """Two random ControlNets for the tiny model, written in every layout."""
+    from safetensors.numpy import save_file
+
+    out = tmp_path_factory.mktemp("controlnets")
+    refs = [random_controlnet(tiny_sd.unet, seed=10), random_controlnet(tiny_sd.unet, seed=11)]
+    paths = {}
+    for i, ref in enumerate(refs):
+        folder = out / f"controlnet-{i}"
+        ref.to(torch.float16).save_pretrained(folder, variant="fp16")    # fp16 first: the last save writes config.json
+        ref.to(torch.float32).save_pretrained(folder)
+        original = controlnet_to_original(numpy_state(ref))
+        single = out / f"control_v11p_sd15_test{i}.safetensors"
+        save_file({k: np.ascontiguousarray(v) for k, v in original.items()}, str(single))
+        pth = out / f"control_v11p_sd15_test{i}.pth"
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in original.items()}, pth)
+        paths[i] = dict(folder=folder, single=single, pth=pth)
+    return refs, paths
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_sd):
+    return tinysd.load(tiny_sd.folder, backend="numpy")
+
+
+def rand(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# -- weights ---------------------------------------------------------------------------------------
+
+def test_original_layout_round_trips_through_diffusers_converter(nets):
+    """The original names the tests write are the ones diffusers' single-file converter reads."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    refs, _ = nets
+    state = numpy_state(refs[0])
+    back = convert_controlnet_checkpoint({k: torch.from_numpy(v) for k, v in controlnet_to_original(state).items()},
+                                         dict(refs[0].config))
+    assert set(back) == set(state)
+    assert all(np.array_equal(back[k].numpy(), state[k]) for k in state)
+
+
+@pytest.mark.parametrize("layout", ["folder", "single", "pth"])
+def test_every_layout_loads_the_same_weights(nets, tiny_sd, layout):
+    refs, paths = nets
+    ckpt = cn.read_controlnet(paths[0][layout], tiny_sd.configs["unet"])
+    expected = numpy_state(refs[0])
+    assert set(ckpt.state) == set(expected)
+    assert all(np.array_equal(np.asarray(ckpt.state[k], np.float32), v) for k, v in expected.items())
+    for key in ("block_out_channels", "layers_per_block", "cross_attention_dim", "conditioning_embedding_out_channels"):
+        assert list(np.atleast_1d(ckpt.config[key])) == list(np.atleast_1d(refs[0].config[key])), key
+    assert ckpt.name == Path(paths[0][layout]).stem or layout == "folder"
+    assert len(ckpt.short_hash) == 8
+
+
+def test_fp16_variant_matches_diffusers_loading_it(nets):
+    _, paths = nets
+    ref = diffusers.ControlNetModel.from_pretrained(paths[0]["folder"], variant="fp16", torch_dtype=torch.float32)
+    ours = cn.load_controlnet(paths[0]["folder"], backend="numpy", variant="fp16")
+    x, ctx, cond = rand(1, 4, 8, 8), rand(1, 77, 128, seed=1), np.random.default_rng(2).random((1, 3, 64, 64), np.float32)
+    with torch.no_grad():
+        down, mid = ref(torch.from_numpy(x), 500, torch.from_numpy(ctx), torch.from_numpy(cond), return_dict=False)
+    ours_down, ours_mid = ours(x, 500, ctx, cond)
+    for a, b in zip(ours_down, down):
+        assert_close(a, b.numpy())
+    assert_close(ours_mid, mid.numpy())
+
+
+# -- the model -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("guess_mode, scale", [(False, 1.0), (False, 0.6), (True, 0.8)])
+def test_residuals_match_diffusers_per_block(nets, guess_mode, scale):
+    refs, paths = nets
+    ours = cn.load_controlnet(paths[0]["single"], backend="numpy", unet_config=dict(refs[0].config))
+    x, ctx = rand(2, 4, 8, 8), rand(2, 77, 128, seed=1)
+    cond = np.random.default_rng(2).random((2, 3, 64, 64), dtype=np.float32)
+    t = np.array([999, 10])
+    with torch.no_grad():
+        down, mid = refs[0](torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx), torch.from_numpy(cond),
+                            conditioning_scale=scale, guess_mode=guess_mode, return_dict=False)
+    ours_down, ours_mid = ours(x, t, ctx, cond, scale, guess_mode)
+    assert len(ours_down) == len(down) == 12
+    for k, (a, b) in enumerate(zip(ours_down, down)):
+        assert_close(a, b.numpy(), name=f"controlnet_down_blocks.{k}")
+    assert_close(ours_mid, mid.numpy(), name="controlnet_mid_block")
+
+
+def test_hint_encoder_and_zero_convs_are_live(nets, tiny_sd):
+    """The randomised hint encoder matters: a different hint changes every residual."""
+    _, paths = nets
+    ours = cn.load_controlnet(paths[0]["folder"], backend="numpy")
+    x, ctx = rand(1, 4, 8, 8), rand(1, 77, 128, seed=1)
+    a, _ = ours(x, 500, ctx, np.zeros((1, 3, 64, 64), np.float32))
+    b, _ = ours(x, 500, ctx, np.ones((1, 3, 64, 64), np.float32))
+    assert all(np.abs(p - q).max() > 1e-3 for p, q in zip(a, b))
+
+
+def test_unet_takes_the_residuals_as_diffusers(tiny_sd, nets):
+    """The U-Net's one documented entry for the control: skip_k + r_k and mid + r_mid."""
+    sd = tinysd.load(tiny_sd.folder, backend="numpy")
+    x, ctx = rand(2, 4, 8, 8), rand(2, 77, 128, seed=1)
+    down = [rand(*s.shape, seed=3 + k) for k, s in enumerate(_skip_shapes(sd.unet, x))]
+    mid = rand(2, 64, 1, 1, seed=40)
+    with torch.no_grad():
+        expected = tiny_sd.unet(torch.from_numpy(x), 500, torch.from_numpy(ctx),
+                                down_block_additional_residuals=tuple(torch.from_numpy(d) for d in down),
+                                mid_block_additional_residual=torch.from_numpy(mid)).sample.numpy()
+    actual = sd.unet(x, 500, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    assert_close(actual, expected)
+    assert np.abs(actual - sd.unet(x, 500, ctx)).max() > 1e-2
+    with pytest.raises(ValueError, match="down_block_additional_residuals has 3"):
+        sd.unet(x, 500, ctx, down_block_additional_residuals=down[:3], mid_block_additional_residual=mid)
+
+
+def _skip_shapes(unet, x):
+    shapes, h, w, c = [], x.shape[2], x.shape[3], unet.config["block_out_channels"]
+    shapes.append((x.shape[0], c[0], h, w))
+    for i, block in enumerate(unet.down_blocks):
+        shapes += [(x.shape[0], c[i], h, w)] * len(block.resnets)
+        if block.downsamplers:
+            h, w = (h + 1) // 2, (w + 1) // 2
+            shapes.append((x.shape[0], c[i], h, w))
+    return [np.empty(s) for s in shapes]
+
+
+# -- pipelines -------------------------------------------------------------------------------------
+
+def control_pictures(n):
+    """Control images with structure: a disc and a bar (uint8 RGB, SIZE×SIZE), one per ControlNet."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    disc = ((x - 20) ** 2 + (y - 30) ** 2 < 150)
+    bar = (np.abs(x - 44) < 6) & (y > 10)
+    pictures = [np.where(disc[..., None], [255, 255, 255], [0, 0, 0]), np.where(bar[..., None], [250, 20, 90], [10, 10, 10])]
+    return [p.astype(np.uint8) for p in pictures[:n]]
+
+
+def reference_controlnet_pipe(tiny, kind, controlnets, sampler="euler_a"):
+    from test_pipeline import SAMPLERS
+
+    cls, extra = SAMPLERS[sampler]
+    components = {k: v for k, v in tiny.pipe.components.items() if k not in ("image_encoder",)}
+    saved = diffusers.PNDMScheduler.from_pretrained(tiny.folder, subfolder="scheduler").config
+    components["scheduler"] = getattr(diffusers, cls).from_config(saved, **extra)
+    pipeline_cls = {"txt2img": diffusers.StableDiffusionControlNetPipeline,
+                    "img2img": diffusers.StableDiffusionControlNetImg2ImgPipeline,
+                    "inpaint": diffusers.StableDiffusionControlNetInpaintPipeline}[kind]
+    pipe = pipeline_cls(**components, controlnet=controlnets[0] if len(controlnets) == 1 else list(controlnets))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_reference(tiny, kind, controlnets, sampler="euler_a", **kw):
+    from PIL import Image
+
+    pipe = reference_controlnet_pipe(tiny, kind, controlnets, sampler)
+    image, mask = make_image_and_mask()
+    controls = [Image.fromarray(p) for p in control_pictures(len(controlnets))]
+    args = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+                generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent", height=SIZE, width=SIZE, **kw)
+    if kind == "txt2img":
+        args["image"] = controls[0] if len(controls) == 1 else controls
+    else:
+        args.update(image=Image.fromarray(image), control_image=controls[0] if len(controls) == 1 else controls)
+    if kind == "inpaint":
+        args["mask_image"] = Image.fromarray(mask)
+    with torch.no_grad():
+        latents = pipe(**args).images
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return latents.numpy(), (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def run_tinysd(sd, kind, n, sampler="euler_a", **kw):
+    image, mask = make_image_and_mask()
+    controls = control_pictures(n)
+    args = dict(negative_prompt=NEGATIVE, num_inference_steps=STEPS, seed=SEED, scheduler=sampler,
+                output_type="latent", height=SIZE, width=SIZE, control_image=controls[0] if n == 1 else controls, **kw)
+    if kind != "txt2img":
+        args["image"] = image
+    if kind == "inpaint":
+        args["mask_image"] = mask
+    latents = sd(PROMPT, **args).images
+    return latents, sd.decode(latents)
+
+
+@pytest.fixture(scope="module")
+def sd_one(tiny_sd, nets):
+    _, paths = nets
+    return tinysd.load(tiny_sd.folder, backend="numpy", controlnet=paths[0]["folder"])
+
+
+@pytest.fixture(scope="module")
+def sd_two(tiny_sd, nets):
+    _, paths = nets
+    return tinysd.load(tiny_sd.folder, backend="numpy", controlnet=[paths[0]["single"], paths[1]["pth"]])
+
+
+@pytest.mark.parametrize("kind", ["txt2img", "img2img", "inpaint"])
+def test_one_controlnet_matches_diffusers(tiny_sd, nets, sd_one, kind):
+    refs, _ = nets
+    kw = dict(controlnet_conditioning_scale=0.8)
+    assert_same_picture(run_tinysd(sd_one, kind, 1, **kw), run_reference(tiny_sd, kind, refs[:1], **kw))
+
+
+@pytest.mark.parametrize("kind", ["txt2img", "img2img", "inpaint"])
+def test_two_controlnets_match_diffusers(tiny_sd, nets, sd_two, kind):
+    refs, _ = nets
+    kw = dict(controlnet_conditioning_scale=[0.7, 1.2], control_guidance_start=[0.0, 0.25],
+              control_guidance_end=[0.75, 1.0])
+    assert_same_picture(run_tinysd(sd_two, kind, 2, **kw), run_reference(tiny_sd, kind, refs, **kw))
+
+
+@pytest.mark.parametrize("kind, n", [("txt2img", 1), ("img2img", 2), ("inpaint", 1)])
+def test_guess_mode_matches_diffusers(tiny_sd, nets, sd_one, sd_two, kind, n):
+    refs, _ = nets
+    kw = dict(guess_mode=True, guidance_scale=4.0)
+    assert_same_picture(run_tinysd(sd_one if n == 1 else sd_two, kind, n, **kw), run_reference(tiny_sd, kind, refs[:n], **kw))
+
+
+@pytest.mark.parametrize("sampler", ["pndm", "heun", "dpmpp_2m"])
+def test_start_end_window_matches_diffusers(tiny_sd, nets, sd_one, sampler):
+    """The window counts U-Net calls (len(timesteps)), as diffusers' `controlnet_keep`: Heun's
+    second-order steps and PNDM's extra first steps included."""
+    refs, _ = nets
+    kw = dict(control_guidance_start=0.3, control_guidance_end=0.7)
+    assert_same_picture(run_tinysd(sd_one, "txt2img", 1, sampler, **kw), run_reference(tiny_sd, "txt2img", refs[:1], sampler, **kw))
+
+
+def test_no_guidance_and_a_batch_of_images(tiny_sd, nets, sd_one):
+    """guidance_scale 1 (no CFG batch) with two images per prompt."""
+    refs, _ = nets
+    kw = dict(guidance_scale=1.0, num_images_per_prompt=2)
+    assert_same_picture(run_tinysd(sd_one, "txt2img", 1, **kw), run_reference(tiny_sd, "txt2img", refs[:1], **kw))
+
+
+def test_nine_channel_inpainting_unet(tiny_inpaint_sd, nets):
+    """The 9-channel inpainting U-Net with an ordinary (4-channel) ControlNet: the ControlNet sees
+    the latents, the U-Net the latents, the mask and the masked image, as in diffusers."""
+    refs, paths = nets
+    sd = tinysd.load(tiny_inpaint_sd.folder, backend="numpy", controlnet=paths[0]["folder"])
+    for strength in (1.0, 0.6):
+        kw = dict(strength=strength, controlnet_conditioning_scale=0.9)
+        assert_same_picture(run_tinysd(sd, "inpaint", 1, **kw), run_reference(tiny_inpaint_sd, "inpaint", refs[:1], **kw))
+
+
+def test_control_image_sets_the_size(sd_one, nets, tiny_sd):
+    """txt2img without height/width takes the control image's size, as diffusers does."""
+    picture = np.zeros((48, 80, 3), np.uint8)
+    out = sd_one(PROMPT, control_image=picture, num_inference_steps=1, seed=0, output_type="latent")
+    assert out.images.shape == (1, 4, 6, 10)
+
+
+def test_parameters_carry_a1111_controlnet_fields(sd_two, nets):
+    from tinysd.pngmeta import infotext, parse_parameters
+
+    _, paths = nets
+    out = sd_two(PROMPT, control_image=control_pictures(2), num_inference_steps=2, seed=1, output_type="latent",
+                 controlnet_conditioning_scale=[1.0, 0.5], control_guidance_end=[1.0, 0.8], control_preprocess=["canny", None])
+    hash0 = cn.model_hash(paths[0]["single"])
+    assert out.parameters["ControlNet 0"] == (
+        f"Module: canny, Model: control_v11p_sd15_test0 [{hash0}], Weight: 1.0, Resize Mode: Just Resize, "
+        "Low Vram: False, Processor Res: 64, Threshold A: 100.0, Threshold B: 200.0, Guidance Start: 0.0, "
+        "Guidance End: 1.0, Pixel Perfect: True, Control Mode: Balanced")
+    assert out.parameters["ControlNet 1"].startswith("Module: none, Model: control_v11p_sd15_test1 [")
+    assert "Weight: 0.5" in out.parameters["ControlNet 1"] and "Guidance End: 0.8" in out.parameters["ControlNet 1"]
+    text = infotext(PROMPT, "", out.parameters)
+    assert text.splitlines()[-1].endswith(f'ControlNet 1: "{out.parameters["ControlNet 1"]}"')
+    parsed = parse_parameters(text)
+    assert parsed["ControlNet 0"] == out.parameters["ControlNet 0"] and parsed["Steps"] == 2
+
+
+def test_preprocessor_in_the_pipeline_equals_canny_first(sd_one):
+    """control_preprocess="canny" is the edge map of the resized picture, passed as the hint."""
+    photo = make_image_and_mask()[0]
+    a = sd_one(PROMPT, control_image=photo, control_preprocess="canny:50:120", num_inference_steps=2, seed=3,
+               output_type="latent").images
+    b = sd_one(PROMPT, control_image=hints.canny(photo, 50, 120), num_inference_steps=2, seed=3, output_type="latent").images
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(), "pass control_image="),
+    (dict(control_image=[np.zeros((64, 64, 3), np.uint8)] * 3), "3 control images for 1 prompt"),
+    (dict(control_image=np.zeros((64, 64, 3), np.uint8), control_guidance_start=0.5, control_guidance_end=0.5),
+     "need 0 <= start < end <= 1"),
+    (dict(control_image=np.zeros((64, 64, 3), np.uint8), controlnet_conditioning_scale=[1.0, 2.0]),
+     "controlnet_conditioning_scale has 2 entries for 1 ControlNet"),
+    (dict(control_image=np.zeros((64, 64, 3), np.uint8), control_preprocess="sobel"), "unknown preprocessor 'sobel'"),
+    (dict(control_image="/no/such/hint.png"), "cannot read image"),
+])
+def test_bad_control_arguments(sd_one, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sd_one(PROMPT, num_inference_steps=1, seed=0, **kwargs)
+
+
+def test_control_image_without_controlnet(sd):
+    with pytest.raises(ValueError, match="control_image needs a ControlNet"):
+        sd(PROMPT, control_image=np.zeros((64, 64, 3), np.uint8), num_inference_steps=1)
+
+
+def test_load_and_unload(tiny_sd, nets):
+    _, paths = nets
+    sd = tinysd.load(tiny_sd.folder, backend="numpy")
+    sd.load_controlnet(paths[0]["pth"])
+    assert [n.name for n in sd.controlnets] == ["control_v11p_sd15_test0"]
+    sd.unload_controlnet()
+    assert sd(PROMPT, num_inference_steps=1, seed=0, output_type="latent").parameters.get("ControlNet 0") is None
+
+
+def test_controlnet_for_another_model_is_refused_naming_both(tiny_sd, tmp_path):
+    """A ControlNet of another width / cross-attention width (SD 2.x, SD-XL, another fine-tune
+    family) is one error naming both, raised before anything is built."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.numpy import save_file
+
+    config = {k: v for k, v in tiny_sd.configs["unet"].items() if not k.startswith("_")}
+    other = UNet2DConditionModel(**dict(config, cross_attention_dim=1024, block_out_channels=[32, 64, 64, 128]))
+    ref = random_controlnet(other, seed=3)
+    save_file({k: np.ascontiguousarray(v) for k, v in controlnet_to_original(numpy_state(ref)).items()},
+              str(tmp_path / "control_sd21.safetensors"))
+    ref.save_pretrained(tmp_path / "folder")
+    for source in (tmp_path / "control_sd21.safetensors", tmp_path / "folder"):
+        with pytest.raises(cn.ControlNetError) as err:
+            tinysd.load(tiny_sd.folder, backend="numpy", controlnet=source)
+        message = str(err.value)
+        assert "cross-attention 1024 (SD 2.x)" in message and "widths 32/64/64/128" in message
+        assert "widths 32/64/64/64" in message and "cross-attention 128" in message and "diffusers" in message
+
+
+def test_a_controlnet_given_as_the_model_says_what_it_is(nets):
+    _, paths = nets
+    for source in (paths[0]["single"], paths[0]["pth"], paths[0]["folder"]):
+        with pytest.raises(ValueError, match=r"is a ControlNet.*--control-net"):
+            tinysd.load(source, backend="numpy")
+
+
+def test_not_a_controlnet(tiny_sd):
+    with pytest.raises(cn.ControlNetError, match="not a ControlNet"):
+        cn.read_controlnet(tiny_sd.single_safetensors)
+    with pytest.raises(cn.ControlNetError, match="no such file"):
+        cn.read_controlnet("/no/such/controlnet.safetensors")
+
+
+# -- preprocessors against OpenCV -------------------------------------------------------------------
+
+def notebook_pictures():
+    """Every PNG the committed notebooks show (generated pictures, plots with text and lines)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    pictures = []
+    for path in sorted((REPO / "notebooks").glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            for output in cell.get("outputs", []):
+                data = output.get("data", {}).get("image/png")
+                if data:
+                    pictures.append(np.asarray(Image.open(BytesIO(base64.b64decode(data))).convert("RGB")))
+    return pictures
+
+
+def synthetic_pictures():
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:120, 0:161]
+    return [
+        (rng.random((97, 131, 3)) * 255).astype(np.uint8),                                    # noise
+        ((np.sin(x / 7) + np.cos(y / 5)) * 60 + 128).astype(np.uint8),                         # smooth waves, grey
+        np.stack([(x * 1.5) % 256, (y * 2) % 256, (x + y) % 256], -1).astype(np.uint8),      # gradients that wrap
+        np.clip(rng.normal(128, 40, (64, 64, 3)), 0, 255).astype(np.uint8),
+        np.full((16, 16, 3), 77, np.uint8),                                                  # flat: no edges
+    ]
+
+
+def test_canny_equals_opencv():
+    cv2 = pytest.importorskip("cv2")
+    pictures = notebook_pictures()
+    assert len(pictures) >= 10, "the notebooks' committed pictures"
+    pictures += synthetic_pictures()
+    equal = total = 0
+    for picture in pictures:
+        for low, high in ((100, 200), (50, 150), (20, 60), (200, 100), (30.7, 90.2)):
+            ours, ref = hints.canny(picture, low, high), cv2.Canny(picture, low, high)
+            equal += int((ours == ref).sum())
+            total += ref.size
+        gray = picture[..., 1].copy() if picture.ndim == 3 else picture
+        ours, ref = hints.canny(gray, 100, 200), cv2.Canny(gray, 100, 200)
+        equal += int((ours == ref).sum())
+        total += ref.size
+    assert equal / total >= 0.99
+    assert equal == total, f"{total - equal} of {total} pixels differ from cv2.Canny"
+
+
+def test_blur_and_tile_against_opencv():
+    cv2 = pytest.importorskip("cv2")
+    for picture in synthetic_pictures()[:3] + notebook_pictures()[:2]:
+        for sigma in (0.8, 2.0, 5.0):
+            diff = np.abs(hints.gaussian_blur(picture, sigma).astype(int) - cv2.GaussianBlur(picture, (0, 0), sigma))
+            assert diff.max() <= 2 and diff.mean() < 0.3, (sigma, diff.max(), diff.mean())
+        H, W = picture.shape[:2]
+        for rate in (2.0, 3.0, 1.7):
+            ref = cv2.resize(picture, (int(W / rate), int(H / rate)), interpolation=cv2.INTER_AREA)
+            diff = np.abs(hints.tile(picture, rate).astype(int) - ref)
+            assert diff.max() <= 1 and diff.mean() < 0.1, (rate, diff.max(), diff.mean())   # rounding only
+    assert hints.tile(picture, 1.0) is picture
+
+
+def test_invert_and_scribble():
+    drawing = np.full((8, 8, 3), 250, np.uint8)
+    drawing[2:4, 1:7] = (10, 10, 10)
+    drawing[6, 6] = (250, 100, 250)
+    np.testing.assert_array_equal(hints.invert(drawing), 255 - drawing)
+    strokes = hints.scribble(drawing, 127)
+    assert strokes.shape == (8, 8) and strokes.dtype == np.uint8
+    assert (strokes[2:4, 1:7] == 255).all() and strokes[6, 6] == 255 and strokes.sum() == 255 * 13
+
+
+@pytest.mark.parametrize("spec, expected", [("canny", ("canny", (100.0, 200.0))), ("canny:50:150", ("canny", (50.0, 150.0))),
+                                            ("blur:3", ("blur", (3.0,))), ("none", ("none", ()))])
+def test_preprocessor_names(spec, expected):
+    assert hints.parse_preprocessor(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["sobel", "canny:1:2:3", "blur:x"])
+def test_bad_preprocessor_names(spec):
+    with pytest.raises(ValueError, match="preprocessor"):
+        hints.parse_preprocessor(spec)
