@@ -455,3 +455,77 @@ def test_preprocessor_names(spec, expected):
 def test_bad_preprocessor_names(spec):
     with pytest.raises(ValueError, match="preprocessor"):
         hints.parse_preprocessor(spec)
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+def test_cli_groups_pair_up_by_position():
+    from tinysd.cli import parse_args
+
+    args = parse_args(["a cat", "--control-net", "a", "--control-image", "a.png", "--control-scale", "0.5", "--steps", "3",
+                       "--control-net", "b", "--control-end", "0.6", "--control-image", "b.png", "--control-preprocess",
+                       "canny:50:100", "--guess-mode"])
+    assert args.control_units == [
+        {"control_net": "a", "control_image": "a.png", "control_scale": 0.5},
+        {"control_net": "b", "control_end": 0.6, "control_image": "b.png", "control_preprocess": "canny:50:100"}]
+    assert args.guess_mode and args.steps == 3
+    assert parse_args(["a cat"]).control_units == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--control-image", "a.png", "--control-net", "a"], "--control-image must follow the --control-net"),
+    (["--control-net", "a", "--control-image", "a.png", "--control-image", "b.png"], "--control-image given twice"),
+    (["--control-net", "a"], "--control-net a: no --control-image after it"),
+    (["--control-net", "a", "--control-image", "a.png", "--control-start", "0.5", "--control-end", "0.2"],
+     "--control-start 0.5 must be below --control-end 0.2"),
+    (["--control-net", "a", "--control-image", "a.png", "--control-end", "1.5"], "must be in \\[0, 1\\]"),
+    (["--control-net", "a", "--control-image", "a.png", "--control-preprocess", "sobel"], "unknown preprocessor"),
+    (["--guess-mode"], "--guess-mode needs a --control-net"),
+])
+def test_cli_control_usage_errors(argv, message, capsys):
+    from tinysd.cli import main
+
+    assert main(["a cat", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tinysd: error: ")
+    assert __import__("re").search(message, err[0]), err[0]
+
+
+def test_cli_help_explains_the_pairing(capsys, monkeypatch):
+    from tinysd.cli import main
+
+    monkeypatch.setenv("COLUMNS", "300")
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Each --control-net starts a ControlNet unit" in out and "--control-preprocess NAME" in out
+
+
+def test_cli_draws_what_the_pipeline_draws(tiny_sd, nets, sd_one, tmp_path):
+    from PIL import Image
+
+    from tinysd.cli import main
+    from tinysd.pngmeta import read_parameters
+
+    _, paths = nets
+    photo = tmp_path / "photo.png"
+    Image.fromarray(make_image_and_mask()[0]).save(photo)
+    out = tmp_path / "out.png"
+    assert main(["a red circle", "--model", str(tiny_sd.folder), "--backend", "numpy", "--steps", "2", "--seed", "5",
+                 "--control-net", str(paths[0]["folder"]), "--control-image", str(photo), "--control-preprocess", "canny",
+                 "--control-scale", "0.7", "--control-end", "0.5", "-o", str(out)]) == 0
+    expected = sd_one("a red circle", num_inference_steps=2, seed=5, control_image=Image.open(photo),
+                      control_preprocess="canny", controlnet_conditioning_scale=0.7, control_guidance_end=0.5)
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected.images[0]))
+    params = read_parameters(out)
+    assert params["ControlNet 0"] == expected.parameters["ControlNet 0"]
+    assert params["ControlNet 0"].startswith("Module: canny, Model: controlnet-0 [")
+    assert "Weight: 0.7" in params["ControlNet 0"] and "Guidance End: 0.5" in params["ControlNet 0"]
+
+
+def test_cli_controlnet_as_the_model_is_one_line(nets, capsys):
+    from tinysd.cli import main
+
+    _, paths = nets
+    assert main(["a cat", "--model", str(paths[0]["single"]), "--backend", "numpy"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a ControlNet" in err[0] and "--control-net" in err[0]

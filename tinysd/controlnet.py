@@ -418,7 +418,8 @@ class Control:
     """The control inputs of one generation: checked before any model work, prepared once the
     size and the steps are known, then asked by the denoising loop for each step's residuals."""
 
-    def __init__(self, nets, control_image, scale=1.0, start=0.0, end=1.0, guess_mode=False, preprocess=None):
+    def __init__(self, nets, control_image, scale=None, start=0.0, end=1.0, guess_mode=False, preprocess=None,
+                 default_scale=1.0):
         from tinysd.hints import parse_preprocessor
         from tinysd.pipeline import load_image
 
@@ -439,6 +440,7 @@ class Control:
         scales, starts, ends, specs = (as_list(v, n, name) for v, name in (
             (scale, "controlnet_conditioning_scale"), (start, "control_guidance_start"),
             (end, "control_guidance_end"), (preprocess, "control_preprocess")))
+        scales = [default_scale if s is None else s for s in scales]      # None: the pipeline's default
         for s, e in zip(starts, ends):
             if not 0.0 <= s < e <= 1.0:
                 raise ValueError(f"control_guidance_start {s} and control_guidance_end {e}: need 0 <= start < end <= 1")

@@ -172,10 +172,9 @@ class StableDiffusion:
             seed = None
         control = None
         if control_image is not None or self.controlnets:      # checked, images read, before any model work
-            if controlnet_conditioning_scale is None:          # diffusers' default of each ControlNet pipeline
-                controlnet_conditioning_scale = 1.0 if image is None else 0.8 if mask_image is None else 0.5
+            default_scale = 1.0 if image is None else 0.8 if mask_image is None else 0.5   # as diffusers' pipelines
             control = Control(self.controlnets, control_image, controlnet_conditioning_scale, control_guidance_start,
-                              control_guidance_end, guess_mode, control_preprocess)
+                              control_guidance_end, guess_mode, control_preprocess, default_scale)
         if image is not None:
             image = preprocess_image(image, height, width)
             height, width = image.shape[2:]
