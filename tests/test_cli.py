@@ -77,6 +77,7 @@ def test_help_documents_defaults(capsys, monkeypatch):
     out = capsys.readouterr().out
     for default in ("default: 20", "default: 7.5", "pndm for SD v1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5"):
         assert default in out
+    assert "--model shapes is a small model of coloured shapes that ships with tinysd and works offline" in out
 
 
 # -- generating ----------------------------------------------------------------------------------------
@@ -154,6 +155,11 @@ ERRORS = {
     "output is a folder": (["-o", "{tmp}/dir.png"], "is a folder"),
     "output not png": (["-o", "{tmp}/x.jpg"], "must end in .png"),
     "no weights, no network": (["--model", "nobody/no-such-model"], "not in the Hugging Face cache"),
+    "no weights: the shipped model is named": (["--model", "nobody/no-such-model"], '"a red circle" --model shapes'),
+    "init image under 8 pixels": (["--init-image", "{tmp}/tiny.png"],
+                                  "tiny.png: 1x1 pixels, under 8 pixels a side (sizes are multiples of 8); resize it, "
+                                  "or pass -W and -H"),
+    "init image under 8 pixels high": (["--init-image", "{tmp}/tiny.png", "-W", "64"], "--init-image"),
     "not a model folder": (["--model", "{tmp}/dir.png"], "not a diffusers SD folder"),
     "single file without a VAE": (["--model", "{tmp}/novae.safetensors"], "it lacks the VAE"),
     "strength leaves no step": (["--init-image", "{tmp}/ok.png", "--strength", "0.1", "--sampler", "ddim"],
@@ -168,6 +174,7 @@ def test_errors_are_one_line_and_leave_no_file(case, tiny_sd, tmp_path, capsys, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "text.png").write_text("not an image")
     write_image(tmp_path / "ok.png", (64, 64), seed=0)
+    write_image(tmp_path / "tiny.png", (1, 1), seed=0)
     (tmp_path / "dir.png").mkdir()
     if case == "single file without a VAE":
         from safetensors.numpy import save_file
@@ -191,6 +198,40 @@ def test_errors_are_one_line_and_leave_no_file(case, tiny_sd, tmp_path, capsys, 
         assert main(base + extra) != 0
         assert message in one_error_line(capsys)
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_small_init_image_fails_before_the_model_loads(tiny_sd, tmp_path, capsys, monkeypatch):
+    import tinysd
+
+    monkeypatch.setattr(tinysd, "load", lambda *a, **k: pytest.fail("the model loaded before the size check"))
+    write_image(tmp_path / "tiny.png", (5, 70), seed=0)
+    assert main(["a cat", "--init-image", str(tmp_path / "tiny.png"), "-o", str(tmp_path / "x.png")]) == 2
+    assert one_error_line(capsys) == (f"tinysd: error: --init-image {tmp_path / 'tiny.png'}: 5x70 pixels, under 8 "
+                                      f"pixels a side (sizes are multiples of 8); resize it, or pass -W and -H to set "
+                                      f"the output size")
+
+
+def test_small_init_image_with_a_size_is_resized(tiny_sd, sd, tmp_path):
+    init = write_image(tmp_path / "tiny.png", (1, 1), seed=4)
+    out = tmp_path / "out.png"
+    assert main(["a dog", "--seed", "2", "--init-image", str(init), "--model", str(tiny_sd.folder), "-o", str(out)]
+                + FAST) == 0
+    expected = sd("a dog", num_inference_steps=2, seed=2, image=str(init), height=64, width=64, strength=0.8).images[0]
+    np.testing.assert_array_equal(pixels(out), np.asarray(expected))
+
+
+def test_readme_first_command_offline_names_the_shipped_model(tmp_path, capsys, monkeypatch):
+    """`python -m tinysd "a cat in space"` with no hub and an empty cache: one line that says what works offline."""
+    from huggingface_hub import constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    assert main(["a cat in space", "--backend", "numpy"]) == 1
+    line = one_error_line(capsys)
+    assert "'stable-diffusion-v1-5/stable-diffusion-v1-5' is not in the Hugging Face cache" in line
+    assert '`python -m tinysd "a red circle" --model shapes`' in line
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_module_entry_point_exits_non_zero_without_traceback(tmp_path):

@@ -196,3 +196,20 @@ def test_pil_output_and_seed(sd_folder):
 def test_bad_arguments(sd_folder, kwargs, message):
     with pytest.raises(ValueError, match=message):
         sd_folder(PROMPT, num_inference_steps=1, seed=0, **kwargs)
+
+
+def test_mask_of_another_size_is_resized_as_diffusers_does(tiny_sd, sd_folder):
+    """diffusers resizes mask_image to the image's size (Lanczos, then >= 0.5): so does tinysd."""
+    from PIL import Image
+
+    image, _ = make_image_and_mask()
+    mask = np.zeros((40, 24), np.uint8)           # another size and aspect ratio than the 64×64 image
+    mask[:, 9:] = 255
+    ours = sd_folder(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, seed=SEED, scheduler="euler_a",
+                     image=image, mask_image=mask, output_type="latent").images
+    pipe = reference_pipe(tiny_sd, "inpaint", "euler_a")
+    with torch.no_grad():
+        ref = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, image=Image.fromarray(image),
+                   mask_image=Image.fromarray(mask), height=SIZE, width=SIZE, output_type="latent",
+                   generator=torch.Generator("cpu").manual_seed(SEED)).images.numpy()
+    assert_close(ours, ref, rtol=1e-3, name="final latents")

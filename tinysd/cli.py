@@ -108,7 +108,11 @@ def build_parser():
                    help="where to write (default: tinysd-SEED.png; with --batch-size > 1, FILE-0.png, FILE-1.png, ...)")
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="ID|PATH",
                    help="Hugging Face model id, diffusers folder, or single .safetensors/.ckpt file "
-                        "(default: %(default)s)")
+                        "(default: %(default)s, downloaded on first use); --model shapes is a small model of "
+                        "coloured shapes that ships with tinysd and works offline")
+    p.add_argument("--vae", default=None, metavar="PATH",
+                   help="a standalone VAE to decode (and encode) with instead of the model's own, e.g. "
+                        "vae-ft-mse-840000-ema-pruned.safetensors (.safetensors/.ckpt, or a diffusers vae/ folder)")
     p.add_argument("--backend", choices=("numpy", "cpu", "cuda"), default=None,
                    help="numpy (reference), cpu (Numba kernels) or cuda (default: cpu where Numba runs, else numpy)")
     p.add_argument("--init-image", default=None, metavar="PATH", help="start from this image (img2img)")
@@ -283,6 +287,15 @@ def read_image(path, option, mode):
         raise UsageError(f"{option}: {e}") from None
 
 
+def check_init_size(image, path, args):
+    """The output size defaults to --init-image's, rounded down to a multiple of 8: fail now, before the
+    model loads, if a side of it rounds to 0. (--mask is resized to the picture, as in diffusers.)"""
+    for side, given in ((image.width, args.width), (image.height, args.height)):
+        if given is None and side < 8:
+            raise UsageError(f"--init-image {path}: {image.width}x{image.height} pixels, under 8 pixels a side "
+                             f"(sizes are multiples of 8); resize it, or pass -W and -H to set the output size")
+
+
 class Progress:
     """A tqdm bar driven by the pipeline's `callback(step, timestep, latents)`; its length is the
     pipeline's own count of the run's U-Net steps (`sd.num_timesteps`), read at the first step."""
@@ -321,10 +334,12 @@ def generate(args):
     check_writable(paths)
     init = read_image(args.init_image, "--init-image", "RGB") if args.init_image else None
     mask = read_image(args.mask, "--mask", "L") if args.mask else None
+    if init is not None:
+        check_init_size(init, args.init_image, args)
     controlnets, control = control_arguments(args)
 
     backend = get_backend(args.backend)                 # --backend cuda without a GPU fails here
-    sd = tinysd.load(args.model, backend=backend, controlnet=controlnets)
+    sd = tinysd.load(args.model, backend=backend, vae=args.vae, controlnet=controlnets)
     progress = Progress(sd)
     try:
         out = sd(args.prompt, negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps,

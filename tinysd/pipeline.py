@@ -17,6 +17,9 @@ same picture as diffusers' pipelines.
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
+import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,25 +35,34 @@ from tinysd.text_encoder import CLIPTextModel
 from tinysd.tokenizer import CLIPTokenizer
 from tinysd.unet import UNet2DConditionModel
 from tinysd.vae import AutoencoderKL
-from tinysd.weights import load_checkpoint
+from tinysd.weights import load_checkpoint, load_vae
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 VAE_SCALE = 8   # the VAE shrinks H and W by 8
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}   # diffusers' pipelines' defaults
 
 
-def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, controlnet=None):
+def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=None, controlnet=None):
     """A ready pipeline from a model id, a diffusers folder or a single .safetensors/.ckpt file.
 
     backend: 'numpy' (reference), 'cpu' (Numba kernels) or 'cuda'; None picks 'cpu' if it runs.
     variant: 'fp16' reads a diffusers folder's `*.fp16.safetensors` (computed in float32).
     config: for a single file whose model is not SD v1.5-shaped, a diffusers folder (or
     {part: config dict}) giving the configs, as diffusers' `from_single_file(config=...)`.
+    vae: a standalone VAE to use instead of the model's own (e.g. vae-ft-mse-840000-ema-pruned):
+    a file in the original or diffusers layout, or a diffusers `vae/` folder (weights.load_vae).
     controlnet: a ControlNet (folder, single file or packaged name) or a list of them; each is
     checked against the model's U-Net before anything is built (tinysd.controlnet).
     """
     ckpt = load_checkpoint(source, variant=variant, config=config)
     controlnets = [read_controlnet(c, ckpt.configs["unet"], model_name(source))
                    for c in ([] if controlnet is None else controlnet if isinstance(controlnet, (list, tuple)) else [controlnet])]
+    vae_fields = {}
+    if vae is not None:
+        ckpt.configs["vae"], ckpt.state_dicts["vae"], vae_file = load_vae(vae, ckpt.configs["vae"])
+        check_vae_fits(ckpt.configs, vae)
+        vae_fields = {"VAE hash": file_sha256(vae_file)[:10], "VAE": Path(vae_file).name if Path(vae).is_file()
+                      else Path(vae).name}                    # as A1111 writes a VAE file's name and hash
     backend = get_backend(backend)
     where = str(ckpt.source)
 
@@ -62,8 +74,26 @@ def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, contr
     sd = StableDiffusion(tokenizer, build(CLIPTextModel, "text_encoder"), build(UNet2DConditionModel, "unet"),
                          build(AutoencoderKL, "vae"), ckpt.configs["scheduler"], backend)
     sd.model_name = model_name(source)
+    sd.vae_fields = vae_fields
     sd.controlnets = [build_controlnet(c, backend) for c in controlnets]
     return sd
+
+
+def check_vae_fits(configs, vae):
+    """A swapped-in VAE must make the latents the U-Net works on."""
+    latent, unet_out = configs["vae"].get("latent_channels", 4), configs["unet"].get("out_channels", 4)
+    if latent != unet_out:
+        raise ValueError(f"vae {vae}: its latents have {latent} channels, the model's U-Net works on {unet_out}")
+
+
+def file_sha256(path, chunk=1 << 24):
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def model_name(source):
@@ -84,6 +114,7 @@ class PipelineOutput:
 
 class StableDiffusion:
     model_name = None        # "Model" in the PNG parameters; set by `load`
+    vae_fields = {}          # "VAE", "VAE hash" in the PNG parameters for a swapped-in VAE; set by `load`
     num_timesteps = 0        # U-Net steps of the generation running (or last run), for progress bars
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config, backend):
@@ -161,10 +192,10 @@ class StableDiffusion:
         `control_preprocess` ("canny", "canny:50:150", ... see tinysd.hints) makes the hint first.
         Returns PipelineOutput with `.images` per `output_type`: "pil", "np" or "latent".
         """
-        if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type {output_type!r}: choose 'pil', 'np' or 'latent'")
-        if mask_image is not None and image is None:
-            raise ValueError("inpainting needs `image=` as well as `mask_image=`")
+        self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
+                          generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
+                          num_images_per_prompt)
+        height, width = (None if v is None else int(v) for v in (height, width))   # 512.0 -> 512, as diffusers
         if generator is None:
             seed = secrets.randbits(63) if seed is None else int(seed)
             generator = Generator(seed)
@@ -183,6 +214,11 @@ class StableDiffusion:
         default_size = self.unet.config.get("sample_size", 64) * VAE_SCALE
         height, width = height or default_size, width or default_size
         check_size(height, width)
+        txt2img = image is None
+        if txt2img and self.unet.in_channels == 9:
+            # txt2img on an inpainting model, as A1111 runs it: the whole picture is repainted and
+            # the masked image the U-Net sees is mid-grey (0 in [-1, 1])
+            image, mask_image = np.zeros((1, 3, height, width), np.float32), np.ones((height, width), np.float32)
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts) * num_images_per_prompt
@@ -199,9 +235,9 @@ class StableDiffusion:
         mask = masked_latents = image_latents = None
         if mask_image is not None:
             mask, masked_image = preprocess_mask(mask_image, image)
-            strength = 1.0 if strength is None else strength
+            strength = DEFAULT_STRENGTH["inpaint"] if strength is None else strength
         elif image is not None:
-            strength = 0.8 if strength is None else strength
+            strength = DEFAULT_STRENGTH["img2img"] if strength is None else strength
 
         if image is None:
             if latents is None:
@@ -233,7 +269,7 @@ class StableDiffusion:
                                 control=control and control.hook(len(timesteps)))
         parameters = {"Steps": num_inference_steps, **sampler_fields(sched_name), "CFG scale": float(guidance_scale),
                       "Seed": seed, "Size": f"{width}x{height}", "Model": self.model_name,
-                      "Denoising strength": float(strength) if image is not None else None,
+                      "Denoising strength": None if txt2img else float(strength), **self.vae_fields,
                       **(control.parameters() if control else {})}
         if output_type == "latent":
             return PipelineOutput(latents, seed, parameters=parameters)
@@ -241,6 +277,88 @@ class StableDiffusion:
         if output_type == "pil":
             images = to_pil(images)
         return PipelineOutput(images, seed, parameters=parameters)
+
+    def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
+                     generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
+                     num_images_per_prompt):
+        """Check `__call__`'s arguments before any model work, in the order of its signature: a bad
+        value raises a TypeError (wrong kind) or ValueError (wrong value) naming the argument, the
+        value and what is allowed. Values diffusers takes and handles sensibly pass as they do there
+        (guidance_scale <= 1 turns guidance off, a mask of another size is resized to the image)."""
+        prompts = check_prompt("prompt", prompt)
+        if negative_prompt is not None:
+            negatives = check_prompt("negative_prompt", negative_prompt)
+            if not isinstance(negative_prompt, str) and len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt {show(negative_prompt)} has {len(negatives)} entries for "
+                                 f"{len(prompts)} prompt(s): pass one string for all, or a list of one per prompt")
+        # at most the training schedule's length (a sampler object passed in checks its own)
+        most = None if _is_sampler(scheduler) else self.scheduler_config.get("num_train_timesteps", 1000)
+        check_int("num_inference_steps", num_inference_steps, 1, most)
+        check_number("guidance_scale", guidance_scale, hint=" (1 or less turns classifier-free guidance off)")
+        for name, size in (("height", height), ("width", width)):
+            if size is not None:
+                check_side(name, size)
+        if seed is not None:
+            check_int("seed", seed, 0, 2 ** 64 - 1, allowed="an integer in [0, 2**64) (None draws a random one)")
+        if generator is not None:
+            if not isinstance(generator, Generator):
+                raise TypeError(f"generator must be a tinysd.rng.Generator (e.g. Generator(42); or pass seed=42), "
+                                f"got {show(generator)}")
+            if seed is not None:
+                raise ValueError(f"pass seed or generator, not both (got seed={seed!r} and a generator)")
+        if scheduler is not None and not _is_sampler(scheduler):
+            if not isinstance(scheduler, str):
+                raise TypeError(f"scheduler must be a sampler name such as 'euler_a' or a sampler object, "
+                                f"got {show(scheduler)}")
+            try:
+                canonical_name(scheduler)
+            except ValueError as e:                          # "unknown sampler 'x'; valid names: ..."
+                raise ValueError(f"scheduler: {e}") from None
+        check_number("eta", eta, low=0.0, hint=" (DDIM's eta: 0 is deterministic, 1 adds DDPM's noise)")
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type {output_type!r}: choose 'pil', 'np' or 'latent'")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable as callback(step, timestep, latents), got {show(callback)}")
+        if image is not None:
+            check_image("image", image)
+        if strength is not None:
+            check_number("strength", strength, low=0.0, high=1.0)
+            if image is None:
+                raise ValueError(f"strength={strength!r} needs image= (img2img or inpainting); txt2img starts "
+                                 f"from pure noise")
+        if mask_image is not None:
+            check_image("mask_image", mask_image)
+            if image is None:
+                raise ValueError("inpainting needs `image=` as well as `mask_image=`")
+        check_int("num_images_per_prompt", num_images_per_prompt, 1)
+        if latents is not None:
+            self.check_latents(latents, image, height, width, len(prompts) * num_images_per_prompt)
+        if image is not None:      # a strength too small for the steps leaves no step: try it on a fresh sampler
+            if strength is None:
+                strength = DEFAULT_STRENGTH["inpaint" if mask_image is not None else "img2img"]
+            sched, _ = self._scheduler(scheduler)
+            sched.set_timesteps(num_inference_steps)
+            strength_timesteps(sched, num_inference_steps, strength)
+
+    def check_latents(self, latents, image, height, width, batch):
+        """`latents` replaces the txt2img start noise: (batch, 4, height/8, width/8), finite numbers."""
+        if image is not None:
+            raise ValueError("latents= is the txt2img start noise; img2img and inpainting start from the encoded "
+                             "image: pass latents or image, not both")
+        try:
+            array = np.asarray(latents)
+        except (TypeError, ValueError):
+            array = None
+        if array is None or array.dtype.kind not in "iuf":
+            raise TypeError(f"latents must be an array of real numbers, got {show(latents)}")
+        size = self.unet.config.get("sample_size", 64) * VAE_SCALE
+        expected = (batch, 4, (height or size) // VAE_SCALE, (width or size) // VAE_SCALE)   # 4 latent channels
+        if array.shape != expected:
+            raise ValueError(f"latents has shape {array.shape}; height={height or size}, width={width or size} and "
+                             f"{batch} image(s) need {expected} (batch, 4, height/8, width/8)")
+        if not np.isfinite(array).all():
+            raise ValueError(f"latents has {int(np.size(array) - np.isfinite(array).sum())} non-finite values "
+                             f"(nan or inf)")
 
     def _denoise(self, latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
                  mask=None, masked_latents=None, image_latents=None, noise=None, control=None):
@@ -309,10 +427,98 @@ def repeat_to(x, batch):
     return np.concatenate([x] * (batch // x.shape[0])) if batch != x.shape[0] else x
 
 
+def show(value, limit=80):
+    """A value as an error message shows it: its repr (shortened) and its type."""
+    text = repr(value)
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def check_int(name, value, low, high=None, allowed=None):
+    """`value` must be an integer (a bool is not one) in [low, high]."""
+    if allowed is None:
+        allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {allowed}, got {show(value)}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def check_number(name, value, low=None, high=None, hint=""):
+    """`value` must be a finite real number (a bool is not one) in [low, high]."""
+    if low is not None and high is not None:
+        allowed = f"in [{low:g}, {high:g}]"
+    else:
+        allowed = "a finite number" + (f" >= {low:g}" if low is not None else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number {allowed}{hint}, got {show(value)}")
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be {allowed}{hint}, got {value}")
+
+
+def check_side(name, value):
+    """An image side in pixels: a positive multiple of 8 (an integral float passes, as in diffusers)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive multiple of 8 (pixels, an integer), got {show(value)}")
+    if not math.isfinite(value) or int(value) != value or value <= 0 or value % VAE_SCALE:
+        raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+
+
+def check_prompt(name, prompt):
+    """A prompt: a string, or a non-empty list (or tuple) of strings, each valid Unicode text. -> list."""
+    if isinstance(prompt, str):
+        texts = [prompt]
+    elif isinstance(prompt, (list, tuple)):
+        texts = list(prompt)
+        if not texts:
+            raise ValueError(f"{name}={prompt!r} is empty: pass a string or a non-empty list of strings")
+    else:
+        raise TypeError(f"{name} must be a string or a list of strings, got {show(prompt)}")
+    for i, text in enumerate(texts):
+        where = name if isinstance(prompt, str) else f"{name}[{i}]"
+        if not isinstance(text, str):
+            raise TypeError(f"{where} must be a string, got {show(text)}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:     # a lone surrogate (U+D800..U+DFFF) is no character of any text
+            raise ValueError(f"{where} {show(text, 40)} holds the surrogate {text[e.start]!r} at index {e.start}, "
+                             f"which is not a Unicode character (text decoded with errors='surrogateescape' or "
+                             f"from UTF-16 by halves?): pass valid text") from None
+    return texts
+
+
+IMAGE_KINDS = "a PIL image, a file path, or an (H, W, 3) array (uint8, or floats in [0, 1]; (H, W) grey and " \
+              "(H, W, 4) RGBA work too)"
+
+
+def check_image(name, image):
+    """An image or mask as `load_image` reads it; a file's contents are checked when it is read."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike, Image.Image)):
+        return
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{name} must be {IMAGE_KINDS}, got {show(image)}")
+    if image.dtype != np.uint8 and image.dtype.kind != "f":
+        raise TypeError(f"{name}: an array of dtype {image.dtype}; it must be uint8 (0-255) or floats in [0, 1]")
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+        hint = (f"; this one looks channel-first: pass {name}.transpose(1, 2, 0)"
+                if image.ndim == 3 and image.shape[0] in (1, 3, 4) else "")
+        raise ValueError(f"{name}: an array of shape {image.shape}; it must be {IMAGE_KINDS}{hint}")
+    if 0 in image.shape:
+        raise ValueError(f"{name}: an empty array of shape {image.shape}")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise ValueError(f"{name}: the array holds non-finite values (nan or inf); pixels must be in [0, 1]")
+
+
+def _is_sampler(scheduler):
+    """A sampler object (one of tinysd.schedulers' classes, or one like them), not a name."""
+    return hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step")
+
+
 def check_size(height, width):
-    for name, v in (("height", height), ("width", width)):
-        if int(v) != v or v <= 0 or v % 8:
-            raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
+    check_side("height", height)
+    check_side("width", width)
 
 
 def load_image(image, mode="RGB"):
@@ -335,6 +541,10 @@ def preprocess_image(image, height=None, width=None):
     """Image -> (1, 3, H, W) float32 in [−1, 1]; resized (Lanczos) to height×width, or its own
     size rounded down to a multiple of 8, as diffusers' VaeImageProcessor does."""
     pil = load_image(image)
+    for name, side, given in (("width", pil.width, width), ("height", pil.height, height)):
+        if given is None and side < VAE_SCALE:     # its own size, rounded down to a multiple of 8, would be 0
+            raise ValueError(f"image is {pil.width}x{pil.height} pixels: its {name}, rounded down to a multiple of 8, "
+                             f"is 0; pass a larger image, or height= and width= to resize it")
     width = width or pil.width - pil.width % VAE_SCALE
     height = height or pil.height - pil.height % VAE_SCALE
     check_size(height, width)

@@ -55,6 +55,46 @@ def split_components(state, source):
     return parts
 
 
+# What a file that is not a whole SD v1 model is
+
+
+# (test on the top-level keys, description and the option that takes it), first match wins
+FILE_KINDS = (
+    (lambda keys: any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k
+                      or ".lora.down." in k or "_lora.down." in k or ".hada_w1_a" in k or ".lokr_w1" in k
+                      for k in keys),
+     "a LoRA", "pass it with --lora PATH[:WEIGHT] (Python: sd.load_lora_weights(path))"),
+    (lambda keys: "string_to_param" in keys or "emb_params" in keys or "clip_l" in keys,
+     "a textual-inversion embedding",
+     "put it in --embeddings-dir and write its file name in the prompt (Python: sd.load_textual_inversion(path))"),
+    (lambda keys: any(k.startswith(("control_model.", "controlnet_cond_embedding.", "input_hint_block.")) for k in keys),
+     "a ControlNet", "pass it with --control-net PATH"),
+    (lambda keys: any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in keys)
+     or (keys and all(re.match(r"\d+\.", k) for k in keys)),
+     "a TAESD tiny autoencoder", "pass it with --taesd PATH"),
+    (lambda keys: any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks."))
+                      for k in keys),
+     "a standalone VAE", "pass it with --vae PATH next to a model (Python: tinysd.load(model, vae=path))"),
+    (lambda keys: any(k.startswith("conditioner.embedders.") for k in keys),
+     "an SD-XL checkpoint", "tinysd implements SD v1 (1.4, 1.5 and their fine-tunes)"),
+    (lambda keys: any(k.startswith("cond_stage_model.model.") for k in keys),
+     "an SD 2.x checkpoint (OpenCLIP text encoder)", "tinysd implements SD v1 (1.4, 1.5 and their fine-tunes)"),
+)
+
+
+def file_kind(state):
+    """(what the file is, the option that takes it) for a checkpoint's top-level dict that is not
+    a whole SD v1 model, or None if its keys match no known kind. A single embedding vector
+    ({token: (768,)}: diffusers' learned_embeds.bin) counts as a textual-inversion embedding."""
+    keys = [k for k in state if isinstance(k, str)]
+    for test, what, option in FILE_KINDS:
+        if test(keys):
+            return what, option
+    if len(keys) == 1 and getattr(state[keys[0]], "ndim", 0) in (1, 2):
+        return FILE_KINDS[1][1:]
+    return None
+
+
 # U-Net
 
 

@@ -357,7 +357,8 @@ def resolve(source=DEFAULT_MODEL, *, variant=None, cache_dir=None, local_files_o
 def _how(source):
     return (f"pass a local diffusers folder or a single .safetensors/.ckpt file instead (e.g. "
             f"`python -m tinysd --model path/to/v1-5-pruned-emaonly.safetensors`), or download {source!r} "
-            f"once while online")
+            f"once while online; the small model of coloured shapes that ships with tinysd works offline: "
+            f"`python -m tinysd \"a red circle\" --model shapes` (tinysd.load(\"shapes\") in Python)")
 
 
 def _hub_file(repo_id, filename, cache_dir, local_files_only):
@@ -438,21 +439,64 @@ def load_single_file(path, config=None):
     else:
         base = config if isinstance(config, dict) else read_configs(config)
     state = read_weights(path)
-    refuse_controlnet(path, state)
-    configs, state_dicts = single_file.convert(state, base, source=str(path), derive_sizes=config is None)
+    try:
+        configs, state_dicts = single_file.convert(state, base, source=str(path), derive_sizes=config is None)
+    except single_file.SingleFileError:
+        kind = single_file.file_kind(read_raw(path))
+        if kind is None:
+            raise
+        raise single_file.SingleFileError(f"{path} is {kind[0]}, not a Stable Diffusion model: {kind[1]}") from None
     return Checkpoint(configs, state_dicts, None, str(path))
 
 
-def refuse_controlnet(source, state=None):
-    """A ControlNet (a packaged name, a diffusers ControlNet folder, or a file whose keys are a
-    ControlNet's) passed as the model: one error saying what it is and which option takes it."""
+def read_raw(path):
+    """The file's top-level object as stored: a .safetensors file's tensors, or a pickle's dict
+    with every entry (read_weights keeps only the tensors)."""
+    path = Path(path)
+    return read_safetensors(path) if path.suffix == ".safetensors" else read_ckpt(path)
+
+
+def load_vae(source, base_config):
+    """(config, state dict, weights file) of a standalone VAE, to use instead of a model's own.
+
+    `source` is a diffusers `vae/` folder (config.json + diffusion_pytorch_model[.fp16].safetensors)
+    or one file (.safetensors, .ckpt, .pt, .bin; a Lightning `state_dict` is unwrapped) with the
+    original names (`encoder.down.0...`, `quant_conv`, as vae-ft-mse-840000-ema-pruned) or
+    diffusers' names (`encoder.down_blocks.0...`). The training leftovers `loss.*` and
+    `model_ema.*` are ignored, as A1111 does. Sizes come from the folder's config, else from the
+    weights; the rest of the config from `base_config` (the model's own VAE).
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        file = next((path / f"diffusion_pytorch_model{ext}" for ext in (".safetensors", ".fp16.safetensors", ".bin")
+                     if (path / f"diffusion_pytorch_model{ext}").exists()), None)
+        if not (path / "config.json").exists() or file is None:
+            raise CheckpointError(f"--vae {path}: a VAE folder needs config.json and diffusion_pytorch_model.safetensors")
+        return dict(base_config, **json.loads((path / "config.json").read_text())), read_weights(file), file
+    if not path.is_file():
+        raise ModelNotFoundError(f"--vae {source}: no such file or folder")
+    state = {k: v for k, v in read_weights(path).items() if not k.startswith(("loss.", "model_ema."))}
+    prefix = single_file.PREFIXES["vae"]
+    if any(k.startswith(prefix) for k in state):            # a VAE cut out of a whole checkpoint
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if any(k.startswith(("encoder.down.", "decoder.up.")) for k in state):
+        config = dict(base_config, **single_file.vae_sizes(state, str(path)))
+        return config, single_file.convert_vae(state, config, str(path)), path
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state):
+        return dict(base_config), state, path
+    kind = single_file.file_kind(read_raw(path))
+    what = f"it is {kind[0]} ({kind[1]})" if kind else "no encoder.*/decoder.* keys"
+    raise CheckpointError(f"--vae {path}: not a VAE: {what}")
+
+
+def refuse_controlnet(source):
+    """A ControlNet folder or packaged name passed as the model: say what it is and which option
+    takes it (a ControlNet file is recognised by single_file.file_kind)."""
     from tinysd import controlnet
 
-    path = Path(str(source)).expanduser()
-    if (str(source) in controlnet.PACKAGED or (state is None and path.is_dir() and controlnet.is_controlnet_folder(path))
-            or (state is not None and controlnet.is_controlnet_state(state))):
+    if str(source) in controlnet.PACKAGED or controlnet.is_controlnet_folder(Path(str(source)).expanduser()):
         raise CheckpointError(f"{source} is a ControlNet, not a Stable Diffusion model: pass it with --control-net "
-                              f"(Python: tinysd.load(model, controlnet={str(source)!r})) and the model with --model")
+                              f"PATH (Python: tinysd.load(model, controlnet={str(source)!r}))")
 
 
 def load_checkpoint(source=DEFAULT_MODEL, *, variant=None, config=None, cache_dir=None, local_files_only=False):
