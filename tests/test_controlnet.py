@@ -358,6 +358,20 @@ def test_controlnet_for_another_model_is_refused_naming_both(tiny_sd, tmp_path):
         assert "widths 32/64/64/64" in message and "cross-attention 128" in message and "diffusers" in message
 
 
+def test_sdxl_controlnet_is_refused_naming_both(tiny_sd, tmp_path):
+    """An SD-XL-shaped ControlNet (3 levels, linear projections, 2 transformer layers, text_time
+    embedding), written by diffusers: the error names it SD-XL and the model it does not fit."""
+    from diffusers import ControlNetModel
+
+    ControlNetModel(block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                    "CrossAttnDownBlock2D"), cross_attention_dim=64, transformer_layers_per_block=(1, 2, 2),
+                    attention_head_dim=(2, 4, 4), use_linear_projection=True, addition_embed_type="text_time",
+                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=112,
+                    conditioning_embedding_out_channels=(16, 32)).save_pretrained(tmp_path / "xl")
+    with pytest.raises(cn.ControlNetError, match=r"widths 32/64/64, .*\(SD-XL\)\) does not fit .*widths 32/64/64/64"):
+        tinysd.load(tiny_sd.folder, backend="numpy", controlnet=tmp_path / "xl")
+
+
 def test_a_controlnet_given_as_the_model_says_what_it_is(nets):
     _, paths = nets
     for source in (paths[0]["single"], paths[0]["pth"], paths[0]["folder"]):
@@ -529,3 +543,32 @@ def test_cli_controlnet_as_the_model_is_one_line(nets, capsys):
     assert main(["a cat", "--model", str(paths[0]["single"]), "--backend", "numpy"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a ControlNet" in err[0] and "--control-net" in err[0]
+
+
+def test_cpu_backend_matches_diffusers(tiny_sd, nets):
+    """The cpu backend's kernels run the ControlNet too (stride-2 hint convs, 1×1 zero convs)."""
+    refs, paths = nets
+    sd = tinysd.load(tiny_sd.folder, backend="cpu", controlnet=[paths[0]["folder"], paths[1]["single"]])
+    kw = dict(controlnet_conditioning_scale=[0.9, 0.6], control_guidance_start=[0.0, 0.5])
+    assert_same_picture(run_tinysd(sd, "txt2img", 2, **kw), run_reference(tiny_sd, "txt2img", refs, **kw))
+
+
+@pytest.mark.parametrize("damage", ["1-D hint conv", "no downsampler", "op at block 0", "truncated"])
+def test_damaged_controlnet_files_are_one_clear_error(nets, tmp_path, damage):
+    from safetensors.numpy import load_file, save_file
+
+    _, paths = nets
+    state = load_file(str(paths[0]["single"]))
+    path = tmp_path / "damaged.safetensors"
+    if damage == "1-D hint conv":
+        state["control_model.input_hint_block.0.weight"] = np.zeros(3, np.float32)
+    elif damage == "no downsampler":
+        state = {k: v for k, v in state.items() if ".0.op." not in k}
+    elif damage == "op at block 0":
+        state["control_model.input_blocks.0.0.op.weight"] = np.zeros((1, 1, 3, 3), np.float32)
+    save_file(state, str(path))
+    if damage == "truncated":
+        path.write_bytes(paths[0]["single"].read_bytes()[:5000])
+    refs, _ = nets
+    with pytest.raises(ValueError, match=path.name):
+        cn.read_controlnet(path, dict(refs[0].config))

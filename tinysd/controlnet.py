@@ -60,7 +60,6 @@ SD15_CONFIG = {
     "controlnet_conditioning_channel_order": "rgb", "conditioning_embedding_out_channels": [16, 32, 96, 256],
     "global_pool_conditions": False,
 }
-FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SD-XL"}     # by cross-attention width
 
 
 class ControlNetError(ValueError):
@@ -255,7 +254,7 @@ def read_controlnet(source, unet_config=None, model_name="the loaded model", var
     if path.is_dir():
         if not is_controlnet_folder(path):
             raise ControlNetError(f"{path}: no config.json of a ControlNetModel; not a diffusers ControlNet folder")
-        config = json.loads((path / "config.json").read_text())
+        config = {**SD15_CONFIG, **json.loads((path / "config.json").read_text())}   # missing entries: SD 1.5's
         candidates = [path / f"{WEIGHT_NAME}.{variant}.safetensors"] if variant else [
             path / f"{WEIGHT_NAME}.safetensors", path / f"{WEIGHT_NAME}.fp16.safetensors", path / f"{WEIGHT_NAME}.bin"]
         weights = next((c for c in candidates if c.exists()), None)
@@ -287,14 +286,21 @@ def load_controlnet(source, backend=None, unet_config=None, model_name="the load
     return build_controlnet(read_controlnet(source, unet_config, model_name, variant), get_backend(backend))
 
 
-def describe(config):
-    """"widths 320/640/1280/1280, cross-attention 768 (SD 1.x)" for an error message."""
+def family(config):
+    """The model family a U-Net or ControlNet config belongs to, where its shapes tell."""
     dim = config["cross_attention_dim"]
-    family = FAMILIES.get(dim, "")
-    if config.get("use_linear_projection") and dim != 2048:
-        family = "SD 2.x"
+    if config.get("addition_embed_type") or dim == 2048:
+        return "SD-XL"
+    if config.get("use_linear_projection") or dim == 1024:
+        return "SD 2.x"
+    return "SD 1.x" if dim == 768 else ""
+
+
+def describe(config):
+    """"widths 320/640/1280/1280, 2 layers per block, cross-attention 768 (SD 1.x)" for an error message."""
+    name = family(config)
     return (f"widths {'/'.join(str(w) for w in config['block_out_channels'])}, {config.get('layers_per_block', 2)} "
-            f"layers per block, cross-attention {dim}" + (f" ({family})" if family else ""))
+            f"layers per block, cross-attention {config['cross_attention_dim']}" + (f" ({name})" if name else ""))
 
 
 def check_fits(config, unet_config, source, model_name):
@@ -302,7 +308,7 @@ def check_fits(config, unet_config, source, model_name):
     keys = ("block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim")
     mismatch = [k for k in keys if list(np.atleast_1d(config.get(k, SD15_CONFIG[k])))
                 != list(np.atleast_1d(unet_config.get(k, SD15_CONFIG[k])))]
-    if mismatch or config.get("use_linear_projection") != unet_config.get("use_linear_projection"):
+    if mismatch or family(config) != family(unet_config):
         raise ControlNetError(f"ControlNet {source} ({describe(config)}) does not fit {model_name} "
                               f"({describe(unet_config)}): a ControlNet works only with the model family it was trained for")
 
@@ -327,7 +333,10 @@ def original_sizes(state, source):
         raise ControlNetError(f"{source}: no hint encoder (input_hint_block.*) or no downsampler (input_blocks.N.0.op); "
                               f"not an SD ControlNet in the original layout")
     L = min(ops) - 1                                                 # input_blocks.{L+1}.0.op closes level 0
-    levels = len({_index(k, "input_blocks.") for k in state if k.startswith("input_blocks.")}) // (L + 1)
+    levels = len({_index(k, "input_blocks.") for k in state if k.startswith("input_blocks.")}) // max(L + 1, 1)
+    if L < 1 or levels < 2:
+        raise ControlNetError(f"{source}: input_blocks.{min(ops)}.0.op would leave {L} layers per block and {levels} "
+                              f"levels; not an SD ControlNet in the original layout")
     attn2 = next((k for k in state if k.endswith("attn2.to_k.weight")), None)
     proj_in = next((k for k in state if k.endswith(".1.proj_in.weight")), None)
     if attn2 is None or proj_in is None:
@@ -363,7 +372,12 @@ def from_original(raw, source, unet_config=None, model_name="the loaded model"):
     """
     prefixed = any(k.startswith(ORIGINAL_PREFIX) for k in raw)
     state = {k[len(ORIGINAL_PREFIX):]: v for k, v in raw.items() if k.startswith(ORIGINAL_PREFIX)} if prefixed else raw
-    config = original_sizes(state, source)
+    try:
+        config = original_sizes(state, source)
+    except (IndexError, ValueError) as e:                 # a key with too few dimensions, a number that is not one
+        if isinstance(e, ControlNetError):
+            raise
+        raise ControlNetError(f"{source}: malformed ControlNet weights ({type(e).__name__}: {e})") from None
     if unet_config is not None:
         check_fits(config, unet_config, source, model_name)
         for key in ("attention_head_dim", "num_attention_heads"):        # head counts leave no trace in the weights
