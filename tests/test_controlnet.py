@@ -309,24 +309,66 @@ def test_preprocessor_in_the_pipeline_equals_canny_first(sd_one):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(), "pass control_image="),
-    (dict(control_image=[np.zeros((64, 64, 3), np.uint8)] * 3), "3 control images for 1 prompt"),
-    (dict(control_image=np.zeros((64, 64, 3), np.uint8), control_guidance_start=0.5, control_guidance_end=0.5),
-     "need 0 <= start < end <= 1"),
-    (dict(control_image=np.zeros((64, 64, 3), np.uint8), controlnet_conditioning_scale=[1.0, 2.0]),
-     "controlnet_conditioning_scale has 2 entries for 1 ControlNet"),
-    (dict(control_image=np.zeros((64, 64, 3), np.uint8), control_preprocess="sobel"), "unknown preprocessor 'sobel'"),
-    (dict(control_image="/no/such/hint.png"), "cannot read image"),
-])
-def test_bad_control_arguments(sd_one, kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        sd_one(PROMPT, num_inference_steps=1, seed=0, **kwargs)
+HINT = np.zeros((64, 64, 3), np.uint8)
+# (ControlNets loaded, arguments, exception, the message's fragment naming the argument and what is wrong)
+BAD_CONTROL = {
+    "no control_image": (1, dict(), ValueError, "pass control_image="),
+    "control_image without a ControlNet": (0, dict(control_image=HINT), ValueError, "control_image needs a ControlNet"),
+    "scale without a ControlNet": (0, dict(controlnet_conditioning_scale=0.5), ValueError,
+                                   "controlnet_conditioning_scale needs a ControlNet"),
+    "guess_mode without a ControlNet": (0, dict(guess_mode=True), ValueError, "guess_mode needs a ControlNet"),
+    "control_image int": (1, dict(control_image=3), TypeError, r"control_image must be .* got 3 \(int\)"),
+    "control_image channel-first": (1, dict(control_image=np.zeros((3, 64, 64), np.uint8)), ValueError,
+                                    "control_image: an array of shape"),
+    "more images than prompts": (1, dict(control_image=[HINT] * 3), ValueError, "3 control images for 1 prompt"),
+    "one image for two nets": (2, dict(control_image=HINT), ValueError, "2 ControlNets need a list of 2 control images"),
+    "lists for two nets": (2, dict(control_image=[[HINT], [HINT]]), ValueError, "one image per ControlNet"),
+    "second net's image int": (2, dict(control_image=[HINT, 7]), TypeError, r"control_image\[1\] must be"),
+    "scale string": (1, dict(control_image=HINT, controlnet_conditioning_scale="1"), TypeError,
+                     "controlnet_conditioning_scale must be a number"),
+    "scale nan": (1, dict(control_image=HINT, controlnet_conditioning_scale=float("nan")), ValueError,
+                  "controlnet_conditioning_scale must be a finite number"),
+    "scale list too long": (1, dict(control_image=HINT, controlnet_conditioning_scale=[1.0, 2.0]), ValueError,
+                            r"controlnet_conditioning_scale=\[1.0, 2.0\] has 2 entries for 1 ControlNet"),
+    "start string": (1, dict(control_image=HINT, control_guidance_start="0"), TypeError,
+                     "control_guidance_start must be a number"),
+    "end above 1": (1, dict(control_image=HINT, control_guidance_end=1.5), ValueError,
+                    r"control_guidance_end must be in \[0, 1\]"),
+    "empty window": (1, dict(control_image=HINT, control_guidance_start=0.5, control_guidance_end=0.5), ValueError,
+                     "need 0 <= start < end <= 1"),
+    "end list too short": (2, dict(control_image=[HINT, HINT], control_guidance_end=[1.0]), ValueError,
+                           "control_guidance_end=\\[1.0\\] has 1 entries for 2 ControlNet"),
+    "guess_mode string": (1, dict(control_image=HINT, guess_mode="yes"), TypeError, "guess_mode must be True or False"),
+    "preprocess unknown": (1, dict(control_image=HINT, control_preprocess="sobel"), ValueError,
+                           "unknown preprocessor 'sobel'"),
+    "preprocess int": (1, dict(control_image=HINT, control_preprocess=3), TypeError, "control_preprocess must be"),
+}
 
 
-def test_control_image_without_controlnet(sd):
-    with pytest.raises(ValueError, match="control_image needs a ControlNet"):
-        sd(PROMPT, control_image=np.zeros((64, 64, 3), np.uint8), num_inference_steps=1)
+@pytest.fixture(scope="module")
+def sd_by_count(sd, sd_one, sd_two):
+    return {0: sd, 1: sd_one, 2: sd_two}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONTROL))
+def test_bad_control_arguments_before_any_model_work(sd_by_count, monkeypatch, case):
+    """check_inputs names the bad ControlNet argument before the text encoder, the VAE or the
+    denoising loop (where the ControlNets run) is called: each is replaced by a failure."""
+    count, kwargs, error, message = BAD_CONTROL[case]
+    pipe = sd_by_count[count]
+
+    def model_work(*args, **kw):
+        raise AssertionError("model work ran before the arguments were checked")
+
+    for part in ("tokenizer", "text_encoder", "encode", "decode", "_denoise"):
+        monkeypatch.setattr(pipe, part, model_work)
+    with pytest.raises(error, match=message):
+        pipe(PROMPT, num_inference_steps=1, seed=0, **kwargs)
+
+
+def test_unreadable_control_image_file(sd_one):
+    with pytest.raises(ValueError, match="cannot read image"):
+        sd_one(PROMPT, num_inference_steps=1, seed=0, control_image="/no/such/hint.png")
 
 
 def test_load_and_unload(tiny_sd, nets):

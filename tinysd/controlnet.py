@@ -412,9 +412,66 @@ def as_list(value, n, name):
     """A per-ControlNet argument as a list of n: one value for all, or a list of n."""
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise ValueError(f"{name} has {len(value)} entries for {n} ControlNet(s)")
+            raise ValueError(f"{name}={list(value)!r} has {len(value)} entries for {n} ControlNet(s): "
+                             f"give one value for all, or one per ControlNet")
         return list(value)
     return [value] * n
+
+
+def control_images(control_image, n):
+    """control_image as one list of images per ControlNet (n of them)."""
+    if n == 1:
+        return [list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]]
+    return [[im] for im in control_image]
+
+
+def check_control(nets, control_image, scale, start, end, guess_mode, preprocess, n_prompts):
+    """The ControlNet arguments of `StableDiffusion.__call__`, checked by its `check_inputs` before
+    any model work: a TypeError (wrong kind) or ValueError (wrong value) naming the argument."""
+    from tinysd.hints import parse_preprocessor
+    from tinysd.pipeline import check_image, check_number, show
+
+    n = len(nets)
+    if n == 0:
+        given = {"control_image": control_image is not None, "controlnet_conditioning_scale": scale is not None,
+                 "control_guidance_start": start != 0.0, "control_guidance_end": end != 1.0,
+                 "guess_mode": guess_mode is not False, "control_preprocess": preprocess is not None}
+        name = next((k for k, v in given.items() if v), None)
+        if name is not None:
+            raise ValueError(f"{name} needs a ControlNet: tinysd.load(model, controlnet=PATH) or sd.load_controlnet(PATH)")
+        return
+    if control_image is None:
+        raise ValueError(f"{n} ControlNet(s) loaded ({', '.join(net.name or '?' for net in nets)}): pass control_image=, "
+                         f"or sd.unload_controlnet() to generate without")
+    if n > 1:
+        if not isinstance(control_image, (list, tuple)) or len(control_image) != n:
+            raise ValueError(f"control_image: {n} ControlNets need a list of {n} control images, one per ControlNet, "
+                             f"got {show(control_image)}")
+        if any(isinstance(im, (list, tuple)) for im in control_image):
+            raise ValueError("control_image: with several ControlNets, give one image per ControlNet (not lists of images)")
+    for k, images in enumerate(control_images(control_image, n)):
+        if len(images) not in (1, n_prompts):
+            raise ValueError(f"control_image: {len(images)} control images for {n_prompts} prompt(s): "
+                             f"give one image, or one per prompt")
+        for i, im in enumerate(images):
+            check_image("control_image" + (f"[{k}]" if n > 1 else f"[{i}]" if len(images) > 1 else ""), im)
+    for s in as_list(scale, n, "controlnet_conditioning_scale"):
+        if s is not None:
+            check_number("controlnet_conditioning_scale", s, hint=" (None: the pipeline's default)")
+    starts, ends = as_list(start, n, "control_guidance_start"), as_list(end, n, "control_guidance_end")
+    for a, b in zip(starts, ends):
+        check_number("control_guidance_start", a, 0.0, 1.0, hint=" (a fraction of the steps)")
+        check_number("control_guidance_end", b, 0.0, 1.0, hint=" (a fraction of the steps)")
+        if not a < b:
+            raise ValueError(f"control_guidance_start {a} and control_guidance_end {b}: need 0 <= start < end <= 1")
+    if not isinstance(guess_mode, (bool, np.bool_)):
+        raise TypeError(f"guess_mode must be True or False, got {show(guess_mode)}")
+    for spec in as_list(preprocess, n, "control_preprocess"):
+        if spec is not None and not isinstance(spec, str):
+            raise TypeError(f"control_preprocess must be a preprocessor name such as 'canny' or 'canny:50:150' "
+                            f"(or None), got {show(spec)}")
+        if spec is not None:
+            parse_preprocessor(spec)
 
 
 @dataclass
@@ -434,35 +491,17 @@ class Control:
 
     def __init__(self, nets, control_image, scale=None, start=0.0, end=1.0, guess_mode=False, preprocess=None,
                  default_scale=1.0):
-        from tinysd.hints import parse_preprocessor
+        """The arguments as `check_control` has passed them; the control images are read here."""
         from tinysd.pipeline import load_image
 
         n = len(nets)
-        if n == 0:
-            raise ValueError("control_image needs a ControlNet: tinysd.load(model, controlnet=PATH) or sd.load_controlnet(PATH)")
-        if control_image is None:
-            raise ValueError(f"{n} ControlNet(s) loaded ({', '.join(net.name or '?' for net in nets)}): pass control_image=, "
-                             f"or sd.unload_controlnet() to generate without")
-        if n == 1:
-            images = [control_image if isinstance(control_image, (list, tuple)) else [control_image]]
-        else:
-            if not isinstance(control_image, (list, tuple)) or len(control_image) != n:
-                raise ValueError(f"{n} ControlNets need a list of {n} control images, one per ControlNet")
-            if any(isinstance(im, (list, tuple)) for im in control_image):
-                raise ValueError("with several ControlNets, give one control image per ControlNet (not lists of images)")
-            images = [[im] for im in control_image]
         scales, starts, ends, specs = (as_list(v, n, name) for v, name in (
             (scale, "controlnet_conditioning_scale"), (start, "control_guidance_start"),
             (end, "control_guidance_end"), (preprocess, "control_preprocess")))
         scales = [default_scale if s is None else s for s in scales]      # None: the pipeline's default
-        for s, e in zip(starts, ends):
-            if not 0.0 <= s < e <= 1.0:
-                raise ValueError(f"control_guidance_start {s} and control_guidance_end {e}: need 0 <= start < end <= 1")
-        for spec in specs:
-            if spec is not None:
-                parse_preprocessor(spec)
         self.units = [ControlUnit(net, [load_image(im) for im in ims], float(s), float(a), float(b), spec)
-                      for net, ims, s, a, b, spec in zip(nets, images, scales, starts, ends, specs)]
+                      for net, ims, s, a, b, spec in zip(nets, control_images(control_image, n), scales, starts, ends,
+                                                         specs)]
         self.guess_mode = bool(guess_mode or nets[0].config.get("global_pool_conditions"))
 
     def default_size(self, height, width):

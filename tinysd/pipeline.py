@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from tinysd.backend import get_backend
-from tinysd.controlnet import Control, build_controlnet, read_controlnet
+from tinysd.controlnet import Control, build_controlnet, check_control, read_controlnet
 from tinysd.rng import Generator
 from tinysd.pngmeta import sampler_fields
 from tinysd.schedulers import SCHEDULERS, canonical_name, make_scheduler
@@ -194,7 +194,8 @@ class StableDiffusion:
         """
         self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
                           generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
-                          num_images_per_prompt)
+                          num_images_per_prompt, control_image, controlnet_conditioning_scale, control_guidance_start,
+                          control_guidance_end, guess_mode, control_preprocess)
         height, width = (None if v is None else int(v) for v in (height, width))   # 512.0 -> 512, as diffusers
         if generator is None:
             seed = secrets.randbits(63) if seed is None else int(seed)
@@ -202,7 +203,7 @@ class StableDiffusion:
         else:
             seed = None
         control = None
-        if control_image is not None or self.controlnets:      # checked, images read, before any model work
+        if self.controlnets:                                    # the control images are read before any model work
             default_scale = 1.0 if image is None else 0.8 if mask_image is None else 0.5   # as diffusers' pipelines
             control = Control(self.controlnets, control_image, controlnet_conditioning_scale, control_guidance_start,
                               control_guidance_end, guess_mode, control_preprocess, default_scale)
@@ -280,7 +281,8 @@ class StableDiffusion:
 
     def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
                      generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
-                     num_images_per_prompt):
+                     num_images_per_prompt, control_image=None, controlnet_conditioning_scale=None,
+                     control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False, control_preprocess=None):
         """Check `__call__`'s arguments before any model work, in the order of its signature: a bad
         value raises a TypeError (wrong kind) or ValueError (wrong value) naming the argument, the
         value and what is allowed. Values diffusers takes and handles sensibly pass as they do there
@@ -339,6 +341,8 @@ class StableDiffusion:
             sched, _ = self._scheduler(scheduler)
             sched.set_timesteps(num_inference_steps)
             strength_timesteps(sched, num_inference_steps, strength)
+        check_control(self.controlnets, control_image, controlnet_conditioning_scale, control_guidance_start,
+                      control_guidance_end, guess_mode, control_preprocess, len(prompts))
 
     def check_latents(self, latents, image, height, width, batch):
         """`latents` replaces the txt2img start noise: (batch, 4, height/8, width/8), finite numbers."""
