@@ -62,6 +62,23 @@ CONDITIONING_CHANNELS = (16, 32, 64, 64)
 CANNY = (100, 200)
 
 
+@torch.no_grad()
+def init_hint_encoder(controlnet, seed):
+    """He-normal weights and zero biases for the hint encoder's convs (conv_out stays zero).
+
+    With PyTorch's default init (uniform ±1/√fan_in, biases as large as weights) seven conv + SiLU
+    layers shrink the hint to ~0.1% of features made by the biases alone: measured here, the edge
+    map then moved the residuals by 3·10⁻⁷ after 600 steps, and the ControlNet learned to be a
+    fine-tune of the U-Net that ignores its hint. He init (std √(2/fan_in), zero bias) keeps the
+    hint's signal at full scale through the stack, so the zero convs see it from step one.
+    """
+    g = torch.Generator().manual_seed(seed)
+    emb = controlnet.controlnet_cond_embedding
+    for conv in [emb.conv_in, *emb.blocks]:
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * (2 / conv.weight[0].numel()) ** 0.5)
+        conv.bias.zero_()
+
+
 def load_shapes():
     """The frozen shapes model's parts, float32."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -250,6 +267,7 @@ def main(argv=None):
     unet, vae, text_encoder, tokenizer = load_shapes()
     torch.manual_seed(args.seed)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=CONDITIONING_CHANNELS)
+    init_hint_encoder(controlnet, args.seed)
     controlnet.requires_grad_(True)
     began = time.time()
     data = make_dataset(vae, tokenizer, args)
