@@ -869,6 +869,7 @@ NOTEBOOKS["08_controlnet.ipynb"] = [
 
     sd = tinysd.load("shapes", backend="numpy", controlnet="shapes-canny")
     net = sd.controlnets[0]
+    print('Running on the packaged "shapes" model with its Canny ControlNet "shapes-canny" (tinysd/data/).')
     parts = {"hint encoder E": net.controlnet_cond_embedding,
              "down path + mid block (copied)": [net.conv_in, net.time_embedding, *net.down_blocks, net.mid_block],
              "zero convolutions Z": [*net.controlnet_down_blocks, net.controlnet_mid_block]}
@@ -997,12 +998,21 @@ NOTEBOOKS["08_controlnet.ipynb"] = [
     show([edges] + [draw_with(keep) for keep in groups.values()], ["edges"] + list(groups), size=1.9)
     """),
     md("""
+    In this run the coarse residuals (levels 1-3 and the mid block, on the 4×4 to 1×1 grids)
+    carry the layout: with them alone the star goes onto the edges; the full-resolution ones
+    alone leave it where the model draws it without control.
+    """),
+    md("""
     ## Scale, window and guess mode
 
     `controlnet_conditioning_scale` multiplies every residual; `control_guidance_start`/`_end`
-    apply the ControlNet only on a fraction of the steps (the composition is decided in the first
-    ones); `guess_mode=True` runs it on the conditional half of the guidance batch only, with the
-    residuals scaled from 0.1 (first skip) to 1 (mid block), and works even with an empty prompt.
+    apply the ControlNet only on a fraction of the steps; `guess_mode=True` runs it on the
+    conditional half of the guidance batch only, with the residuals scaled from 0.1 (first skip)
+    to 1 (mid block), and works even with an empty prompt. With SD v1.5 the composition is mostly
+    settled in the first steps; this small model settles it late: below, the ControlNet on the
+    first 30% of the steps alone leaves the star where the model's prior puts it, on the last 50%
+    alone it moves the star onto the edges. (A prompt-less guess mode run draws the shape in a
+    colour of its own choosing: the edges say where and what, not which colour.)
     """),
     code("""
     runs = {"scale 0.3": dict(controlnet_conditioning_scale=0.3), "scale 1": {},
