@@ -166,6 +166,9 @@ class CpuBackend(NumpyBackend):
     def gelu(self, x):
         return _unary(_el.gelu_kernel, x)
 
+    def relu(self, x):
+        return _unary(_el.relu_kernel, x)
+
     def quick_gelu(self, x):
         return _unary(_el.quick_gelu_kernel, x)
 
@@ -225,3 +228,111 @@ class CpuBackend(NumpyBackend):
         out = np.empty((B, C, 2 * H, 2 * W), np.float32)
         _el.upsample_nearest2x_kernel(x.reshape(B * C, H, W), out.reshape(B * C, 2 * H, 2 * W))
         return out
+
+    # Training: backward kernels where they beat the inherited NumPy twins (kernels/backward.py;
+    # imported on first use, so inference never loads them). Ops without one here (linear,
+    # shape ops, take) inherit NumpyBackend's, already BLAS products or cheap copies.
+    conv_backward_chunk_bytes = 2 << 20     # im2col scratch per chunk of output rows (1-2 MB measured
+                                            # fastest at the shapes model's 8×8, same as 16 MB at SD's 64×64)
+    attention_backward_tiles = (128, 256)   # (queries, keys): P and dP tiles of 128 KB each
+
+    def conv2d_backward(self, grad, x, weight, bias=None, stride=1, padding=0, frozen=False):
+        """∂L/∂W by im2col GEMMs in chunks of output rows (stored tap-major, like this backend's
+        weights). ∂L/∂x: with stride 1 it is the convolution of ∂L/∂y with the kernel flipped in
+        both axes and Cin, Cout swapped, padded by k − 1 − p on each side,
+            ∂L/∂x[c, y, x] = Σ_o,i,j W[o, c, i, j] ∂L/∂y[o, y + p_top − i, x + p_left − j],
+        so it runs on the forward's own fast paths (Winograd for 3×3); other strides scatter
+        Wᵀ ∂L/∂y back through col2im."""
+        from tinysd.kernels import backward as _backward
+        x, grad = _f32(x), _f32(grad)
+        B, Cin, H, W = x.shape
+        Cout, _, kh, kw = weight.shape
+        (pt, pb, pl, pr), Ho, Wo = conv_output_size(x.shape, weight.shape, stride, padding)
+        if grad.shape != (B, Cout, Ho, Wo):
+            raise ValueError(f"conv2d_backward: grad {grad.shape} is not the output's shape {(B, Cout, Ho, Wo)}")
+        none = np.empty((0, 0, 0, 0), np.float32)
+        if stride == 1 and max(pt, pb) < kh and max(pl, pr) < kw:
+            flipped = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)             # (Cin, Cout, kh, kw)
+            dx = self.conv2d(grad, flipped, None, 1, (kh - 1 - pt, kh - 1 - pb, kw - 1 - pl, kw - 1 - pr))
+            dx_scatter = none
+        else:
+            dx = dx_scatter = np.zeros_like(x)
+        dw = none if frozen else np.empty((Cout, kh, kw, Cin), np.float32)
+        if dw.size or dx_scatter.size:
+            rows = max(1, self.conv_backward_chunk_bytes // (4 * kh * kw * Cin * Wo))
+            _backward.conv2d_backward_kernel(x, _f32(weight.transpose(0, 2, 3, 1)), grad, int(stride),
+                                             int(pt), int(pl), dw, dx_scatter, int(rows))
+        if frozen:
+            return dx, None, None
+        return dx, dw.transpose(0, 3, 1, 2), None if bias is None else grad.sum(axis=(0, 2, 3))
+
+    def group_norm_backward(self, grad, x, num_groups, weight, bias, eps, silu=False, frozen=False):
+        from tinysd.kernels import backward as _backward
+        x, grad = _f32(x), _f32(grad)
+        B, C = x.shape[:2]
+        if C % num_groups:
+            raise ValueError(f"group_norm: {C} channels do not split into {num_groups} groups")
+        shape = (B, num_groups, C // num_groups, -1)
+        dx = np.empty_like(x)
+        dweight_b, dbias_b = np.empty((B, C), np.float32), np.empty((B, C), np.float32)
+        _backward.group_norm_backward_kernel(grad.reshape(shape), x.reshape(shape), _f32(weight), _f32(bias),
+                                             float(eps), bool(silu), dx.reshape(shape), dweight_b, dbias_b)
+        if frozen:
+            return dx, None, None
+        return dx, dweight_b.sum(axis=0), dbias_b.sum(axis=0)
+
+    def layer_norm_backward(self, grad, x, weight, bias, eps, frozen=False):
+        from tinysd.kernels import backward as _backward
+        x, grad = _f32(x), _f32(grad)
+        C = x.shape[-1]
+        M = x.size // C
+        parts = max(1, min(M, 4 * numba.get_num_threads()))
+        dx = np.empty_like(x)
+        dweight_p, dbias_p = np.empty((parts, C), np.float32), np.empty((parts, C), np.float32)
+        _backward.layer_norm_backward_kernel(grad.reshape(M, C), x.reshape(M, C), _f32(weight), float(eps),
+                                             dx.reshape(M, C), dweight_p, dbias_p)
+        if frozen:
+            return dx, None, None
+        return dx, dweight_p.sum(axis=0), dbias_p.sum(axis=0)
+
+    def _unary_backward(self, kernel_name, grad, x):
+        from tinysd.kernels import backward as _backward
+        x, grad = _f32(x), _f32(grad)
+        dx = np.empty_like(x)
+        getattr(_backward, kernel_name)(grad.reshape(-1), x.reshape(-1), dx.reshape(-1))
+        return dx
+
+    def silu_backward(self, grad, x):
+        return self._unary_backward("silu_backward_kernel", grad, x)
+
+    def gelu_backward(self, grad, x):
+        return self._unary_backward("gelu_backward_kernel", grad, x)
+
+    def quick_gelu_backward(self, grad, x):
+        return self._unary_backward("quick_gelu_backward_kernel", grad, x)
+
+    def geglu_backward(self, grad, x):
+        from tinysd.kernels import backward as _backward
+        x, grad = _f32(x), _f32(grad)
+        two_f = x.shape[-1]
+        dx = np.empty_like(x)
+        _backward.geglu_backward_kernel(grad.reshape(-1, two_f // 2), x.reshape(-1, two_f), dx.reshape(-1, two_f))
+        return dx
+
+    def attention_backward(self, grad, q, k, v, heads, causal=False, out=None):
+        """Flash-style (kernels/backward.py): no (Nq, Nk) matrix, memory O(N·d). Without the
+        forward's `out`, one forward runs first to get it."""
+        from tinysd.kernels import backward as _backward
+        q, k, v, grad = _f32(q), _f32(k), _f32(v), _f32(grad)
+        if q.shape[2] % heads:
+            raise ValueError(f"attention: {q.shape[2]} channels do not split into {heads} heads")
+        out = self.attention(q, k, v, heads, causal=causal) if out is None else _f32(out)
+        dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+        tile_q, tile_k = self.attention_backward_tiles
+        args = (q, k, v, out, grad, int(heads), bool(causal), tile_q, tile_k, dq, dk, dv)
+        if q.shape[0] * heads >= numba.get_num_threads():
+            with blas_single_threaded():                     # one (batch, head) per core
+                _backward.attention_backward_kernel(*args)
+        else:
+            _backward.attention_backward_serial_kernel(*args)
+        return dq, dk, dv

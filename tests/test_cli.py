@@ -3,7 +3,9 @@
 Runs `tinysd.cli.main` in-process on the tiny seeded model of conftest.py (64×64, 2 steps,
 numpy backend) and compares with `tinysd.load(folder)(...)` called with the same arguments.
 """
+import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +144,66 @@ def test_inpainting(tiny_sd, sd, tmp_path):
     np.testing.assert_array_equal(pixels(out), np.asarray(expected))
 
 
+# -- A1111's prompts: syntax, long prompts, embeddings by file name, clip skip --------------------------
+LONG_PROMPT = ("masterpiece, (a cat:1.3) sitting on a [wooden] chair, mything, soft light, ((intricate fur)), " * 4
+               + "BREAK a second (cat:0.8)")
+
+
+def write_embeddings(folder, tiny_sd):
+    """An A1111 .pt (2 vectors) and an EasyNegative-style .safetensors (3 vectors), and a file for
+    another model (768 wide), which is skipped."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    width = tiny_sd.configs["text_encoder"]["hidden_size"]
+    gen = torch.Generator().manual_seed(0)
+    torch.save({"string_to_param": {"*": torch.randn(2, width, generator=gen)}, "name": "stored"}, folder / "mything.pt")
+    save_file({"emb_params": torch.randn(3, width, generator=gen)}, str(folder / "easyneg.safetensors"))
+    save_file({"emb_params": torch.randn(1, 768, generator=gen)}, str(folder / "sd15only.safetensors"))
+    return folder
+
+
+def test_a1111_prompt_embeddings_and_clip_skip(tiny_sd, tmp_path, capsys):
+    """The default: A1111's syntax, any length (3 chunks here), embeddings by file name, clip skip
+    2 = diffusers' clip_skip=1; the PNG keeps the prompt as typed and A1111's fields."""
+    import hashlib
+
+    import tinysd
+    from tinysd.embeddings import load_dir
+
+    folder = write_embeddings(tmp_path / "embeddings", tiny_sd)
+    out = tmp_path / "long.png"
+    args = [LONG_PROMPT, "-n", "easyneg, (blurry:1.2)", "--seed", "5", "--embeddings-dir", str(folder),
+            "--clip-skip", "2", "--model", str(tiny_sd.folder), "-o", str(out)] + FAST
+    assert main(args) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tinysd:")]
+    assert len(warning) == 1 and "sd15only.safetensors" in warning[0] and "768 wide" in warning[0]
+    p = read_parameters(out)
+    assert (p["Prompt"], p["Negative prompt"], p["Clip skip"], p["Pad conds"]) == (
+        LONG_PROMPT, "easyneg, (blurry:1.2)", 2, "True")
+    short = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()[:12]
+             for name in ("mything.pt", "easyneg.safetensors")}
+    assert p["TI hashes"] == f"mything: {short['mything.pt']}, easyneg: {short['easyneg.safetensors']}"
+    sd = tinysd.load(tiny_sd.folder, backend="numpy")
+    load_dir(sd, folder, warn=lambda line: None)
+    expected = sd(LONG_PROMPT, negative_prompt="easyneg, (blurry:1.2)", num_inference_steps=2, height=64, width=64,
+                  seed=5, prompt_weighting=True, clip_skip=1)
+    np.testing.assert_array_equal(pixels(out), np.asarray(expected.images[0]))
+    assert sd.encode_prompt(LONG_PROMPT, prompt_weighting=True).shape[1] == 3 * 77
+
+
+def test_no_prompt_weighting_reads_the_prompt_as_diffusers(tiny_sd, sd, tmp_path):
+    prompt = "a (cat:1.5) in space"
+    for flags, name in (([], "a1111.png"), (["--no-prompt-weighting"], "plain.png")):
+        assert main([prompt, "--seed", "4", "--model", str(tiny_sd.folder), "-o", str(tmp_path / name)]
+                    + flags + FAST) == 0
+        assert "Clip skip" not in read_parameters(tmp_path / name)
+    expected = sd(prompt, num_inference_steps=2, height=64, width=64, seed=4).images[0]
+    np.testing.assert_array_equal(pixels(tmp_path / "plain.png"), np.asarray(expected))
+    assert not np.array_equal(pixels(tmp_path / "a1111.png"), pixels(tmp_path / "plain.png"))
+
+
 # -- mistakes: one line on stderr, a non-zero exit, no file ---------------------------------------------
 ERRORS = {
     "unknown sampler": (["--sampler", "nope"], "unknown sampler 'nope'"),
@@ -165,6 +227,10 @@ ERRORS = {
     "strength leaves no step": (["--init-image", "{tmp}/ok.png", "--strength", "0.1", "--sampler", "ddim"],
                                 "leaves no denoising step"),
     "cuda without a GPU": (["--backend", "cuda"], "needs an NVIDIA GPU"),
+    "no embeddings folder": (["--embeddings-dir", "{tmp}/absent"], "--embeddings-dir {tmp}/absent: no such folder"),
+    "clip skip 0": (["--clip-skip", "0"], "--clip-skip: must be from 1 (the last layer) to 12"),
+    "clip skip past the layers": (["--clip-skip", "4"], "clip_skip must be an integer from 0 to 2"),
+    "weight not a number": (["--negative-prompt", "(a:1.2.3)"], "the weight in ':1.2.3)' is not a number"),
 }
 
 
@@ -183,6 +249,7 @@ def test_errors_are_one_line_and_leave_no_file(case, tiny_sd, tmp_path, capsys, 
     before = sorted(tmp_path.rglob("*"))
     extra, message = ERRORS[case]
     extra = [a.format(tmp=tmp_path, single=tiny_sd.single_safetensors) for a in extra]
+    message = message.format(tmp=tmp_path)
     base = ["a cat", "--seed", "1", "--model", str(tiny_sd.folder), "--backend", "numpy", "--steps", "2"]
     if case == "cuda without a GPU":
         # in a fresh process: this session's numba may be running the CUDA simulator
@@ -240,3 +307,65 @@ def test_module_entry_point_exits_non_zero_without_traceback(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert r.returncode == 2
     assert r.stderr.strip() == "tinysd: error: --mask needs --init-image (the picture to inpaint)"
+
+
+# -- malformed weight files: one line naming the file and the rule, exit 1, never a traceback or a signal --
+def bad_model_files(folder, tiny_sd):
+    """{case: (file, words of the error)}: cut, mangled and malicious single files."""
+    from test_weights import Call, program, tensor_program, write_ckpt
+    single = tiny_sd.single_safetensors.read_bytes()
+    (n,) = struct.unpack("<Q", single[:8])
+    header = single[8: 8 + n]
+    duplicated = b"{" + header[1: header.index(b"},") + 2] + header[1:]        # its first entry twice
+    entries = json.loads(header)
+    first = next(e for e in entries.values() if isinstance(e, dict) and e.get("data_offsets", [1])[0] == 0)
+    first["data_offsets"] = [o + 4 for o in first["data_offsets"]]            # 4 bytes later: a hole, then an overlap
+    shifted = json.dumps(entries).encode()
+    files = {
+        "safetensors cut in half": (single[: len(single) // 2], "truncated data section"),
+        "safetensors header length past the end": (struct.pack("<Q", len(single)) + single[8:], "truncated safetensors header"),
+        "safetensors duplicate key": (struct.pack("<Q", len(duplicated)) + duplicated + single[8 + n:], "twice"),
+        "safetensors shifted offsets": (struct.pack("<Q", len(shifted)) + shifted + single[8 + n:], "data begins at byte 4"),
+        "safetensors deeply nested": (struct.pack("<Q", 200_002) + b"[" * 100_001 + b"]" * 100_001, "nests 100001 levels"),
+        "ckpt negative stride": (tensor_program(3, (4,), (-1,)), "offset, sizes and strides must be ≥ 0"),
+        "ckpt os.system": (program(Call(os.system, "echo pwned")), f"the global {os.system.__module__}.system"),
+        "ckpt cut in half": (tiny_sd.single_ckpt.read_bytes()[: tiny_sd.single_ckpt.stat().st_size // 2],
+                             "not a PyTorch zip checkpoint"),
+        "ckpt empty": (b"", "not a PyTorch zip checkpoint"),
+    }
+    paths = {}
+    for case, (data, message) in files.items():
+        suffix = ".ckpt" if case.startswith("ckpt") else ".safetensors"
+        path = folder / (case.replace(" ", "-").replace(".", "") + suffix)
+        if case in ("ckpt negative stride", "ckpt os.system"):
+            write_ckpt(path, data, [("0", b"\0" * 16)])
+        else:
+            path.write_bytes(data)
+        paths[case] = (path, message)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def bad_models(tiny_sd, tmp_path_factory):
+    pytest.importorskip("torch")
+    return bad_model_files(tmp_path_factory.mktemp("bad-models"), tiny_sd)
+
+
+@pytest.mark.parametrize("case", ["safetensors cut in half", "safetensors header length past the end",
+                                  "safetensors duplicate key", "safetensors shifted offsets", "safetensors deeply nested",
+                                  "ckpt negative stride", "ckpt os.system", "ckpt cut in half", "ckpt empty"])
+def test_malformed_model_file_is_one_line(case, bad_models, tmp_path, capsys):
+    path, message = bad_models[case]
+    assert main(["a cat", "--model", str(path), "-o", str(tmp_path / "x.png")] + FAST) == 1
+    line = one_error_line(capsys)
+    assert str(path) in line and message in line, line
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_file_that_segfaulted_now_exits_1_with_one_line(bad_models, tmp_path):
+    path, message = bad_models["ckpt negative stride"]
+    r = subprocess.run([sys.executable, "-m", "tinysd", "a cat", "--model", str(path), "--backend", "numpy"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and message in lines[0] and str(path) in lines[0], (r.returncode, r.stderr)

@@ -36,3 +36,37 @@ def test_last_hidden_state_matches_transformers(config):
 def test_rejects_wrong_activation():
     with pytest.raises(ValueError, match="hidden_act 'gelu'"):
         CLIPTextModel(dict(SMALL, hidden_act="gelu"))
+
+
+@pytest.mark.parametrize("clip_skip", [0, 1, 2])
+def test_clip_skip_is_the_hidden_state_before_the_last_layers(clip_skip):
+    """clip_skip=N: hidden_states[-(N+1)] through the final layer norm (diffusers' definition)."""
+    ref, ours = reference_and_ours(SMALL, seed=1)
+    ids = np.array([[49406, 320, 2368, 49407] + [49407] * 73])
+    with torch.no_grad():
+        out = ref(torch.from_numpy(ids), output_hidden_states=True)
+        expected = to_numpy(ref.final_layer_norm(out.hidden_states[-(clip_skip + 1)]))
+    assert_close(ours(ids, clip_skip=clip_skip), expected, rtol=1e-4)
+    def skipped(x):
+        raise AssertionError("a skipped layer ran")
+    ours.text_model.encoder.layers[2 - clip_skip:] = [skipped] * clip_skip    # they are not run at all
+    assert_close(ours(ids, clip_skip=clip_skip), expected, rtol=1e-4)
+
+
+def test_added_token_rows_equal_a_resized_table():
+    """Rows appended by textual inversion read as transformers' table resized to hold them."""
+    ref, ours = reference_and_ours(SMALL, seed=2)
+    rows = np.random.default_rng(0).normal(size=(3, 32)).astype(np.float32)
+    assert ours.add_tokens(rows) == [49408, 49409, 49410] and ours.num_tokens == 49411
+    ref.resize_token_embeddings(49411)
+    with torch.no_grad():
+        ref.get_input_embeddings().weight[49408:] = torch.from_numpy(rows)
+        ids = np.array([[49406, 49409, 320, 49408, 49410, 49407]])
+        expected = to_numpy(ref(torch.from_numpy(ids)).last_hidden_state)
+    assert_close(ours(ids), expected, rtol=1e-4)
+    for bad, message in [(dict(clip_skip=3), "clip_skip must be an integer from 0 to 2"),
+                         (dict(clip_skip=-1), "clip_skip"), (dict(ids=[[49411]]), r"token ids must be in \[0, 49411\)")]:
+        with pytest.raises(ValueError, match=message):
+            ours(bad.pop("ids", ids), **bad)
+    with pytest.raises(ValueError, match=r"shape \(n, 32\)"):
+        ours.add_tokens(np.zeros((2, 768)))

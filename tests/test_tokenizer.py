@@ -196,3 +196,37 @@ def test_bad_input(tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\ni n\nt h e\n", encoding="utf-8")
     with pytest.raises(ValueError, match="line 3"):
         CLIPTokenizer.from_folder(tmp_path)
+
+
+# Added tokens (textual inversion): matched in the normalized text before BPE, as transformers' add_tokens.
+ADDED = ["<cat-toy>", "EasyNeg", "EasyNeg_1", "qqz", "qqzzw", "Σx", " sp ", "<|ENDOFTEXT|>z", "a b"]
+ADDED_TEXTS = ["a <cat-toy> b", "a <Cat-Toy>b", "xeasynegy", "EASYNEG_1 easyneg", "qqzz qqzzw qqzzwq", "ΣX",
+               "a sp b", "<|endoftext|>z", "<|ENDOFTEXT|>z", "A  B\tc", "easyneg, a photo of <cat-toy><cat-toy>"]
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_added_tokens_equal_reference(fast):
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.CLIPTokenizer.from_pretrained(TOKENIZER_FOLDER)
+    plain = [reference(t, add_special_tokens=False).input_ids for t in ADDED_TEXTS]
+    reference.add_tokens(ADDED)
+    tok = CLIPTokenizer(fast=fast)
+    assert tok.add_tokens(ADDED) == reference.convert_tokens_to_ids(ADDED) and len(tok) == len(reference)
+    for text, before in zip(ADDED_TEXTS, plain):
+        assert tok.tokenize(text) == reference.tokenize(text), text
+        assert tok.encode(text) == reference(text, add_special_tokens=False).input_ids, text
+        assert tok.encode(text, added_tokens=False) == before, text         # as if none were added
+    np.testing.assert_array_equal(tok(ADDED_TEXTS), reference_ids(reference, ADDED_TEXTS))
+    ids = reference("easyneg a <cat-toy>, qqzzw b").input_ids
+    assert tok.decode(ids) == reference.decode(ids)
+
+
+def test_added_tokens_refused():
+    tok = CLIPTokenizer()
+    tok.add_tokens(["<mine>"])
+    for token, message in [("cat</w>", "already in the tokenizer's vocabulary"), ("cat", "already in"),
+                           ("<mine>", "already in"), ("<MINE>", "reads as '<mine>' once normalized"),
+                           ("  ", "non-empty str"), (3, "non-empty str")]:
+        with pytest.raises(ValueError, match=message):
+            tok.add_tokens(["<fine>", token])
+    assert len(tok) == 49409 and tok.encode("<fine>") == tok.encode("<fine>", added_tokens=False)

@@ -8,6 +8,11 @@ cross-attends to.
 The causal mask lets token i see tokens ≤ i only, so the padding after <|endoftext|> does not
 change the real tokens' states. Attribute names follow the checkpoint's keys
 (`text_model.encoder.layers.0.self_attn.q_proj.weight`, ...).
+
+Clip skip (diffusers' `clip_skip=N`) takes the hidden state N layers before the last one,
+hidden_states[-(N+1)], through the same final LayerNorm: the last N layers are not run.
+Textual inversion appends rows to the token table (ids 49408, 49409, ...); the checkpoint's
+rows stay as loaded (memory-mapped).
 """
 from __future__ import annotations
 
@@ -51,15 +56,47 @@ class CLIPEncoder(Module):
     def __init__(self, n_layers, dim, heads, hidden, eps):
         self.layers = [CLIPEncoderLayer(dim, heads, hidden, eps) for _ in range(n_layers)]
 
-    def __call__(self, x):
-        for layer in self.layers:
+    def __call__(self, x, n_layers=None):
+        """x through the first `n_layers` layers (all by default): hidden_states[n_layers]."""
+        for layer in self.layers[:n_layers]:
             x = layer(x)
         return x
 
 
+class TokenEmbedding(Embedding):
+    """The token table: the checkpoint's V rows, then rows added by textual inversion (ids V, V+1, ...).
+
+    The added rows live beside the table (`added`, host float32), so the V loaded rows are
+    never copied or changed; a lookup takes each id from whichever part holds it.
+    """
+
+    added = None     # (n, dim) float32 on the host, or None
+
+    @property
+    def num_embeddings(self):
+        return self.weight.shape[0] + (0 if self.added is None else len(self.added))
+
+    def append(self, rows) -> list[int]:
+        """Add rows (n, dim); returns their ids."""
+        rows = np.asarray(rows, dtype=np.float32)
+        first = self.num_embeddings
+        self.added = rows.copy() if self.added is None else np.concatenate([self.added, rows])
+        return list(range(first, first + len(rows)))
+
+    def __call__(self, ids):
+        if self.added is None:
+            return super().__call__(ids)
+        V = self.weight.shape[0]
+        new = ids >= V
+        loaded = self.ops.take(self.weight, np.where(new, 0, ids))
+        added = self.ops.take(self.ops.asarray(self.added), np.where(new, ids - V, 0))
+        pick = new[..., None].astype(np.float32)        # (B, N, 1): 1 where the id is an added row
+        return loaded * self.ops.asarray(1 - pick) + added * self.ops.asarray(pick)   # exact: x·1 + y·0
+
+
 class CLIPEmbeddings(Module):
     def __init__(self, vocab_size, max_positions, dim):
-        self.token_embedding = Embedding(vocab_size, dim)
+        self.token_embedding = TokenEmbedding(vocab_size, dim)
         self.position_embedding = Embedding(max_positions, dim)
 
     def __call__(self, ids):
@@ -75,12 +112,16 @@ class CLIPTextTransformer(Module):
                                    cfg["intermediate_size"], cfg.get("layer_norm_eps", 1e-5))
         self.final_layer_norm = LayerNorm(dim, cfg.get("layer_norm_eps", 1e-5))
 
-    def __call__(self, ids):
-        return self.final_layer_norm(self.encoder(self.embeddings(ids)))
+    def __call__(self, ids, clip_skip=None):
+        n_layers = len(self.encoder.layers) - (clip_skip or 0)
+        return self.final_layer_norm(self.encoder(self.embeddings(ids), n_layers))
 
 
 class CLIPTextModel(Module):
-    """`CLIPTextModel(config)(ids)` -> last hidden state (B, N, hidden_size), float32."""
+    """`CLIPTextModel(config)(ids)` -> last hidden state (B, N, hidden_size), float32.
+
+    `clip_skip=N` skips the last N layers (diffusers' meaning; A1111's "Clip skip" is N + 1).
+    """
 
     def __init__(self, config):
         act = config.get("hidden_act", "quick_gelu")
@@ -89,8 +130,31 @@ class CLIPTextModel(Module):
         self.config = dict(config)
         self.text_model = CLIPTextTransformer(config)
 
-    def __call__(self, ids):
+    def __call__(self, ids, clip_skip=None):
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None]
-        return self.text_model(ids)
+        n_layers = len(self.text_model.encoder.layers)
+        if clip_skip is not None and not (isinstance(clip_skip, (int, np.integer)) and 0 <= clip_skip <= n_layers):
+            raise ValueError(f"clip_skip must be an integer from 0 to {n_layers} (the text encoder's layers), "
+                             f"got {clip_skip!r}")
+        vocab = self.num_tokens
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"token ids must be in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}")
+        return self.text_model(ids, clip_skip)
+
+    @property
+    def hidden_size(self):
+        return self.config["hidden_size"]
+
+    @property
+    def num_tokens(self):
+        """Rows of the token table: the vocabulary, plus any added by textual inversion."""
+        return self.text_model.embeddings.token_embedding.num_embeddings
+
+    def add_tokens(self, rows) -> list[int]:
+        """Append token-embedding rows (n, hidden_size) after the table; returns their ids."""
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != self.hidden_size:
+            raise ValueError(f"token rows must have shape (n, {self.hidden_size}), got {rows.shape}")
+        return self.text_model.embeddings.token_embedding.append(rows)

@@ -8,6 +8,9 @@ The steps, one function each below, in the order transformers (through `tokenize
 1. split_special_tokens: "<|startoftext|>" and "<|endoftext|>" written in the text become their
    ids directly. They are matched first, exactly as written (case-sensitive).
 2. normalize: Unicode NFC, every run of white space -> one " ", lower case (char by char).
+   Added tokens (textual inversion, `add_tokens`) are then matched in the normalized text, as
+   normalized themselves ("<Cat-Toy>" finds "<cat-toy>"), anywhere, even inside a word
+   ("xtoky" -> x, tok, y), the longest one at the leftmost place; the text between them goes on.
 3. pre_tokenize: CLIP's regex cuts the text into words (runs of letters), single digits and runs
    of other symbols, dropping white space; GPT-2's byte-level regex then cuts each piece again,
    which changes only special-token text that step 1 missed, such as "<|ENDOFTEXT|>".
@@ -273,6 +276,46 @@ class CLIPTokenizer:
         self.fast = fast
         self._fast = _tokenizers_pipeline(vocab, list(self.bpe_ranks)) if fast else None
         self._cache: dict[str, list[str]] = {}
+        # Added tokens (textual inversion): content -> id, from len(vocab) on; the vocabulary
+        # files stay as shipped. Matched by their normalized text, longest first.
+        self.added_tokens_encoder: dict[str, int] = {}
+        self._added_by_text: dict[str, int] = {}
+        self._added_pattern = None
+
+    def __len__(self):
+        return len(self.encoder) + len(self.added_tokens_encoder)
+
+    def check_new_tokens(self, tokens: list[str]):
+        """Raise ValueError if any of `tokens` cannot be added (see `add_tokens`); changes nothing."""
+        seen = dict(self._added_by_text)
+        for token in tokens:
+            if not isinstance(token, str) or not token.strip():
+                raise ValueError(f"a token must be a non-empty str with a visible character, not {token!r}")
+            if token in self.encoder or token in self.added_tokens_encoder:
+                raise ValueError(f"token {token!r} is already in the tokenizer's vocabulary; choose another token")
+            text = normalize(token)
+            if text in seen:
+                raise ValueError(f"token {token!r} reads as {text!r} once normalized, as an added token already does")
+            seen[text] = 0
+
+    def add_tokens(self, tokens: list[str]) -> list[int]:
+        """Add tokens after the vocabulary (ids len(self), len(self)+1, ...), as transformers'
+        `add_tokens` does for textual inversion: each is matched in the normalized text before
+        BPE. Tokens already in the vocabulary are refused (as diffusers' `load_textual_inversion`)."""
+        tokens = list(tokens)
+        self.check_new_tokens(tokens)
+        ids = list(range(len(self), len(self) + len(tokens)))
+        if self._fast is not None:
+            from tokenizers import AddedToken
+
+            self._fast.add_tokens([AddedToken(t, normalized=True, special=False) for t in tokens])
+        for token, i in zip(tokens, ids):
+            self.added_tokens_encoder[token] = i
+            self._added_by_text[normalize(token)] = i
+            self.decoder[i] = normalize(token)
+        longest_first = sorted(self._added_by_text, key=len, reverse=True)
+        self._added_pattern = re.compile("|".join(map(re.escape, longest_first)))
+        return ids
 
     @classmethod
     def from_folder(cls, path, *, fast: bool = False) -> "CLIPTokenizer":
@@ -288,26 +331,43 @@ class CLIPTokenizer:
             self._cache[piece] = bpe(word, self.bpe_ranks)
         return self._cache[piece]
 
-    def tokenize(self, text: str) -> list[str]:
-        """Text -> BPE pieces, without start/end tokens: 'a cat' -> ['a</w>', 'cat</w>']."""
+    def _tokens(self, text: str, added: bool) -> list[tuple[str, int]]:
+        """Text -> (piece, id) pairs, without start/end tokens (steps 1-5 of the module docstring)."""
         _check_text(text)
-        if self._fast is not None:
-            return self._fast.encode(text, add_special_tokens=False).tokens
-        pieces = []
+        if self._fast is not None and (added or not self.added_tokens_encoder):
+            encoding = self._fast.encode(text, add_special_tokens=False)
+            return list(zip(encoding.tokens, encoding.ids))
+        unk = self.eos_token_id   # unreachable with a byte-level vocabulary; as the reference
+        pairs = []
         for i, part in enumerate(split_special_tokens(text)):
             if i % 2:
-                pieces.append(part)
-            else:
-                pieces += [s for p in pre_tokenize(normalize(part)) for s in self._bpe(p)]
-        return pieces
+                pairs.append((part, self.encoder[part]))
+                continue
+            for j, piece in enumerate(self._split_added(normalize(part)) if added else [normalize(part)]):
+                if j % 2:
+                    pairs.append((piece, self._added_by_text[piece]))
+                else:
+                    pairs += [(s, self.encoder.get(s, unk)) for p in pre_tokenize(piece) for s in self._bpe(p)]
+        return pairs
 
-    def encode(self, text: str) -> list[int]:
+    def _split_added(self, text: str) -> list[str]:
+        """'x<cat-toy>y' -> ['x', '<cat-toy>', 'y']: added tokens at the odd indices. The pattern
+        lists them longest first, so at the leftmost match the longest one wins."""
+        if self._added_pattern is None:
+            return [text]
+        return re.split(f"({self._added_pattern.pattern})", text)
+
+    def tokenize(self, text: str, added_tokens: bool = True) -> list[str]:
+        """Text -> BPE pieces, without start/end tokens: 'a cat' -> ['a</w>', 'cat</w>'].
+
+        An added token comes out as its normalized text. added_tokens=False tokenizes as if
+        none had been added (A1111 finds embedding names in the plain tokens, `tinysd.prompt`).
+        """
+        return [piece for piece, _ in self._tokens(text, added_tokens)]
+
+    def encode(self, text: str, added_tokens: bool = True) -> list[int]:
         """Text -> token ids, without start/end tokens: 'a cat' -> [320, 2368]."""
-        if self._fast is not None:
-            _check_text(text)
-            return self._fast.encode(text, add_special_tokens=False).ids
-        unk = self.eos_token_id   # unreachable with a byte-level vocabulary; as the reference
-        return [self.encoder.get(token, unk) for token in self.tokenize(text)]
+        return [i for _, i in self._tokens(text, added_tokens)]
 
     def __call__(self, prompt: str | list[str]) -> np.ndarray:
         """A prompt -> (1, 77) int64 ids; a list of B prompts -> (B, 77).
@@ -341,9 +401,13 @@ class CLIPTokenizer:
             raise ValueError(f"token ids not in the vocabulary (size {len(self.decoder)}): {unknown[:5]}")
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
-        symbols = "".join(self.decoder[i] for i in ids)
-        text = bytes(self.byte_decoder[c] for c in symbols).decode("utf-8", errors="replace")
-        return text.replace(END_OF_WORD, " ").strip()
+        added = set(self.added_tokens_encoder.values())
+        parts = []        # runs of vocabulary tokens (bytes, decoded together), an added token as its text
+        for is_added, run in itertools.groupby(ids, key=added.__contains__):
+            symbols = [self.decoder[i] for i in run]
+            parts += symbols if is_added else [
+                bytes(self.byte_decoder[c] for c in "".join(symbols)).decode("utf-8", errors="replace")]
+        return "".join(parts).replace(END_OF_WORD, " ").strip()
 
 
 def _check_text(text):

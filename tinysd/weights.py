@@ -12,28 +12,21 @@ Two published layouts:
   models under the original names, renamed by `tinysd.single_file`; its configs are SD v1.5's,
   shipped in tinysd/data/sd-v1-5/.
 
-Two file formats, both read here from their specifications:
-
-- safetensors: 8 bytes little-endian header length N, N bytes of JSON
-  {name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the raw little-endian data;
-  each tensor is a view into one `np.memmap` of the file.
-- .ckpt: a PyTorch zip archive, `<top>/data.pkl` (the pickled dict) and `<top>/data/<key>`
-  (each storage's raw bytes). The pickle is read by an Unpickler that knows only the handful of
-  globals a state dict needs, so no code from the file ever runs.
+Two file formats, both read from their specifications without torch by `tinysd.readers`:
+safetensors (`read_safetensors`) and PyTorch's zip pickles (`read_ckpt`: .ckpt, .pt, .bin). A
+malformed file is one CheckpointError naming the file and the rule it breaks.
 """
 from __future__ import annotations
 
 import json
 import os
-import pickle
-import struct
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tinysd import single_file
+from tinysd.readers import CheckpointError, _short, read_ckpt, read_safetensors  # noqa: F401  (also tinysd.weights.*)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD15_CONFIGS = Path(__file__).parent / "data" / "sd-v1-5"
@@ -42,10 +35,6 @@ SINGLE_FILES = (".safetensors", ".ckpt")
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 # Models shipped inside the package, by name: ordinary diffusers folders (see training/).
 PACKAGED = {"shapes": Path(__file__).parent / "data" / "shapes"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is malformed, truncated, or asks for something not allowed."""
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -58,222 +47,6 @@ class Checkpoint:
     state_dicts: dict      # "unet", "vae", "text_encoder" -> {diffusers/transformers key: np.ndarray}
     tokenizer_dir: Path | None   # a tokenizer/ folder (vocab.json, merges.txt), None for single files
     source: str
-
-
-# safetensors
-
-
-SAFETENSORS_DTYPES = {
-    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2",   # bf16 is read as bits, widened below
-    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?",
-}
-
-
-def read_safetensors(path):
-    """{name: array} from a .safetensors file; views into a read-only memmap (bf16 -> float32 copy).
-
-    Raises CheckpointError naming the file when the header is cut, is not JSON, or a tensor's
-    bytes lie outside the data section or do not match its dtype and shape.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
-        (n,) = struct.unpack("<Q", prefix)
-        if n > size - 8:
-            raise CheckpointError(f"{path}: truncated safetensors header: it claims {n} bytes, "
-                                  f"the file has {size - 8} after the length field")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is a JSON {type(header).__name__}, expected an object")
-    header.pop("__metadata__", None)
-    data_start, data_size = 8 + n, size - 8 - n
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_size,)) if data_size else np.zeros(0, np.uint8)
-    return {name: _safetensors_tensor(path, name, info, data) for name, info in header.items()}
-
-
-def _safetensors_tensor(path, name, info, data):
-    try:
-        dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
-        shape = tuple(int(s) for s in info["shape"])
-        begin, end = (int(o) for o in info["data_offsets"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r} ({e!r})") from None
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if end > len(data):
-        raise CheckpointError(f"{path}: truncated data section: tensor {name!r} needs bytes [{begin}, {end}) "
-                              f"but the file has only {len(data)} data bytes")
-    if end - begin != nbytes or begin < 0:
-        raise CheckpointError(f"{path}: tensor {name!r} ({info['dtype']}, shape {list(shape)}) needs {nbytes} bytes, "
-                              f"its offsets [{begin}, {end}) give {end - begin}")
-    array = data[begin:end].view(dtype).reshape(shape)
-    return _bf16_to_f32(array) if info["dtype"] == "BF16" else array
-
-
-def _bf16_to_f32(bits):
-    """bfloat16 is the top half of a float32: shift the 16 bits up (exact)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-# .ckpt (PyTorch zip pickle)
-
-
-TORCH_STORAGES = {  # torch's typed storage classes -> the NumPy dtype of their bytes
-    "FloatStorage": "<f4", "HalfStorage": "<f2", "BFloat16Storage": "<u2", "DoubleStorage": "<f8",
-    "LongStorage": "<i8", "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1",
-    "ByteStorage": "u1", "BoolStorage": "?",
-}
-
-
-class _Storage:
-    """Stands in for torch.XStorage in the pickle: only its name (and so its dtype) is used."""
-
-    def __init__(self, name):
-        self.name, self.dtype = name, np.dtype(TORCH_STORAGES[name])
-
-
-def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    """A tensor is a strided view of its storage: element [i, j, ...] = storage[offset + sum(index * stride)]."""
-    array, name = storage
-    size, stride = tuple(size), tuple(stride)
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
-    if offset < 0 or last >= len(array):
-        raise CheckpointError(f"tensor of shape {size} at offset {offset} with strides {stride} "
-                              f"reaches past its storage of {len(array)} elements")
-    view = np.lib.stride_tricks.as_strided(array[offset:], shape=size,
-                                           strides=[s * array.itemsize for s in stride], writeable=False)
-    return _bf16_to_f32(view) if name == "BFloat16Storage" else view
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
-    return data
-
-
-def _numpy_scalar(dtype, data):
-    """numpy.core.multiarray.scalar, as PyTorch Lightning pickles NumPy numbers: just bytes -> value."""
-    if not isinstance(dtype, np.dtype) or not isinstance(data, bytes):
-        raise CheckpointError("numpy scalar with unexpected arguments in the pickle")
-    return np.frombuffer(data, dtype=dtype, count=1)[0]
-
-
-def _numpy_dtype(name, align=False, copy=False):
-    if not isinstance(name, str):
-        raise CheckpointError("numpy dtype with unexpected arguments in the pickle")
-    return np.dtype(name)
-
-
-def _codecs_encode(text, encoding="utf-8"):
-    """Protocol-2 pickles store bytes as _codecs.encode(str, 'latin1')."""
-    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise CheckpointError(f"_codecs.encode with unexpected encoding {encoding!r} in the pickle")
-    return text.encode("latin1")
-
-
-class _Marker:
-    """An inert stand-in for a class that checkpoints use only as a dict key (never called)."""
-
-    def __init__(self, qualname):
-        self.qualname = qualname
-
-    def __call__(self, *args, **kwargs):
-        raise CheckpointError(f"the pickle tries to call {self.qualname}, which is not allowed")
-
-    def __repr__(self):
-        return f"<{self.qualname}>"
-
-
-ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"): dict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
-    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
-    ("numpy", "dtype"): _numpy_dtype,
-    ("_codecs", "encode"): _codecs_encode,
-    # Lightning keys its callback states by the callback class; the class itself is never called.
-    ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"):
-        _Marker("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
-}
-
-
-class _StateDictUnpickler(pickle.Unpickler):
-    """Unpickles a torch.save'd dict, resolving only ALLOWED_GLOBALS and torch storage types."""
-
-    def __init__(self, file, load_storage, path):
-        super().__init__(file)
-        self.load_storage, self.path = load_storage, path
-
-    def find_class(self, module, name):
-        if module == "torch" and name in TORCH_STORAGES:
-            return _Storage(name)
-        if (module, name) in ALLOWED_GLOBALS:
-            return ALLOWED_GLOBALS[module, name]
-        raise CheckpointError(f"{self.path}: the pickle references the global {module}.{name}, which is not "
-                              f"on the allow-list of what a state dict needs; refusing to load it")
-
-    def persistent_load(self, pid):
-        # torch.save writes each storage as ("storage", storage_type, key, location, numel)
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _Storage)):
-            raise CheckpointError(f"{self.path}: unexpected persistent id {pid!r} in the pickle")
-        _, storage, key, _location, numel = pid
-        return self.load_storage(storage, str(key), int(numel)), storage.name
-
-
-def read_ckpt(path):
-    """The unpickled dict of a PyTorch zip checkpoint, tensors as read-only NumPy arrays.
-
-    No torch, and no code from the file runs: only allow-listed globals are resolved. Stored
-    (uncompressed) storages are memory-mapped straight from the zip.
-    """
-    path = Path(path)
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: not a PyTorch zip checkpoint (files saved by PyTorch < 1.6 in the legacy "
-                              f"format are not supported; re-save them, or use a .safetensors file)")
-    with zipfile.ZipFile(path) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
-        if not pickles:
-            raise CheckpointError(f"{path}: no <top>/data.pkl in the zip archive; not a torch.save checkpoint")
-        top = pickles[0][: -len("data.pkl")]                 # e.g. "archive/", the name torch.save chose
-        if f"{top}byteorder" in archive.namelist() and archive.read(f"{top}byteorder").strip() != b"little":
-            raise CheckpointError(f"{path}: big-endian checkpoint, not supported")
-        whole = np.memmap(path, dtype=np.uint8, mode="r")      # one map of the file; storages are views
-        storages = {}
-
-        def load_storage(storage, key, numel):
-            if key not in storages:
-                storages[key] = _zip_member_array(path, archive, whole, f"{top}data/{key}", storage.dtype, numel)
-            return storages[key]
-
-        with archive.open(pickles[0]) as f:
-            try:
-                return _StateDictUnpickler(f, load_storage, path).load()
-            except CheckpointError:
-                raise
-            except Exception as e:
-                raise CheckpointError(f"{path}: cannot unpickle {pickles[0]}: {e!r}") from None
-
-
-def _zip_member_array(path, archive, whole, name, dtype, numel):
-    """numel elements of `dtype` from a zip member: a view of `whole` (the file's memmap) when
-    stored uncompressed, as torch.save does, else a decompressed copy."""
-    try:
-        info = archive.getinfo(name)
-    except KeyError:
-        raise CheckpointError(f"{path}: storage {name!r} is missing from the archive") from None
-    if info.file_size < numel * dtype.itemsize:
-        raise CheckpointError(f"{path}: storage {name!r} has {info.file_size} bytes, needs {numel * dtype.itemsize}")
-    if info.compress_type != zipfile.ZIP_STORED:
-        return np.frombuffer(archive.read(name), dtype=dtype, count=numel)
-    # Local file header: 30 fixed bytes (name and "extra" lengths at 26..29), the name, the extra, the data.
-    name_len, extra_len = struct.unpack("<HH", bytes(whole[info.header_offset + 26: info.header_offset + 30]))
-    offset = info.header_offset + 30 + name_len + extra_len
-    return whole[offset: offset + numel * dtype.itemsize].view(dtype)
 
 
 # Finding a model
@@ -392,7 +165,12 @@ def read_configs(folder):
         file = folder / part / ("scheduler_config.json" if part == "scheduler" else "config.json")
         if not file.exists():
             raise CheckpointError(f"{folder}: missing {part}/{file.name}; not a diffusers SD folder")
-        configs[part] = json.loads(file.read_text())
+        try:
+            configs[part] = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{file}: cannot read it as JSON ({_short(e)})") from None
+        if not isinstance(configs[part], dict):
+            raise CheckpointError(f"{file}: holds a JSON {type(configs[part]).__name__}, expected an object")
     return configs
 
 
