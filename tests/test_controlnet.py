@@ -181,10 +181,18 @@ def reference_controlnet_pipe(tiny, kind, controlnets, sampler="euler_a"):
     return pipe
 
 
-def run_reference(tiny, kind, controlnets, sampler="euler_a", **kw):
+def run_reference(tiny, kind, controlnets, sampler="euler_a", deepcache=None, **kw):
+    """diffusers' ControlNet pipeline of `kind`; deepcache=(interval, branch) wraps it in the DeepCache
+    package's DeepCacheSDHelper."""
     from PIL import Image
 
     pipe = reference_controlnet_pipe(tiny, kind, controlnets, sampler)
+    if deepcache is not None:
+        from DeepCache import DeepCacheSDHelper
+
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=deepcache[0], cache_branch_id=deepcache[1])
+        helper.enable()
     image, mask = make_image_and_mask()
     controls = [Image.fromarray(p) for p in control_pictures(len(controlnets))]
     args = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
@@ -195,8 +203,13 @@ def run_reference(tiny, kind, controlnets, sampler="euler_a", **kw):
         args.update(image=Image.fromarray(image), control_image=controls[0] if len(controls) == 1 else controls)
     if kind == "inpaint":
         args["mask_image"] = Image.fromarray(mask)
+    try:
+        with torch.no_grad():
+            latents = pipe(**args).images
+    finally:
+        if deepcache is not None:
+            helper.disable()
     with torch.no_grad():
-        latents = pipe(**args).images
         decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     return latents.numpy(), (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
@@ -255,6 +268,20 @@ def test_start_end_window_matches_diffusers(tiny_sd, nets, sd_one, sampler):
     refs, _ = nets
     kw = dict(control_guidance_start=0.3, control_guidance_end=0.7)
     assert_same_picture(run_tinysd(sd_one, "txt2img", 1, sampler, **kw), run_reference(tiny_sd, "txt2img", refs[:1], sampler, **kw))
+
+
+@pytest.mark.parametrize("kind, branch", [("txt2img", 0), ("img2img", 3)])
+def test_deepcache_with_a_controlnet_matches_the_deepcache_package(tiny_sd, nets, sd_one, kind, branch):
+    """DeepCache's shallow passes add the ControlNet's residuals to the skips they use (s_0..s_k),
+    as diffusers' ControlNet pipeline does under the DeepCache package's DeepCacheSDHelper; and
+    the cache changes the picture, so the comparison is not one of two plain runs."""
+    pytest.importorskip("DeepCache")
+    refs, _ = nets
+    kw = dict(controlnet_conditioning_scale=0.8)
+    ours = run_tinysd(sd_one, kind, 1, deepcache_interval=2, deepcache_branch=branch, **kw)
+    assert_same_picture(ours, run_reference(tiny_sd, kind, refs[:1], deepcache=(2, branch), **kw))
+    plain = run_tinysd(sd_one, kind, 1, **kw)[0]
+    assert np.abs(ours[0] - plain).max() > 1e-2 * np.abs(plain).max()
 
 
 def test_no_guidance_and_a_batch_of_images(tiny_sd, nets, sd_one):
