@@ -29,6 +29,7 @@ import numpy as np
 
 from tinysd import embeddings, prompt as a1111_prompt
 from tinysd.backend import get_backend
+from tinysd.controlnet import Control, build_controlnet, check_control, read_controlnet
 from tinysd.rng import Generator
 from tinysd.pngmeta import sampler_fields
 from tinysd.schedulers import SCHEDULERS, LCMScheduler, canonical_name, make_scheduler
@@ -44,7 +45,8 @@ VAE_SCALE = 8   # the VAE shrinks H and W by 8
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}   # diffusers' pipelines' defaults
 
 
-def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=None, taesd=None):
+def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=None, taesd=None,
+         controlnet=None):
     """A ready pipeline from a model id, a diffusers folder or a single .safetensors/.ckpt file.
 
     backend: 'numpy' (reference), 'cpu' (Numba kernels) or 'cuda'; None picks 'cpu' if it runs.
@@ -55,10 +57,14 @@ def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=N
     a file in the original or diffusers layout, or a diffusers `vae/` folder (weights.load_vae).
     taesd: the tiny autoencoder (`tinysd.taesd.load_taesd`: a folder, hub id, taesd_decoder
     file or (encoder, decoder) pair) for `vae_decoder="taesd"` and previews; loaded first.
+    controlnet: a ControlNet (folder, single file or packaged name) or a list of them; each is
+    checked against the model's U-Net before anything is built (tinysd.controlnet).
     """
     backend = get_backend(backend)
     tiny = load_taesd(taesd, backend) if taesd is not None else None
     ckpt = load_checkpoint(source, variant=variant, config=config)
+    controlnets = [read_controlnet(c, ckpt.configs["unet"], model_name(source))
+                   for c in ([] if controlnet is None else controlnet if isinstance(controlnet, (list, tuple)) else [controlnet])]
     vae_fields = {}
     if vae is not None:
         ckpt.configs["vae"], ckpt.state_dicts["vae"], vae_file = load_vae(vae, ckpt.configs["vae"])
@@ -77,6 +83,7 @@ def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=N
     sd.model_name = model_name(source)
     sd.vae_fields = vae_fields
     sd.taesd = tiny
+    sd.controlnets = [build_controlnet(c, backend) for c in controlnets]
     return sd
 
 
@@ -121,6 +128,7 @@ class StableDiffusion:
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config, backend):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
+        self.controlnets = []    # tinysd.controlnet.ControlNetModel, applied when a call passes control_image
         self.scheduler_config = dict(scheduler_config)
         self.scheduler = make_scheduler(self.default_sampler, self.scheduler_config)
         self.ops = backend
@@ -259,15 +267,19 @@ class StableDiffusion:
         z = np.stack([a1111_prompt.emphasis(zc, c.weights) for zc, c in zip(z, chunks)])
         return z.reshape(len(texts), -1, z.shape[-1]), [ti for _, used in lines for ti in used], counts
 
-    def predict_noise(self, latents, t, context, guidance_scale, timestep_cond=None, unet=None):
+    def predict_noise(self, latents, t, context, guidance_scale, timestep_cond=None, unet=None, control=None):
         """ε for `latents` at t; with guidance, ε_uncond + s·(ε_cond − ε_uncond) from one batch.
 
         timestep_cond: an LCM-distilled U-Net's guidance embedding, which replaces the CFG batch.
         unet: the U-Net as this generation calls it (DeepCache's per-step hook), else self.unet.
+        control: the ControlNets' per-step hook, control(x, t, context) -> the U-Net's extra residuals
+        (`down_block_additional_residuals`, `mid_block_additional_residual`; tinysd.controlnet).
         """
         guidance = guidance_scale > 1.0 and timestep_cond is None
         x = np.concatenate([latents, latents]) if guidance else latents
-        eps = self.ops.numpy((unet or self.unet)(self.ops.asarray(x), t, context, timestep_cond=timestep_cond))
+        residuals = control(x, t, context) if control is not None else {}
+        eps = self.ops.numpy((unet or self.unet)(self.ops.asarray(x), t, context, timestep_cond=timestep_cond,
+                                                 **residuals))
         if not guidance:
             return eps
         eps_uncond, eps_cond = np.split(eps, 2)
@@ -299,7 +311,8 @@ class StableDiffusion:
                  output_type="pil", callback=None, image=None, strength=None, mask_image=None,
                  num_images_per_prompt=1, prompt_embeds=None, negative_prompt_embeds=None,
                  prompt_weighting=False, clip_skip=None, vae_decoder="vae", deepcache_interval=None,
-                 deepcache_branch=0):
+                 deepcache_branch=0, control_image=None, controlnet_conditioning_scale=None,
+                 control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False, control_preprocess=None):
         """Generate images; the arguments are diffusers' `StableDiffusionPipeline` ones.
 
         txt2img by default; img2img with `image=` (and `strength`, default 0.8); inpainting with
@@ -312,6 +325,11 @@ class StableDiffusion:
         the text encoder's last N layers (diffusers' meaning: A1111's "Clip skip" N + 1).
         `deepcache_interval=N`: DeepCache, the full U-Net every N-th step and between them only its
         shallow branch at `deepcache_branch` on the cached deep features (`DeepCache`).
+        With ControlNets loaded (`load_controlnet`): `control_image` (one per ControlNet), each with
+        its `controlnet_conditioning_scale` (default 1.0, 0.8 for img2img, 0.5 for inpainting) and
+        `control_guidance_start`/`_end` (fractions of the steps), and `guess_mode`, as diffusers'
+        StableDiffusionControlNet(Img2Img|Inpaint)Pipeline;
+        `control_preprocess` ("canny", "canny:50:150", ... see tinysd.hints) makes the hint first.
         Returns PipelineOutput with `.images` per `output_type`: "pil", "np" or "latent".
         `vae_decoder="taesd"` decodes with the tiny autoencoder (`load(..., taesd=PATH)`).
 
@@ -323,7 +341,8 @@ class StableDiffusion:
         self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
                           generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
                           num_images_per_prompt, prompt_embeds, negative_prompt_embeds, prompt_weighting, clip_skip,
-                          deepcache_interval, deepcache_branch)
+                          deepcache_interval, deepcache_branch, control_image, controlnet_conditioning_scale,
+                          control_guidance_start, control_guidance_end, guess_mode, control_preprocess)
         if output_type != "latent":
             self._decoder(vae_decoder)           # "vae", or "taesd" with a TAESD loaded
         height, width = (None if v is None else int(v) for v in (height, width))   # 512.0 -> 512, as diffusers
@@ -332,9 +351,16 @@ class StableDiffusion:
             generator = Generator(seed)
         else:
             seed = None
+        control = None
+        if self.controlnets:                                    # the control images are read before any model work
+            default_scale = 1.0 if image is None else 0.8 if mask_image is None else 0.5   # as diffusers' pipelines
+            control = Control(self.controlnets, control_image, controlnet_conditioning_scale, control_guidance_start,
+                              control_guidance_end, guess_mode, control_preprocess, default_scale)
         if image is not None:
             image = preprocess_image(image, height, width)
             height, width = image.shape[2:]
+        elif control is not None:
+            height, width = control.default_size(height, width)
         default_size = self.unet.config.get("sample_size", 64) * VAE_SCALE
         height, width = height or default_size, width or default_size
         check_size(height, width)
@@ -355,6 +381,8 @@ class StableDiffusion:
                               "has no effect", stacklevel=2)
             w = np.full(batch, guidance_scale - 1, dtype=np.float32)
             timestep_cond = guidance_scale_embedding(w, self.unet.config["time_cond_proj_dim"])
+        if control is not None:
+            control.prepare(self.ops, batch, num_images_per_prompt, guidance, height, width)
 
         sched, sched_name = self._scheduler(scheduler)
         sched.set_timesteps(num_inference_steps)
@@ -396,12 +424,14 @@ class StableDiffusion:
         deepcache = deepcache_interval and DeepCache(self.unet, deepcache_interval, deepcache_branch, sched.timesteps)
         latents = self._denoise(latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
                                 mask=mask, masked_latents=masked_latents, image_latents=image_latents, noise=noise,
-                                timestep_cond=timestep_cond, unet=deepcache)
+                                timestep_cond=timestep_cond, unet=deepcache,
+                                control=control and control.hook(len(timesteps)))
         parameters = {"Steps": num_inference_steps, **sampler_fields(sched_name), "CFG scale": float(guidance_scale),
                       "Seed": seed, "Size": f"{width}x{height}", "Model": self.model_name,
                       "Denoising strength": None if txt2img else float(strength), **self.vae_fields, **prompt_fields,
                       **self.loras.parameters(),
-                      **(deepcache.parameters() if deepcache else {})}
+                      **(deepcache.parameters() if deepcache else {}),
+                      **(control.parameters() if control else {})}
         if output_type == "latent":
             return PipelineOutput(latents, seed, parameters=parameters)
         images = self.decode(latents, decoder=vae_decoder)
@@ -412,7 +442,9 @@ class StableDiffusion:
     def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
                      generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
                      num_images_per_prompt, prompt_embeds=None, negative_prompt_embeds=None, prompt_weighting=False,
-                     clip_skip=None, deepcache_interval=None, deepcache_branch=0):
+                     clip_skip=None, deepcache_interval=None, deepcache_branch=0, control_image=None,
+                     controlnet_conditioning_scale=None, control_guidance_start=0.0, control_guidance_end=1.0,
+                     guess_mode=False, control_preprocess=None):
         """Check `__call__`'s arguments before any model work, in the order of its signature: a bad
         value raises a TypeError (wrong kind) or ValueError (wrong value) naming the argument, the
         value and what is allowed. Values diffusers takes and handles sensibly pass as they do there
@@ -500,6 +532,8 @@ class StableDiffusion:
             if strength is None:
                 strength = DEFAULT_STRENGTH["inpaint" if mask_image is not None else "img2img"]
             strength_timesteps(sched, num_inference_steps, strength, within_grid=self.is_lcm_model)
+        check_control(self.controlnets, control_image, controlnet_conditioning_scale, control_guidance_start,
+                      control_guidance_end, guess_mode, control_preprocess, batch)
 
     def check_latents(self, latents, image, height, width, batch):
         """`latents` replaces the txt2img start noise: (batch, 4, height/8, width/8), finite numbers."""
@@ -522,8 +556,10 @@ class StableDiffusion:
                              f"(nan or inf)")
 
     def _denoise(self, latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
-                 mask=None, masked_latents=None, image_latents=None, noise=None, timestep_cond=None, unet=None):
-        """The reverse-diffusion loop: z_T -> z_0, one sampler step per timestep (`unet`: see predict_noise)."""
+                 mask=None, masked_latents=None, image_latents=None, noise=None, timestep_cond=None, unet=None,
+                 control=None):
+        """The reverse-diffusion loop: z_T -> z_0, one sampler step per timestep (`unet`, `control`: see
+        predict_noise; `control` here is the ControlNets' tinysd.controlnet.ControlHook)."""
         wants_x0 = callback is not None and "pred_original_sample" in inspect.signature(callback).parameters
         nine_channel = self.unet.in_channels == 9
         self.num_timesteps = len(timesteps)
@@ -531,7 +567,7 @@ class StableDiffusion:
             x = sched.scale_model_input(latents, t)
             if nine_channel:
                 x = np.concatenate([x, mask, masked_latents], axis=1)
-            eps = self.predict_noise(x, t, context, guidance_scale, timestep_cond, unet)
+            eps = self.predict_noise(x, t, context, guidance_scale, timestep_cond, unet, control and control.step(i))
             out = sched.step(eps, t, latents, generator=generator, eta=eta)
             latents = out.prev_sample
             if mask is not None and not nine_channel:
@@ -544,6 +580,20 @@ class StableDiffusion:
                 extra = {"pred_original_sample": out.pred_original_sample} if wants_x0 else {}
                 callback(i, t, latents, **extra)
         return latents
+
+    def load_controlnet(self, source, variant=None):
+        """Add a ControlNet (diffusers folder, control_*.safetensors/.pth file, packaged name, or a
+        list): checked against this U-Net, then used by every call that passes `control_image`."""
+        sources = source if isinstance(source, (list, tuple)) else [source]
+        checkpoints = [read_controlnet(s, self.unet.config, self.model_name or "the loaded model", variant)
+                       for s in sources]
+        self.controlnets += [build_controlnet(c, self.ops) for c in checkpoints]
+        return self
+
+    def unload_controlnet(self):
+        """Forget the loaded ControlNets: calls generate without control again."""
+        self.controlnets = []
+        return self
 
     def _scheduler(self, scheduler):
         """(a fresh sampler for one generation, its name): samplers keep per-run state."""
@@ -570,12 +620,12 @@ class DeepCache:
         self.timesteps = np.asarray(timesteps)
         self.first = self.features = None
 
-    def __call__(self, x, t, context, timestep_cond=None):
+    def __call__(self, x, t, context, timestep_cond=None, **control_residuals):
         step = int(np.flatnonzero(self.timesteps == t)[0])
         self.first = step if self.first is None else self.first
         full = (step - self.first) % self.interval == 0
         eps, self.features = self.unet(x, t, context, timestep_cond=timestep_cond, cache_branch=self.branch,
-                                       cached=None if full else self.features)
+                                       cached=None if full else self.features, **control_residuals)
         return eps
 
     def parameters(self):
