@@ -13,6 +13,7 @@ that the committed files match these sources and that each runs top to bottom.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 import time
@@ -436,8 +437,10 @@ NOTEBOOKS["03_inside_the_unet.ipynb"] = [
     md("""
     Averaged over heads, layers and steps at the finest resolution, one map per piece of the
     prompt and one for the end token; bright pixels attend to that token (each map has its own
-    colour scale). In trained SD v1 the start token takes much of every pixel's attention (a
-    "sink"), and the maps of the nouns outline where their objects are drawn.
+    colour scale). In Jupyter with ipywidgets (`pip install -e ".[notebooks]"`) a menu of the
+    prompt's words picks the map; in the committed file, all of them in a row
+    (`notebooks/_live.py`). In trained SD v1 the start token takes much of every pixel's
+    attention (a "sink"), and the maps of the nouns outline where their objects are drawn.
 
     The shapes model's finest cross-attention runs on its 8×8 latent, so each map pixel covers
     8×8 picture pixels: coarse, but readable. There the colour words light up their own object
@@ -449,18 +452,18 @@ NOTEBOOKS["03_inside_the_unet.ipynb"] = [
     attention goes to the padding rows, which have read the whole prompt.
     """),
     code("""
+    from _live import WordMaps, live
+
     pieces = sd.tokenizer.tokenize(prompt)
     finest = max(recorder.maps)
     side = int(np.sqrt(finest))
     attn = recorder.maps[finest].reshape(side, side, 77)
     attn = attn / attn.sum(axis=-1, keepdims=True)                   # a distribution per pixel
-    positions = list(range(1, len(pieces) + 2))
-    names = pieces + ["<|endoftext|>"]
-    maps = [attn[:, :, j] for j in positions]
-    show([image] + maps, ["picture"] + [f"{name}\\n{m.mean():.1%} of attention" for name, m in zip(names, maps)],
-         cmap="magma", size=1.8)
     print(f"<|startoftext|> takes {attn[:, :, 0].mean():.1%}, the {76 - len(pieces)} padding rows "
           f"{attn[:, :, len(pieces) + 2:].sum(axis=-1).mean():.1%}")
+    show([image], ["picture"], size=1.8)
+    word_maps = WordMaps(attn, pieces)         # word_maps(word=position) -> (that token's map, its share)
+    live(word_maps, word=word_maps.choice())
     """),
 ]
 
@@ -851,8 +854,9 @@ def execute(nb, cwd, timeout=600):
     """Run every cell in a fresh kernel with `cwd` as working directory; outputs stay in `nb`."""
     from nbclient import NotebookClient
 
+    # TINYSD_NOTEBOOK_STATIC: live controls (notebooks/_live.py) draw static grids, pictures a reader sees without a kernel
     NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}},
-                   record_timing=False).execute()
+                   record_timing=False).execute(env={**os.environ, "TINYSD_NOTEBOOK_STATIC": "1"})
     return nb
 
 
