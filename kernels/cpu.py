@@ -166,6 +166,9 @@ class CpuBackend(NumpyBackend):
     def gelu(self, x):
         return _unary(_el.gelu_kernel, x)
 
+    def relu(self, x):
+        return _unary(_el.relu_kernel, x)
+
     def quick_gelu(self, x):
         return _unary(_el.quick_gelu_kernel, x)
 

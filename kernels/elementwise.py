@@ -1,5 +1,5 @@
 """Elementwise kernels: SiLU, GELU, CLIP's quick GELU, GEGLU (alone and fused with the linear
-before it), nearest 2× up-sampling.
+before it), ReLU (TAESD), nearest 2× up-sampling.
 
 Their NumPy twins are the methods of `tinysd.backend.NumpyBackend`. Numba calls libm's scalar
 `expf`/`erff` (no SVML here), ~10× slower than a vector loop, so `exp` and `erf` below are
@@ -128,6 +128,12 @@ def linear_geglu_kernel(x, w, bias, out, tile):
         for i in range(r1 - r0):
             for j in range(f1 - f0):
                 out[r0 + i, f0 + j] = h[i, j] * gelu(gate[i, j])
+
+
+@njit(parallel=True, cache=True)
+def relu_kernel(x, out):
+    for i in prange(x.size):
+        out[i] = max(x[i], F32(0.0))
 
 
 @njit(parallel=True, cache=True)

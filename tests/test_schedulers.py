@@ -22,7 +22,10 @@ TWINS = {  # name -> (diffusers class name, from_config extras)
     "heun": ("HeunDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
+NOISY = ("ddpm", "ddim", "euler_a", "lcm", "tcd")   # samplers whose step draws from the generator
 STEPS = (1, 4, 20, 50)
 SHAPE = (1, 4, 8, 8)
 
@@ -111,7 +114,7 @@ def run_both(name, n, seed=0, eta=None, begin=None, make_gen=TorchGen):
         assert rel_err(x, x_ref) < 1e-6
     gen, gen_ref = make_gen(seed + 1), torch.Generator("cpu").manual_seed(seed + 1)
     ours_kw, ref_kw = {"generator": gen}, {}
-    if name in ("ddpm", "ddim", "euler_a"):
+    if name in NOISY:
         ref_kw["generator"] = gen_ref
     if eta is not None:
         ours_kw["eta"] = ref_kw["eta"] = eta
@@ -125,6 +128,8 @@ def run_both(name, n, seed=0, eta=None, begin=None, make_gen=TorchGen):
         x0_ref = getattr(out_ref, "pred_original_sample", None)
         if name.startswith("dpmpp"):
             x0_ref = ref.model_outputs[-1]      # DPM-Solver++ keeps its x̂₀ there
+        if name == "lcm":
+            x0_ref = out_ref.denoised           # LCM's x̂₀ with the boundary condition
         yield out, out_ref.prev_sample, x0_ref
         x, x_ref = out.prev_sample, out_ref.prev_sample
 
@@ -155,7 +160,7 @@ def test_ddim_eta(eta):
     assert (np.abs(last - no_noise).max() > 1e-3) == (eta > 0)   # η > 0 does draw noise
 
 
-@pytest.mark.parametrize("name", ["ddpm", "euler_a"])
+@pytest.mark.parametrize("name", ["ddpm", "euler_a", "lcm", "tcd"])
 def test_ancestral_noise_depends_on_seed(name):
     a = [o.prev_sample for o, _, _ in run_both(name, 4, seed=0)][-1]
     b = [o.prev_sample for o, _, _ in run_both(name, 4, seed=0)][-1]
@@ -164,7 +169,7 @@ def test_ancestral_noise_depends_on_seed(name):
     assert np.abs(a - c).max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["ddpm", "euler_a"])
+@pytest.mark.parametrize("name", ["ddpm", "euler_a", "lcm", "tcd"])
 def test_seeded_with_tinysd_rng(name):
     """The same seed through tinysd.rng.Generator gives diffusers' picture."""
     rng = pytest.importorskip("tinysd.rng")
@@ -200,6 +205,7 @@ def test_add_noise(name):
     ("EULER", "euler"), ("LMS Karras", "lms_karras"), ("PLMS", "pndm"), ("k_euler_a", "euler_a"),
     ("EulerAncestralDiscreteScheduler", "euler_a"), ("DPMSolverMultistepScheduler", "dpmpp_2m"),
     ("pndmscheduler", "pndm"), ("Heun", "heun"), ("euler-karras", "euler_karras"),
+    ("LCM", "lcm"), ("LCMScheduler", "lcm"), ("TCD", "tcd"), ("TCDScheduler", "tcd"),
 ])
 def test_names(alias, name):
     assert canonical_name(alias) == name
@@ -252,3 +258,75 @@ def test_config_keys_follow_diffusers_from_config():
         ref.set_timesteps(7)
         ours.set_timesteps(7)
         np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+
+
+# LCM and TCD: the distillation grid, strength, γ
+
+
+@pytest.mark.parametrize("name", ["lcm", "tcd"])
+@pytest.mark.parametrize("n, strength, original", [(4, 1.0, 50), (8, 0.5, 50), (1, 0.3, 50), (25, 1.0, 50),
+                                                   (6, 0.75, 20), (3, 1.0, 1000), (10, 0.99, 37)])
+def test_consistency_timesteps_with_strength_and_grid(name, n, strength, original):
+    """set_timesteps(n, strength) as diffusers' LCM pipelines call it for img2img, on grids of
+    `original_inference_steps` points (50 by default; others from the scheduler config)."""
+    cfg = dict(reference(name).config, original_inference_steps=original)
+    ours, ref = make_scheduler(name, cfg), getattr(diffusers, TWINS[name][0]).from_config(cfg)
+    ours.set_timesteps(n, strength=strength)
+    ref.set_timesteps(n, strength=strength)
+    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+
+
+def test_lcm_four_steps_and_scalings():
+    s = make_scheduler("lcm")
+    s.set_timesteps(4)
+    assert s.timesteps.tolist() == [999, 759, 499, 259]
+    ref = reference("lcm")
+    for t in (0, 1, 19, 259, 999):
+        ours = s.boundary_condition_scalings(t)
+        theirs = ref.get_scalings_for_boundary_condition_discrete(torch.tensor(t))
+        np.testing.assert_array_equal(np.float32(ours), np.float32([float(x) for x in theirs]))
+    assert s.boundary_condition_scalings(0) == (1.0, 0.0)        # f(x, 0) = x: the boundary condition
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.1, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("n", [2, 4, 8, 50])
+def test_tcd_gamma(eta, n):
+    """γ sets the intermediate s = ⌊(1−γ) t'⌋ (float32, as torch) and the re-noising; 0 draws nothing."""
+    last = None
+    for out, prev_ref, _ in run_both("tcd", n, eta=eta):
+        assert rel_err(out.prev_sample, prev_ref) < 1e-5
+        last = out.prev_sample
+    no_noise = [o.prev_sample for o, _, _ in run_both("tcd", n, eta=0.0)][-1]
+    if n > 1:
+        assert (np.abs(last - no_noise).max() > 1e-3) == (eta > 0)
+
+
+def test_lcm_noise_comes_from_the_generator_in_diffusers_order():
+    """n − 1 draws of the latent's shape (none on the last step), from the same stream."""
+    draws = []
+
+    class Recorder:
+        def randn(self, shape):
+            draws.append(tuple(shape))
+            return np.zeros(shape, np.float32)
+
+    s = make_scheduler("lcm")
+    s.set_timesteps(4)
+    x = np.ones(SHAPE, np.float32)
+    for t in s.timesteps:
+        x = s.step(np.zeros(SHAPE, np.float32), t, x, generator=Recorder()).prev_sample
+    assert draws == [SHAPE] * 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_inference_steps=51), "original_inference_steps 50"),
+    (dict(num_inference_steps=30, strength=0.5), "strength 0.5 leaves 25"),
+    (dict(num_inference_steps=4, strength=0.0), "strength must be in"),
+])
+def test_lcm_bad_steps(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_scheduler("lcm").set_timesteps(**kwargs)
+    s = make_scheduler("tcd")
+    s.set_timesteps(4)
+    with pytest.raises(ValueError, match="gamma"):
+        s.step(np.zeros(SHAPE), s.timesteps[0], np.zeros(SHAPE), eta=1.5)

@@ -202,6 +202,13 @@ class NumpyBackend:
         """d/dx x·σ(x) = σ(x) + x·σ(x)(1 − σ(x)) = σ(x)·(1 + x(1 − σ(x))). Saved: the input x."""
         return (grad * _silu_derivative(x)).astype(_compute_dtype(x), copy=False)
 
+    def relu(self, x):
+        """ReLU: max(x, 0)."""
+        return np.maximum(x, np.float32(0)).astype(np.float32, copy=False)
+
+    def tanh(self, x):
+        return np.tanh(x).astype(np.float32, copy=False)
+
     def gelu(self, x):
         """Exact GELU: x·Φ(x) = ½x(1 + erf(x/√2))."""
         return 0.5 * x * (1.0 + erf(x * _compute_dtype(x).type(1 / np.sqrt(2.0))))   # x's dtype throughout

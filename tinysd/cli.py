@@ -4,6 +4,8 @@
     python -m tinysd "a watercolour cat" --init-image cat.png --strength 0.6
     python -m tinysd "a dog" --init-image cat.png --mask cat-mask.png
     python -m tinysd "a (red:1.3) car, [blurry]" -n "EasyNegative" --embeddings-dir embeddings --clip-skip 2
+    python -m tinysd "a cat <lora:watercolor:0.8>" --lora-dir loras/ --lora lcm-lora.safetensors
+    python -m tinysd "a cat" --lora lcm-lora-sdv1-5.safetensors --sampler lcm --steps 4 --cfg-scale 1 --taesd madebyollin/taesd
 
 Writes PNGs carrying their generation parameters in AUTOMATIC1111's format (`tinysd.pngmeta`).
 A mistake (a bad option, an unreadable image, an unwritable path, a missing model or GPU) is
@@ -91,6 +93,22 @@ def sampler(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def lora_file(text):
+    """--lora PATH[:WEIGHT] -> (path, weight); the last ':' splits only if a number follows (C:\\x stays whole)."""
+    import math
+
+    path, sep, tail = text.rpartition(":")
+    try:
+        weight = float(tail) if sep and path else None
+    except ValueError:
+        weight = None
+    if weight is None:
+        return text, 1.0
+    if not math.isfinite(weight):
+        raise argparse.ArgumentTypeError(f"the weight of {text!r} must be a finite number")
+    return path, weight
+
+
 def build_parser():
     from tinysd.schedulers import SCHEDULERS
 
@@ -139,6 +157,27 @@ def build_parser():
     p.add_argument("--no-prompt-weighting", dest="prompt_weighting", action="store_false",
                    help="read the prompt as diffusers does: no (word:1.2) weights or BREAK, cut at 77 tokens "
                         "(default: A1111's prompt syntax, any length)")
+    p.add_argument("--lora", type=lora_file, action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="apply a LoRA file (kohya/A1111, diffusers or PEFT) with WEIGHT (default 1); repeatable")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="the folder where a prompt tag <lora:NAME:WEIGHT> finds NAME.safetensors (.pt, .ckpt, .bin), "
+                        "as A1111's Lora folder")
+    p.add_argument("--taesd", default=None, metavar="PATH|ID",
+                   help="the tiny autoencoder TAESD (a diffusers folder or hub id such as madebyollin/taesd, "
+                        "or taesd_decoder.safetensors/.pth): decodes the final image in a fraction of the VAE's "
+                        "time; with --preview it only makes the previews and the VAE the final image")
+    p.add_argument("--preview", default=None, metavar="FILE.png",
+                   help="write a TAESD picture of the sampler's current estimate of the final image (x0) here "
+                        "while denoising, replaced every --preview-every steps ({step} in the name numbers them); "
+                        "needs --taesd")
+    p.add_argument("--preview-every", type=positive_int, default=1, metavar="K",
+                   help="preview every K steps, and at the last (default: %(default)s)")
+    p.add_argument("--deepcache", type=positive_int, default=None, metavar="N",
+                   help="DeepCache: run the whole U-Net on every N-th step only and, in between, just its shallow "
+                        "branch on the cached deep features (N = 3: about 2.3x fewer seconds for 20 steps)")
+    p.add_argument("--deepcache-branch", type=lambda text: number(text, int), default=None, metavar="K",
+                   help="the skip connection where DeepCache's shallow branch ends: 0 (default) is the shallowest "
+                        "and fastest, up to 11 for SD v1 (the package's cache_branch_id)")
     return p
 
 
@@ -148,8 +187,14 @@ def parse_args(argv=None):
         raise UsageError("--mask needs --init-image (the picture to inpaint)")
     if args.strength is not None and args.init_image is None:
         raise UsageError("--strength needs --init-image")
+    if args.deepcache_branch is not None and args.deepcache is None:
+        raise UsageError("--deepcache-branch needs --deepcache N")
     if args.init_image is not None and args.strength is None:
         args.strength = DEFAULT_STRENGTH["inpaint" if args.mask else "img2img"]
+    if args.preview is not None and args.taesd is None:
+        raise UsageError("--preview needs --taesd PATH (the tiny autoencoder that draws the previews)")
+    if args.preview is not None and not args.preview.lower().endswith(".png"):
+        raise UsageError(f"--preview {args.preview}: the file name must end in .png")
     return args
 
 
@@ -251,6 +296,44 @@ class Progress:
             self.bar.close()
 
 
+def lora_requests(args):
+    """(the prompt the model reads, the prompt written to the PNG, [(adapter name, path, text-encoder
+    weight, U-Net weight)]) from --lora and the prompt's A1111 tags <lora:NAME:WEIGHT>. The model
+    reads the prompt without its tags; the PNG keeps them, and gets <lora:NAME:WEIGHT> for each
+    --lora as A1111 writes a LoRA it adds to the prompt itself. Files are checked before the model loads."""
+    from tinysd.lora import find_lora_file, prompt_lora_tags
+
+    try:
+        prompt, tags = prompt_lora_tags(args.prompt)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    requests, written = [], args.prompt
+    for path, weight in args.lora:
+        if not Path(path).exists():
+            raise UsageError(f"--lora {path}: no such file")
+        requests.append((Path(path).stem, path, weight, weight))
+        written += f"<lora:{Path(path).stem}:{weight}>"
+    for tag in tags:
+        if args.lora_dir is None:
+            raise UsageError(f"prompt tag {tag.text}: pass --lora-dir DIR, the folder that holds {tag.name}.safetensors")
+        path = find_lora_file(tag.name, args.lora_dir)
+        if path is None:
+            raise UsageError(f"prompt tag {tag.text}: no {tag.name}.safetensors (.pt, .ckpt, .bin) in --lora-dir {args.lora_dir}")
+        requests.append((tag.name, path, tag.text_encoder, tag.unet))
+    names = [r[0] for r in requests]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"LoRA {', '.join(twice)} is given twice (--lora and prompt tags name a LoRA by its file name)")
+    return prompt, written, requests
+
+
+def apply_loras(sd, requests):
+    for name, path, _, _ in requests:
+        sd.load_lora_weights(path, adapter_name=name)
+    if requests:
+        sd.set_adapters([r[0] for r in requests], [{"text_encoder": r[2], "unet": r[3]} for r in requests])
+
+
 # -- the run -----------------------------------------------------------------------------------------
 def generate(args):
     import tinysd
@@ -260,29 +343,36 @@ def generate(args):
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 32)
     paths = output_paths(args.output, seed, args.batch_size)
-    check_writable(paths)
+    check_writable(paths + ([Path(args.preview)] if args.preview else []))
     init = read_image(args.init_image, "--init-image", "RGB") if args.init_image else None
     mask = read_image(args.mask, "--mask", "L") if args.mask else None
     if init is not None:
         check_init_size(init, args.init_image, args)
     if args.embeddings_dir is not None and not Path(args.embeddings_dir).is_dir():
         raise UsageError(f"--embeddings-dir {args.embeddings_dir}: no such folder")
+    prompt, written_prompt, loras = lora_requests(args)
 
     backend = get_backend(args.backend)                 # --backend cuda without a GPU fails here
-    sd = tinysd.load(args.model, backend=backend, vae=args.vae)
+    sd = tinysd.load(args.model, backend=backend, vae=args.vae, taesd=args.taesd)
+    apply_loras(sd, loras)
     if args.embeddings_dir is not None:
         embeddings.load_dir(sd, args.embeddings_dir)    # each under its file name; bad files skipped, with a warning
-    progress = Progress(sd)
+    progress = callback = Progress(sd)
+    if args.preview:            # TAESD draws the previews, the VAE the final image
+        from tinysd.taesd import preview_callback
+        callback = preview_callback(sd, args.preview, every=args.preview_every, callback=progress)
     try:
-        out = sd(args.prompt, negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps,
+        out = sd(prompt, negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps,
                  guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=seed,
                  scheduler=args.sampler, image=init, strength=args.strength, mask_image=mask,
-                 num_images_per_prompt=args.batch_size, output_type="pil", callback=progress,
-                 prompt_weighting=args.prompt_weighting, clip_skip=args.clip_skip - 1)   # A1111's 1 = diffusers' 0
+                 num_images_per_prompt=args.batch_size, output_type="pil", callback=callback,
+                 prompt_weighting=args.prompt_weighting, clip_skip=args.clip_skip - 1,   # A1111's 1 = diffusers' 0
+                 vae_decoder="taesd" if args.taesd and not args.preview else "vae",
+                 deepcache_interval=args.deepcache, deepcache_branch=args.deepcache_branch or 0)
     finally:
         progress.close()
 
-    texts = [infotext(args.prompt, args.negative_prompt, batch_fields(out.parameters, args.batch_size, i))
+    texts = [infotext(written_prompt, args.negative_prompt, batch_fields(out.parameters, args.batch_size, i))
              for i in range(args.batch_size)]
     save_pngs(out.images, paths, texts)
     for path in paths:

@@ -90,12 +90,39 @@ class Module:
                 raise ValueError(f"{type(self).__name__} from {source}: key {key!r} has shape "
                                  f"{tuple(state[key].shape)} in the file, expected {tuple(placeholder.shape)}")
         for key in expected:
-            *path, name = key.split(".")
-            module = self
-            for part in path:
-                module = module[int(part)] if isinstance(module, list) else getattr(module, part)
+            module, name = self._owner(key)
+            module.__dict__.setdefault("_hosts", {})[name] = state[key]
             object.__setattr__(module, name, self.ops.asarray(state[key]))
         return self
+
+    # -- weight patches (tinysd.lora): every parameter is re-derived from the array it was loaded from --
+    def _owner(self, key):
+        """(module, attribute name) of parameter `key`, e.g. "down_blocks.0.resnets.0.conv1.weight"."""
+        *path, name = key.split(".")
+        module = self
+        for part in path:
+            module = module[int(part)] if isinstance(module, list) else getattr(module, part)
+        return module, name
+
+    def host_array(self, key):
+        """The array parameter `key` was loaded from (a view of the memory-mapped file, any float
+        dtype), kept by `load_state_dict` so that a patched weight can be undone bit for bit."""
+        module, name = self._owner(key)
+        return module.__dict__["_hosts"][name]
+
+    def patch_parameter(self, key, delta=None):
+        """Set parameter `key` to asarray(host + delta), the sum in float32 (`delta`: a float32
+        array of the parameter's shape, used as the sum's buffer), or back to asarray(host) itself,
+        the loaded weight, when delta is None. The backend redoes its layout (tap-major convs,
+        device copies) for this tensor only."""
+        module, name = self._owner(key)
+        host = module.__dict__["_hosts"][name]
+        if delta is not None:
+            if tuple(delta.shape) != tuple(host.shape) or delta.dtype != np.float32:
+                raise ValueError(f"patch for {key!r} is {delta.dtype} {tuple(delta.shape)}, "
+                                 f"the weight float32 {tuple(host.shape)}")
+            host = np.add(np.asarray(host, dtype=np.float32), delta, out=delta)
+        object.__setattr__(module, name, module.ops.asarray(host))
 
 
 class Linear(Module):

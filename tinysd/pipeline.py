@@ -21,6 +21,7 @@ import math
 import numbers
 import os
 import secrets
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,10 +31,11 @@ from tinysd import embeddings, prompt as a1111_prompt
 from tinysd.backend import get_backend
 from tinysd.rng import Generator
 from tinysd.pngmeta import sampler_fields
-from tinysd.schedulers import SCHEDULERS, canonical_name, make_scheduler
+from tinysd.schedulers import SCHEDULERS, LCMScheduler, canonical_name, make_scheduler
+from tinysd.taesd import load_taesd
 from tinysd.text_encoder import CLIPTextModel
 from tinysd.tokenizer import CLIPTokenizer
-from tinysd.unet import UNet2DConditionModel
+from tinysd.unet import UNet2DConditionModel, guidance_scale_embedding
 from tinysd.vae import AutoencoderKL
 from tinysd.weights import load_checkpoint, load_vae
 
@@ -42,7 +44,7 @@ VAE_SCALE = 8   # the VAE shrinks H and W by 8
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}   # diffusers' pipelines' defaults
 
 
-def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=None):
+def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=None, taesd=None):
     """A ready pipeline from a model id, a diffusers folder or a single .safetensors/.ckpt file.
 
     backend: 'numpy' (reference), 'cpu' (Numba kernels) or 'cuda'; None picks 'cpu' if it runs.
@@ -51,7 +53,11 @@ def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=N
     {part: config dict}) giving the configs, as diffusers' `from_single_file(config=...)`.
     vae: a standalone VAE to use instead of the model's own (e.g. vae-ft-mse-840000-ema-pruned):
     a file in the original or diffusers layout, or a diffusers `vae/` folder (weights.load_vae).
+    taesd: the tiny autoencoder (`tinysd.taesd.load_taesd`: a folder, hub id, taesd_decoder
+    file or (encoder, decoder) pair) for `vae_decoder="taesd"` and previews; loaded first.
     """
+    backend = get_backend(backend)
+    tiny = load_taesd(taesd, backend) if taesd is not None else None
     ckpt = load_checkpoint(source, variant=variant, config=config)
     vae_fields = {}
     if vae is not None:
@@ -59,7 +65,6 @@ def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=N
         check_vae_fits(ckpt.configs, vae)
         vae_fields = {"VAE hash": file_sha256(vae_file)[:10], "VAE": Path(vae_file).name if Path(vae).is_file()
                       else Path(vae).name}                    # as A1111 writes a VAE file's name and hash
-    backend = get_backend(backend)
     where = str(ckpt.source)
 
     def build(cls, part):
@@ -71,6 +76,7 @@ def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=N
                          build(AutoencoderKL, "vae"), ckpt.configs["scheduler"], backend)
     sd.model_name = model_name(source)
     sd.vae_fields = vae_fields
+    sd.taesd = tiny
     return sd
 
 
@@ -109,6 +115,7 @@ class PipelineOutput:
 
 class StableDiffusion:
     model_name = None        # "Model" in the PNG parameters; set by `load`
+    taesd = None             # tinysd.taesd.AutoencoderTiny for vae_decoder="taesd" and previews
     vae_fields = {}          # "VAE", "VAE hash" in the PNG parameters for a swapped-in VAE; set by `load`
     num_timesteps = 0        # U-Net steps of the generation running (or last run), for progress bars
 
@@ -123,8 +130,44 @@ class StableDiffusion:
     def default_sampler(self):
         """The sampler name of the model's own scheduler (scheduler/scheduler_config.json)."""
         name = canonical_name(self.scheduler_config.get("_class_name", "PNDMScheduler"))
+        if self.is_lcm_model and name not in ("lcm", "tcd"):
+            return "lcm"     # a single file carries SD v1.5's PNDM config; this U-Net needs LCM's steps
         karras = f"{name}_karras"
         return karras if self.scheduler_config.get("use_karras_sigmas") and karras in SCHEDULERS else name
+
+    @property
+    def is_lcm_model(self):
+        """An LCM-distilled U-Net (`time_cond_proj_dim`): guidance enters as an embedding, no CFG batch."""
+        return self.unet.config.get("time_cond_proj_dim") is not None
+
+    # -- LoRA (tinysd.lora), with diffusers' method names ------------------------------------------
+    @property
+    def loras(self):
+        """The LoRA adapters loaded into the text encoder and U-Net (`tinysd.lora.LoraAdapters`)."""
+        if "_loras" not in self.__dict__:
+            from tinysd.lora import LoraAdapters
+            self._loras = LoraAdapters({"unet": self.unet, "text_encoder": self.text_encoder})
+        return self._loras
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None):
+        """Load a LoRA (kohya/A1111, diffusers or PEFT; .safetensors, .pt/.bin, a diffusers LoRA
+        folder, or a dict) and make it the active adapter, with weight 1. Its name defaults to
+        default_0, default_1, ... Raises tinysd.lora.LoraError, changing nothing, if it does not fit."""
+        self.loras.load(pretrained_model_name_or_path_or_dict, adapter_name)
+
+    def set_adapters(self, adapter_names, adapter_weights=None):
+        """Use exactly these adapters, each with its weight (a number, or {"unet": w, "text_encoder": w})."""
+        self.loras.set_adapters(adapter_names, adapter_weights)
+
+    def get_active_adapters(self):
+        return self.loras.active()
+
+    def delete_adapters(self, adapter_names):
+        self.loras.delete(adapter_names)
+
+    def unload_lora_weights(self):
+        """Remove every LoRA: the weights are the loaded ones again, bit for bit."""
+        self.loras.unload()
 
     # -- the parts of one generation --------------------------------------------------------------
     def load_textual_inversion(self, pretrained_model_name_or_path, token=None):
@@ -216,20 +259,34 @@ class StableDiffusion:
         z = np.stack([a1111_prompt.emphasis(zc, c.weights) for zc, c in zip(z, chunks)])
         return z.reshape(len(texts), -1, z.shape[-1]), [ti for _, used in lines for ti in used], counts
 
-    def predict_noise(self, latents, t, context, guidance_scale):
-        """ε for `latents` at t; with guidance, ε_uncond + s·(ε_cond − ε_uncond) from one batch."""
-        guidance = guidance_scale > 1.0
+    def predict_noise(self, latents, t, context, guidance_scale, timestep_cond=None, unet=None):
+        """ε for `latents` at t; with guidance, ε_uncond + s·(ε_cond − ε_uncond) from one batch.
+
+        timestep_cond: an LCM-distilled U-Net's guidance embedding, which replaces the CFG batch.
+        unet: the U-Net as this generation calls it (DeepCache's per-step hook), else self.unet.
+        """
+        guidance = guidance_scale > 1.0 and timestep_cond is None
         x = np.concatenate([latents, latents]) if guidance else latents
-        eps = self.ops.numpy(self.unet(self.ops.asarray(x), t, context))
+        eps = self.ops.numpy((unet or self.unet)(self.ops.asarray(x), t, context, timestep_cond=timestep_cond))
         if not guidance:
             return eps
         eps_uncond, eps_cond = np.split(eps, 2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
-    def decode(self, latents):
-        """Latents -> images (B, H, W, 3) in [0, 1]; undoes the 0.18215 scaling first."""
-        x = self.ops.numpy(self.vae.decode(latents / self.vae.scaling_factor))
+    def decode(self, latents, decoder="vae"):
+        """Latents -> images (B, H, W, 3) in [0, 1]: by the VAE (undoing the 0.18215 scaling
+        first), or with decoder="taesd" by the tiny autoencoder (whose scaling factor is 1)."""
+        model = self._decoder(decoder)
+        x = self.ops.numpy(model.decode(np.asarray(latents, np.float32) / np.float32(model.scaling_factor)))
         return np.clip(x / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+    def _decoder(self, decoder):
+        if decoder not in ("vae", "taesd"):
+            raise ValueError(f"vae_decoder {decoder!r}: choose 'vae' or 'taesd'")
+        if decoder == "taesd" and (self.taesd is None or "decoder" not in self.taesd.parts):
+            raise ValueError("vae_decoder='taesd' needs a TAESD decoder: tinysd.load(model, taesd=PATH) "
+                             "(CLI --taesd PATH), or sd.taesd = tinysd.taesd.load_taesd(PATH)")
+        return self.vae if decoder == "vae" else self.taesd
 
     def encode(self, images, generator):
         """Images (B, 3, H, W) in [-1, 1] -> scaled latents z = 0.18215·(μ + σ·noise)."""
@@ -241,7 +298,8 @@ class StableDiffusion:
                  height=None, width=None, seed=None, generator=None, latents=None, scheduler=None, eta=0.0,
                  output_type="pil", callback=None, image=None, strength=None, mask_image=None,
                  num_images_per_prompt=1, prompt_embeds=None, negative_prompt_embeds=None,
-                 prompt_weighting=False, clip_skip=None):
+                 prompt_weighting=False, clip_skip=None, vae_decoder="vae", deepcache_interval=None,
+                 deepcache_branch=0):
         """Generate images; the arguments are diffusers' `StableDiffusionPipeline` ones.
 
         txt2img by default; img2img with `image=` (and `strength`, default 0.8); inpainting with
@@ -252,11 +310,22 @@ class StableDiffusion:
         Prompts as diffusers reads them (77 tokens); prompt_weighting=True reads them as A1111
         does: `(word:1.3)`, `[word]`, BREAK, any length (see `encode_prompt`). `clip_skip=N` skips
         the text encoder's last N layers (diffusers' meaning: A1111's "Clip skip" N + 1).
+        `deepcache_interval=N`: DeepCache, the full U-Net every N-th step and between them only its
+        shallow branch at `deepcache_branch` on the cached deep features (`DeepCache`).
         Returns PipelineOutput with `.images` per `output_type`: "pil", "np" or "latent".
+        `vae_decoder="taesd"` decodes with the tiny autoencoder (`load(..., taesd=PATH)`).
+
+        LCM: `scheduler="lcm", num_inference_steps=4, guidance_scale=1` with the LCM-LoRA on any
+        SD v1.5 model; an LCM-distilled U-Net (`time_cond_proj_dim`) runs as diffusers'
+        `LatentConsistencyModelPipeline`: guidance_scale enters as the embedding of w = s − 1,
+        one U-Net pass per step, no negative prompt; its img2img takes strength·50 of LCM's grid.
         """
         self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
                           generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
-                          num_images_per_prompt, prompt_embeds, negative_prompt_embeds, prompt_weighting, clip_skip)
+                          num_images_per_prompt, prompt_embeds, negative_prompt_embeds, prompt_weighting, clip_skip,
+                          deepcache_interval, deepcache_branch)
+        if output_type != "latent":
+            self._decoder(vae_decoder)           # "vae", or "taesd" with a TAESD loaded
         height, width = (None if v is None else int(v) for v in (height, width))   # 512.0 -> 512, as diffusers
         if generator is None:
             seed = secrets.randbits(63) if seed is None else int(seed)
@@ -275,10 +344,17 @@ class StableDiffusion:
             # the masked image the U-Net sees is mid-grey (0 in [-1, 1])
             image, mask_image = np.zeros((1, 3, height, width), np.float32), np.ones((height, width), np.float32)
 
-        guidance = guidance_scale > 1.0
+        guidance = guidance_scale > 1.0 and not self.is_lcm_model
         context, prompt_fields = self._encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance,
                                                      prompt_embeds, negative_prompt_embeds, prompt_weighting, clip_skip)
         batch = context.shape[0] // (2 if guidance else 1)
+        timestep_cond = None
+        if self.is_lcm_model:             # as LatentConsistencyModelPipeline: w = s − 1, no CFG batch
+            if negative_prompt is not None:
+                warnings.warn("an LCM-distilled U-Net runs without classifier-free guidance: negative_prompt "
+                              "has no effect", stacklevel=2)
+            w = np.full(batch, guidance_scale - 1, dtype=np.float32)
+            timestep_cond = guidance_scale_embedding(w, self.unet.config["time_cond_proj_dim"])
 
         sched, sched_name = self._scheduler(scheduler)
         sched.set_timesteps(num_inference_steps)
@@ -298,7 +374,7 @@ class StableDiffusion:
             latents = np.asarray(latents, dtype=np.float32) * np.float32(sched.init_noise_sigma)
             noise = None
         else:
-            timesteps = strength_timesteps(sched, num_inference_steps, strength)
+            timesteps = strength_timesteps(sched, num_inference_steps, strength, within_grid=self.is_lcm_model)
             pure_noise = mask is not None and strength >= 1.0      # inpainting from scratch
             nine_channel = self.unet.in_channels == 9
             if not (pure_noise and nine_channel):                   # the 9-channel U-Net sees the image
@@ -317,14 +393,18 @@ class StableDiffusion:
                     # unused; draw its VAE noise all the same so later draws stay aligned with its seed
                     generator.randn((masked_image.shape[0], 4) + shape[2:])
 
+        deepcache = deepcache_interval and DeepCache(self.unet, deepcache_interval, deepcache_branch, sched.timesteps)
         latents = self._denoise(latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
-                                mask=mask, masked_latents=masked_latents, image_latents=image_latents, noise=noise)
+                                mask=mask, masked_latents=masked_latents, image_latents=image_latents, noise=noise,
+                                timestep_cond=timestep_cond, unet=deepcache)
         parameters = {"Steps": num_inference_steps, **sampler_fields(sched_name), "CFG scale": float(guidance_scale),
                       "Seed": seed, "Size": f"{width}x{height}", "Model": self.model_name,
-                      "Denoising strength": None if txt2img else float(strength), **self.vae_fields, **prompt_fields}
+                      "Denoising strength": None if txt2img else float(strength), **self.vae_fields, **prompt_fields,
+                      **self.loras.parameters(),
+                      **(deepcache.parameters() if deepcache else {})}
         if output_type == "latent":
             return PipelineOutput(latents, seed, parameters=parameters)
-        images = self.decode(latents)
+        images = self.decode(latents, decoder=vae_decoder)
         if output_type == "pil":
             images = to_pil(images)
         return PipelineOutput(images, seed, parameters=parameters)
@@ -332,7 +412,7 @@ class StableDiffusion:
     def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
                      generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
                      num_images_per_prompt, prompt_embeds=None, negative_prompt_embeds=None, prompt_weighting=False,
-                     clip_skip=None):
+                     clip_skip=None, deepcache_interval=None, deepcache_branch=0):
         """Check `__call__`'s arguments before any model work, in the order of its signature: a bad
         value raises a TypeError (wrong kind) or ValueError (wrong value) naming the argument, the
         value and what is allowed. Values diffusers takes and handles sensibly pass as they do there
@@ -403,12 +483,23 @@ class StableDiffusion:
             layers = len(self.text_encoder.text_model.encoder.layers)
             check_int("clip_skip", clip_skip, 0, layers, allowed=f"an integer from 0 to {layers}, the text encoder "
                       f"layers to skip (diffusers' meaning; A1111's 'Clip skip' minus 1)")
-        if image is not None:      # a strength too small for the steps leaves no step: try it on a fresh sampler
+        if deepcache_interval is not None:
+            check_int("deepcache_interval", deepcache_interval, 1, allowed="an integer >= 1: the full U-Net runs "
+                      "every N-th step (None turns DeepCache off)")
+        last = self.unet.num_skips - 1
+        check_int("deepcache_branch", deepcache_branch, 0, last, allowed=f"an integer from 0 to {last}, DeepCache's "
+                  f"branch (0 = the shallowest)")
+        if deepcache_branch and deepcache_interval is None:
+            raise ValueError(f"deepcache_branch={deepcache_branch} needs deepcache_interval= (DeepCache is off "
+                             f"without it)")
+        # the sampler must take the step count (LCM: at most its 50-point grid), and a strength too
+        # small for the steps leaves no step: try them on a fresh sampler
+        sched, _ = self._scheduler(scheduler)
+        sched.set_timesteps(num_inference_steps)
+        if image is not None:
             if strength is None:
                 strength = DEFAULT_STRENGTH["inpaint" if mask_image is not None else "img2img"]
-            sched, _ = self._scheduler(scheduler)
-            sched.set_timesteps(num_inference_steps)
-            strength_timesteps(sched, num_inference_steps, strength)
+            strength_timesteps(sched, num_inference_steps, strength, within_grid=self.is_lcm_model)
 
     def check_latents(self, latents, image, height, width, batch):
         """`latents` replaces the txt2img start noise: (batch, 4, height/8, width/8), finite numbers."""
@@ -431,8 +522,8 @@ class StableDiffusion:
                              f"(nan or inf)")
 
     def _denoise(self, latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
-                 mask=None, masked_latents=None, image_latents=None, noise=None):
-        """The reverse-diffusion loop: z_T -> z_0, one sampler step per timestep."""
+                 mask=None, masked_latents=None, image_latents=None, noise=None, timestep_cond=None, unet=None):
+        """The reverse-diffusion loop: z_T -> z_0, one sampler step per timestep (`unet`: see predict_noise)."""
         wants_x0 = callback is not None and "pred_original_sample" in inspect.signature(callback).parameters
         nine_channel = self.unet.in_channels == 9
         self.num_timesteps = len(timesteps)
@@ -440,7 +531,7 @@ class StableDiffusion:
             x = sched.scale_model_input(latents, t)
             if nine_channel:
                 x = np.concatenate([x, mask, masked_latents], axis=1)
-            eps = self.predict_noise(x, t, context, guidance_scale)
+            eps = self.predict_noise(x, t, context, guidance_scale, timestep_cond, unet)
             out = sched.step(eps, t, latents, generator=generator, eta=eta)
             latents = out.prev_sample
             if mask is not None and not nine_channel:
@@ -463,10 +554,45 @@ class StableDiffusion:
         return scheduler, type(scheduler).__name__
 
 
-def strength_timesteps(sched, num_inference_steps, strength):
-    """img2img skips the first (1 − strength) of the schedule: start from the image noised to t_start."""
+class DeepCache:
+    """DeepCache (Ma et al. 2023, "DeepCache: Accelerating Diffusion Models for Free"), one
+    generation's per-step hook: called as the U-Net, it runs the full U-Net every `interval`-th step,
+    keeping u_k, the deep features entering the up path's ResNet at `branch` k, and in between
+    only the shallow branch on them (UNet2DConditionModel: the down path to skip s_k, the up path
+    from U_k). Steps count as the DeepCache package's DeepCacheSDHelper counts them: a U-Net call
+    at t is step i, the first index of t in the sampler's timesteps (Heun's and PLMS's second
+    call at a timestep counts as its first), and runs the full U-Net when (i − i_0) % interval
+    == 0, i_0 the generation's first step (img2img starts part-way). The CFG batch shares one
+    cache: u_k holds both halves."""
+
+    def __init__(self, unet, interval, branch, timesteps):
+        self.unet, self.interval, self.branch = unet, interval, branch
+        self.timesteps = np.asarray(timesteps)
+        self.first = self.features = None
+
+    def __call__(self, x, t, context, timestep_cond=None):
+        step = int(np.flatnonzero(self.timesteps == t)[0])
+        self.first = step if self.first is None else self.first
+        full = (step - self.first) % self.interval == 0
+        eps, self.features = self.unet(x, t, context, timestep_cond=timestep_cond, cache_branch=self.branch,
+                                       cached=None if full else self.features)
+        return eps
+
+    def parameters(self):
+        return {"DeepCache interval": self.interval, "DeepCache branch": self.branch}
+
+
+def strength_timesteps(sched, num_inference_steps, strength, within_grid=False):
+    """img2img skips the first (1 − strength) of the schedule: start from the image noised to t_start.
+
+    within_grid: an LCM-distilled model with a consistency sampler takes all n steps from the lowest
+    strength·50 points of LCM's grid instead (diffusers' LatentConsistencyModelImg2ImgPipeline).
+    """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if within_grid and isinstance(sched, LCMScheduler):
+        sched.set_timesteps(num_inference_steps, strength=strength)
+        return sched.timesteps
     init = min(int(num_inference_steps * strength), num_inference_steps)
     t_start = max(num_inference_steps - init, 0) * sched.order
     if hasattr(sched, "set_begin_index"):

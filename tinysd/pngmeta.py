@@ -30,6 +30,8 @@ A1111_SAMPLER_NAMES = {
     "heun": "Heun",
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "lcm": "LCM",
+    "tcd": "TCD",        # not in A1111 itself; the name Forge and ComfyUI give it
 }
 
 # One `Key: value` of the last line: the value is a JSON string or runs to the next comma.
@@ -46,8 +48,8 @@ def quote(value):
 
 # The order A1111 writes its fields in; a generation's fields are written in this order, others after.
 A1111_ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
-               "VAE hash", "VAE", "Batch size", "Batch pos", "Denoising strength", "Clip skip", "TI hashes",
-               "Pad conds")
+               "VAE hash", "VAE", "Batch size", "Batch pos", "Denoising strength", "Clip skip", "Lora hashes",
+               "TI hashes", "Pad conds")
 
 
 def infotext(prompt, negative_prompt, fields):

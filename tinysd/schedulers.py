@@ -10,13 +10,15 @@
 Each class equals the diffusers scheduler of the same name for the same config: same
 `timesteps`, same arithmetic in the same float precision, and noise drawn in the same order and
 shape, so the same seed gives the same picture. The tables (β, ᾱ, σ, spacings) are in
-`tinysd.schedule`. Two families, and one in between:
+`tinysd.schedule`. Two families, one in between, and the few-step samplers:
 
   ᾱ-samplers (DDPM, DDIM, PNDM): the latent is x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε; integer timesteps.
   σ-samplers (LMS, Euler, Euler a, Heun): the latent is x_t/√ᾱ_t = x₀ + σ_t ε, so the initial
       noise is scaled by σ_max (`init_noise_sigma`) and the UNet input by 1/√(σ²+1) = √ᾱ_t
       (`scale_model_input`); timesteps are floats (fractional with Karras σ).
   DPM-Solver++ walks the σ schedule but keeps the latent in ᾱ form, as diffusers does.
+  Consistency samplers (LCM, TCD), ᾱ form: each step jumps to x̂₀ and draws fresh noise back
+      up to the next timestep, for models distilled to do so in 2–8 steps (LCM U-Nets, LCM-LoRA).
 """
 from __future__ import annotations
 
@@ -576,6 +578,145 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         return SchedulerOutput(prev.astype(np.float32), x0)
 
 
+class LCMScheduler(Scheduler):
+    """Latent consistency models (Luo et al. 2023): a few steps of "jump to x₀, noise back down".
+
+    A consistency model f(x_t, t) maps any point of an ODE trajectory straight to its origin x₀.
+    The distilled U-Net still predicts ε; the model is its x̂₀ with the boundary condition
+    f(x, 0) = x built in (Song et al. 2023, eq. 3, discrete time):
+
+        x̂₀ = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t,    denoised = c_out(t) x̂₀ + c_skip(t) x_t
+        c_skip = σ_d² / ((s t)² + σ_d²),   c_out = s t / √((s t)² + σ_d²),   σ_d = 0.5, s = 10
+
+    (`timestep_scaling` s makes c_skip ≈ 0 for every t ≥ 1: denoised is x̂₀ to within 0.25%.)
+    Then the next timestep's latent is a fresh forward-process draw from it,
+
+        x_{t'} = √ᾱ_{t'} denoised + √(1−ᾱ_{t'}) z,    z ~ N(0, I),
+
+    and the last step returns `denoised` itself. Timesteps come from the distillation's grid of
+    `original_inference_steps` (50) points t = k·T/50 − 1 (19, 39, ..., 999), walked from the
+    top with a stride of len(grid)/n indices: 4 steps are 999, 759, 499, 259. With `strength`
+    (img2img in diffusers' LCM pipelines) the grid is cut to its lowest strength·50 points first.
+
+    `pred_original_sample` holds `denoised` (diffusers calls it that): the picture the step saw.
+    """
+    defaults = dict(Scheduler.defaults, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    original_inference_steps=50, clip_sample=False, clip_sample_range=1.0,
+                    set_alpha_to_one=True, thresholding=False, dynamic_thresholding_ratio=0.995,
+                    sample_max_value=1.0, timestep_scaling=10.0, rescale_betas_zero_snr=False)
+    supported = dict(Scheduler.supported, thresholding=(False,), rescale_betas_zero_snr=(False,))
+    final_alpha_cumprod = DDIMScheduler.final_alpha_cumprod
+    sigma_data = 0.5
+
+    def __init__(self, config=None, **overrides):
+        super().__init__(config, **overrides)
+        self._step_index = None
+
+    def set_timesteps(self, num_inference_steps: int, strength: float = 1.0):
+        """n timesteps (int64) from the `original_inference_steps` grid, as diffusers."""
+        c = self.config
+        T, original = c.num_train_timesteps, c.original_inference_steps
+        if not isinstance(original, int) or not 1 <= original <= T:
+            raise ValueError(f"original_inference_steps must be an integer in 1..{T}, got {original!r}")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        n = self._check_steps(num_inference_steps)
+        if n > original:
+            raise ValueError(f"{type(self).__name__}: num_inference_steps {n} is more than "
+                             f"original_inference_steps {original}, the grid the timesteps are taken from")
+        grid = np.arange(1, int(original * strength) + 1) * (T // original) - 1     # ascending
+        if len(grid) < n:
+            raise ValueError(f"{type(self).__name__}: strength {strength} leaves {len(grid)} of the "
+                             f"{original} grid timesteps, fewer than num_inference_steps {n}")
+        index = np.floor(np.linspace(0, len(grid), num=n, endpoint=False)).astype(np.int64)
+        self.timesteps = grid[::-1][index].astype(np.int64)
+        self.num_inference_steps = n
+        self._step_index = self._begin_index = None
+
+    @property
+    def step_index(self):
+        return self._step_index
+
+    def _current_index(self, t) -> int:
+        """Position of this step in `timesteps`: set_begin_index's, else where t first appears."""
+        self._require_timesteps()
+        if self._step_index is None:
+            hits = np.flatnonzero(self.timesteps == t)
+            if self._begin_index is None and len(hits) == 0:
+                raise ValueError(f"timestep {t} is not one of this scheduler's timesteps")
+            self._step_index = self._begin_index if self._begin_index is not None else int(hits[0])
+        return self._step_index
+
+    def _alpha_cumprod(self, t) -> np.float32:
+        return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
+
+    def boundary_condition_scalings(self, t):
+        """(c_skip, c_out) at timestep t, float32 as diffusers computes them."""
+        st = np.float32(t) * np.float32(self.config.timestep_scaling)
+        var = np.float32(self.sigma_data**2)
+        return var / (st * st + var), st / (st * st + var) ** np.float32(0.5)
+
+    def _x0(self, eps, sample, abar_t):
+        x0 = self._predict_x0(sample, eps, abar_t)
+        if self.config.clip_sample:
+            x0 = np.clip(x0, -self.config.clip_sample_range, self.config.clip_sample_range)
+        return x0
+
+    def step(self, eps, t, sample, generator=None, eta=None) -> SchedulerOutput:
+        """One LCM step; `eta` is not used (the noise scale is fixed by ᾱ of the next timestep)."""
+        eps, sample = _inputs(eps, sample)
+        i = self._current_index(t)
+        t = int(t)
+        t_next = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else t
+        c_skip, c_out = self.boundary_condition_scalings(t)
+        denoised = c_out * self._x0(eps, sample, self.alphas_cumprod[t]) + c_skip * sample
+        if i != self.num_inference_steps - 1:
+            abar_next = self._alpha_cumprod(t_next)
+            prev = abar_next**0.5 * denoised + (1 - abar_next) ** 0.5 * _randn(generator, eps.shape)
+        else:
+            prev = denoised
+        self._step_index += 1
+        return SchedulerOutput(prev, denoised)
+
+
+class TCDScheduler(LCMScheduler):
+    """Trajectory consistency distillation (Zheng et al. 2024), "strategic stochastic sampling":
+    LCM's timesteps, but each step goes only part of the way down before re-noising.
+
+    From t with next timestep t', and s = ⌊(1 − γ) t'⌋ (γ = `eta`, 0.3 in diffusers' step,
+    0 = deterministic, 1 = LCM-like):
+
+        x̂₀ = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t,              x_s = √ᾱ_s x̂₀ + √(1−ᾱ_s) ε     (DDIM to s)
+        x_{t'} = √(ᾱ_{t'}/ᾱ_s) x_s + √(1 − ᾱ_{t'}/ᾱ_s) z,   z ~ N(0, I)         (forward to t')
+
+    The last step (t' = 0) and γ = 0 return x_s without noise. The timesteps, the step index and
+    add_noise are LCM's (TCD's own schedule differs only when `original_inference_steps` is
+    passed to set_timesteps, which tinysd does not do); there are no c_skip/c_out scalings.
+    `pred_original_sample` is x̂₀ (diffusers' TCD returns x_s as `pred_noised_sample`).
+    """
+    default_eta = 0.3
+
+    def step(self, eps, t, sample, generator=None, eta=None) -> SchedulerOutput:
+        eta = self.default_eta if eta is None else float(eta)
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"TCD's eta (gamma) must be in [0, 1], got {eta}")
+        eps, sample = _inputs(eps, sample)
+        i = self._current_index(t)
+        t = int(t)
+        t_next = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else 0
+        s = int(np.floor(np.float32(1 - eta) * np.float32(t_next)))   # float32 as torch computes it
+        abar_t, abar_next, abar_s = self.alphas_cumprod[t], self._alpha_cumprod(t_next), self.alphas_cumprod[s]
+        x0 = self._x0(eps, sample, abar_t)
+        x_s = abar_s**0.5 * x0 + (1 - abar_s) ** 0.5 * eps
+        if eta > 0 and i != self.num_inference_steps - 1:
+            ratio = abar_next / abar_s
+            prev = ratio**0.5 * x_s + (1 - ratio) ** 0.5 * _randn(generator, eps.shape)
+        else:
+            prev = x_s
+        self._step_index += 1
+        return SchedulerOutput(prev, x0)
+
+
 SCHEDULERS = {
     "ddpm": (DDPMScheduler, {}),
     "ddim": (DDIMScheduler, {}),
@@ -588,6 +729,8 @@ SCHEDULERS = {
     "heun": (HeunDiscreteScheduler, {}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "lcm": (LCMScheduler, {}),
+    "tcd": (TCDScheduler, {}),
 }
 """--sampler name -> (class, config overrides)."""
 

@@ -13,6 +13,7 @@ renamed once here. Everything else in the file (EMA copies `model_ema.*`, the sc
 
 The U-Net's flat block list, for SD v1 (L = layers_per_block = 2):
 
+    time_embed.0 / .2               time_embedding.linear_1 / linear_2 (+ cond_proj, LCM U-Nets)
     input_blocks.0.0                conv_in
     input_blocks.{1 + i(L+1) + j}   down_blocks.i.resnets.j (.0) and .attentions.j (.1)
     input_blocks.{(i+1)(L+1)}.0.op  down_blocks.i.downsamplers.0.conv
@@ -105,6 +106,12 @@ RESNET = {  # original ResBlock -> diffusers ResnetBlock2D
 }
 
 
+# An LCM-distilled U-Net's guidance-embedding projection (`time_cond_proj_dim`) has no
+# CompVis name: diffusers' convert_diffusers_to_original_stable_diffusion.py leaves its
+# diffusers name as is, other converters spell it after `time_embed.0`. Both load.
+COND_PROJ = ("time_embedding.cond_proj", "time_embed.cond_proj")
+
+
 def unet_block_names(config):
     """{original module prefix: diffusers module prefix} for a U-Net of this config."""
     L = config["layers_per_block"]
@@ -114,6 +121,7 @@ def unet_block_names(config):
         "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
         "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
         "middle_block.2": "mid_block.resnets.1",
+        **{name: "time_embedding.cond_proj" for name in COND_PROJ},
     }
     for i in range(levels):
         for j in range(L):
@@ -277,12 +285,14 @@ def unet_sizes(state, source):
     if attn2 is None:
         raise SingleFileError(f"{source}: the U-Net has no cross-attention (attn2.to_k); not SD v1's layout")
     proj_in = next(k for k in state if k.endswith(".1.proj_in.weight"))
+    cond_proj = next((f"{name}.weight" for name in COND_PROJ if f"{name}.weight" in state), None)
     return {
         "in_channels": shape("input_blocks.0.0.weight")[1], "out_channels": shape("out.2.weight")[0],
         "block_out_channels": widths, "layers_per_block": L,
         "down_block_types": down, "up_block_types": up,
         "cross_attention_dim": shape(attn2)[1],
         "use_linear_projection": len(shape(proj_in)) == 2,            # SD v1: a 1x1 conv (4-D)
+        "time_cond_proj_dim": shape(cond_proj)[1] if cond_proj else None,   # LCM-distilled U-Nets
     }
 
 
