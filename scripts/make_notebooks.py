@@ -1019,8 +1019,9 @@ def latent_space_notebook():
         average; of the 16 midpoint pairs, 14 read the same, and the 2 others differ only in the
         background's colour. The scaled noises say why: the object follows the prompt from noise × 0
         to × 1, and what the norm of the start noise changes is the background (seed 2: white, then
-        grey, then black). Too much noise does break the picture (× 1.41: 2 of 3 seeds lose the star),
-        too little only moves the background. So slerp is the right way to walk between seeds (it
+        grey, then black). Too much noise does break the picture (× 1.41 leaves coloured specks all
+        over it for 2 of 3 seeds, and the reading mistakes the star for a circle); too little only
+        moves the background. So slerp is the right way to walk between seeds (it
         keeps the start noise where the model was trained, and costs nothing), but on this small model
         lerp's shrunken midpoints are not visibly worse; the articles' blurry lerp midpoints are a claim
         about trained SD v1 (n = 16 384) that this notebook does not test.
