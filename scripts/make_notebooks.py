@@ -1425,6 +1425,210 @@ def latent_space_notebook():
 NOTEBOOKS["09_latent_space.ipynb"] = latent_space_notebook()
 
 
+NOTEBOOKS["11_training.ipynb"] = [
+    md("""
+    # 11 · Training: the loss, the backward pass, a LoRA
+
+    Sampling runs the U-Net forward; training teaches it what to predict. Take a training picture's
+    latent z₀, pick a timestep t and a noise ε, noise the latent to
+
+        z_t = √ᾱ_t · z₀ + √(1 − ᾱ_t) · ε,
+
+    and ask the U-Net for ε back: the loss is L = ‖ε − ε_θ(z_t, t, c)‖², averaged, with c the
+    caption's context. Its gradient flows back through every layer by the chain rule. tinysd
+    writes that backward pass out by hand: each op in `tinysd/backend.py` has an `*_backward`
+    beside it, and each block a `backward(saved, grad)` beside its `__call__` that undoes the
+    forward's steps in reverse (no autograd engine; the tests check every gradient against
+    torch.autograd). `tinysd/train.py` adds the noise schedule, the loss, AdamW, and LoRA and
+    textual-inversion training.
+
+    This notebook always runs on the packaged "shapes" model with the plain NumPy backend:
+    training even a LoRA for SD v1.5 takes hours on a CPU, the shapes model's takes seconds.
+    """),
+    code("""
+    import sys
+
+    import numpy as np
+    import matplotlib.pyplot as plt
+    import tinysd
+    from _model import TRAINING, shapes_picture, show
+    from tinysd.pipeline import preprocess_image
+    from tinysd.rng import Generator
+    from tinysd.train import NoiseSchedule, diffusion_loss, named_modules
+
+    sys.path.insert(0, str(TRAINING))      # training/shapes_data.py draws the shapes model's pictures
+    import shapes_data
+
+    sd = tinysd.load("shapes", backend="numpy")
+    print('Running on the packaged "shapes" model (tinysd.load("shapes"), NumPy backend), whatever the other notebooks use.')
+    schedule = NoiseSchedule(sd.scheduler_config)
+    print(f"U-Net {sd.unet.num_parameters() / 1e6:.1f} M parameters, text encoder "
+          f"{sd.text_encoder.num_parameters() / 1e6:.1f} M; {schedule.num_train_timesteps} training timesteps")
+    """),
+    md("""
+    ## The forward diffusion as training data
+
+    A training example is a picture's latent noised to a random t: the further along, the
+    less of the picture is left (√ᾱ_t) and the more noise (√(1 − ᾱ_t)). Decoded, for one
+    picture of the training set's kind:
+    """),
+    code("""
+    pixels = shapes_picture()                                  # (64, 64, 3) uint8
+    z0 = sd.encode(preprocess_image(pixels), Generator(0))      # (1, 4, 8, 8), scaled by 0.18215
+    eps = np.random.default_rng(0).standard_normal(z0.shape).astype(np.float32)
+    ts = [0, 100, 300, 500, 700, 999]
+    noised = [schedule.add_noise(z0, eps, np.array([t])) for t in ts]
+    show([sd.decode(z)[0] for z in noised],
+         [f"t={t}: √ᾱ={np.sqrt(schedule.alphas_cumprod[t]):.2f}" for t in ts], size=1.8)
+    """),
+    md("""
+    ## One training step, taken apart
+
+    The caption through the text encoder, the noised latent through the U-Net (with `saved`, a
+    dict in which the forward keeps the activations its backward needs), the loss and its
+    gradient ∂L/∂ε̂ = 2(ε̂ − ε)/n, then `unet.backward`, which returns ∂L/∂z_t and ∂L/∂context
+    and leaves each parameter's gradient in its module's `.grads`.
+    """),
+    code("""
+    caption = "a blue square to the left of a green triangle"
+    ids = sd.tokenizer(caption)                                 # (1, 77) token ids
+    text_saved, unet_saved = {}, {}
+    context = sd.text_encoder(ids, saved=text_saved)            # (1, 77, 64)
+    t = np.array([500])
+    z_t = schedule.add_noise(z0, eps, t)
+    prediction = sd.unet(z_t, t, context, saved=unet_saved)     # ε̂, (1, 4, 8, 8)
+    loss, grad = diffusion_loss(prediction, eps, np.ones(1))    # L and ∂L/∂ε̂
+    dz, dcontext = sd.unet.backward(unet_saved, grad)
+    sd.text_encoder.backward(text_saved, dcontext)              # on into the text encoder's weights
+    print(f"loss {loss:.4f};  ∂L/∂z_t {dz.shape},  ∂L/∂context {dcontext.shape}")
+    """),
+    md("""
+    Where the gradient lands. The backward visits the blocks in the reverse order of the
+    forward: conv_out, the up path, the middle, the down path, conv_in. The up blocks took the
+    down blocks' outputs as skip connections, so each down block's gradient is the sum of what
+    came down the path and what came back along its skips. The text reaches the U-Net only
+    through the cross-attentions' keys and values (attn2.to_k, to_v): their gradients are the
+    ones that flow on into the text encoder. (On the shapes model's 8×8 latents the deepest
+    level is 1×1, and far less gradient reaches it than the outer levels.)
+    """),
+    code("""
+    def block_of(name):
+        parts = name.split(".")
+        return ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
+
+    norms, cross = {}, {}
+    for name, module in named_modules(sd.unet):
+        for key, g in getattr(module, "grads", {}).items():
+            if g is None:
+                continue
+            norms[block_of(name)] = norms.get(block_of(name), 0.0) + float(np.sum(np.square(g)))
+            if ".attn2.to_k" in name or ".attn2.to_v" in name:
+                cross[block_of(name)] = cross.get(block_of(name), 0.0) + float(np.sum(np.square(g)))
+    backward_order = list(reversed(list(norms)))
+    fig, ax = plt.subplots(figsize=(9, 2.8))
+    ax.bar(range(len(norms)), [np.sqrt(norms[b]) for b in backward_order], label="all parameters")
+    ax.bar(range(len(norms)), [np.sqrt(cross.get(b, 0.0)) for b in backward_order], label="cross-attention k, v")
+    ax.set_xticks(range(len(norms)), backward_order, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("‖∂L/∂θ‖")
+    ax.set_yscale("log")
+    ax.set_title("parameter gradients, in the order the backward reaches them")
+    ax.legend()
+    plt.show()
+    """),
+    md("""
+    The gradient with respect to the input latent, and with respect to each of the 77 context
+    vectors: the caption's words, the start and end tokens, and the padding after them (SD v1
+    cross-attends to all 77 positions, so the padding gets gradient too).
+    """),
+    code("""
+    n_words = int(np.argmax(ids[0] == ids[0, -1])) + 1      # start, the words, the end token (padding repeats it)
+    per_token = np.linalg.norm(dcontext[0], axis=-1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 2.8), gridspec_kw={"width_ratios": [1, 3]})
+    axes[0].imshow(np.linalg.norm(dz[0], axis=0), cmap="magma")
+    axes[0].set_title("‖∂L/∂z_t‖ per latent pixel", fontsize=9)
+    axes[0].set_axis_off()
+    axes[1].bar(range(77), per_token)
+    axes[1].axvline(n_words - 0.5, color="gray", ls=":")
+    axes[1].set_xlabel("context position (dotted: end of the caption, padding after it)")
+    axes[1].set_title("‖∂L/∂context‖ per token", fontsize=9)
+    plt.show()
+    sd.unet.zero_grad()
+    sd.text_encoder.zero_grad()
+    """),
+    md("""
+    ## A LoRA, trained live
+
+    A LoRA freezes the model and adds to chosen linear layers a low-rank update,
+    y = W x + (α/r) · B A x with A (r × in) and B (out × r), B starting at zero so that the
+    model starts unchanged (`tinysd.train.LoRALinear`). Here rank 4 on every attention
+    projection of the U-Net: 16 pictures of a large purple star, each captioned with a word the
+    model never saw, "a zorb in the center". Before training the word means nothing to the model:
+    """),
+    code("""
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+    from tinysd.train import TrainConfig, remove_lora, train_lora
+
+    folder = Path(tempfile.mkdtemp()) / "zorb"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):          # kohya's layout: NAME.png beside NAME.txt
+        background = str(rng.choice(list(shapes_data.BACKGROUNDS)))
+        star = shapes_data.make_thing(rng, "star", "purple", "center", "large")
+        Image.fromarray(shapes_data.render(shapes_data.Scene((star,), background))).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text("a zorb in the center")
+
+    prompt, seeds = "a zorb in the center", [0, 1, 2]
+    before = [sd(prompt, seed=s, num_inference_steps=20).images[0] for s in seeds]
+    show(before, [f"before, seed {s}" for s in seeds])
+    """),
+    md("""
+    `train_lora` encodes the pictures once with the VAE, then runs AdamW steps: each draws a
+    batch of pictures, timesteps and noise from the step's seed, runs the loss forward and
+    backward as above, and updates only the adapters' A and B.
+    """),
+    code("""
+    import time
+
+    start = time.perf_counter()
+    adapters, losses = train_lora(sd, folder, TrainConfig(steps=20, batch_size=8, learning_rate=1.2e-2, seed=0),
+                                  rank=4, progress=False)
+    trained = sum(a.lora_down.weight.size + a.lora_up.weight.size for a in adapters.values())
+    print(f"{len(adapters)} adapters, {trained} trained numbers; {len(losses)} steps in {time.perf_counter() - start:.0f} s")
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    ax.plot(losses, ".-")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    plt.show()
+    """),
+    md("""
+    The same prompt and seeds with the adapters in the model, and again after `remove_lora`
+    gives the layers back:
+    """),
+    code("""
+    after = [sd(prompt, seed=s, num_inference_steps=20).images[0] for s in seeds]
+    show(after, [f"with the LoRA, seed {s}" for s in seeds])
+    remove_lora(sd.unet, adapters)
+    again = sd(prompt, seed=0, num_inference_steps=20).images[0]
+    print("without it again, seed 0 is the picture from before:", np.array_equal(np.asarray(again), np.asarray(before[0])))
+    """),
+    md("""
+    `save_lora(path, adapters)` writes the adapters as a kohya `.safetensors` file, which
+    `tinysd --lora` and diffusers' `load_lora_weights` both read (the tests check that diffusers
+    draws the same picture from it). The command line does all of the above on a folder:
+
+        python -m tinysd train-lora DATA --model shapes --rank 4 --steps 200 -o zorb.safetensors
+
+    and `train-embedding` learns a new token's vector instead (textual inversion), with the
+    whole model frozen. `training/train_shapes_lora.py` and `training/train_shapes_embedding.py`
+    run longer versions with a pixel-level evaluation.
+    """),
+]
+
+
 def build(name):
     """The notebook `name` from NOTEBOOKS, without outputs."""
     import nbformat

@@ -6,6 +6,11 @@
     python -m tinysd "a (red:1.3) car, [blurry]" -n "EasyNegative" --embeddings-dir embeddings --clip-skip 2
     python -m tinysd "a cat <lora:watercolor:0.8>" --lora-dir loras/ --lora lcm-lora.safetensors
     python -m tinysd "a cat" --lora lcm-lora-sdv1-5.safetensors --sampler lcm --steps 4 --cfg-scale 1 --taesd madebyollin/taesd
+    python -m tinysd train-lora DATA --model shapes --rank 4 --steps 500 -o my.safetensors
+    python -m tinysd train-embedding DATA --model shapes --token "<zorb>" --init-word star -o zorb.safetensors
+
+A first word that names a subcommand (`SUBCOMMANDS`) runs it; anything else is a prompt
+(`python -m tinysd -- train-lora` draws the words "train-lora").
 
 Writes PNGs carrying their generation parameters in AUTOMATIC1111's format (`tinysd.pngmeta`).
 A mistake (a bad option, an unreadable image, an unwritable path, a missing model or GPU) is
@@ -334,9 +339,30 @@ def apply_loras(sd, requests):
         sd.set_adapters([r[0] for r in requests], [{"text_encoder": r[2], "unet": r[3]} for r in requests])
 
 
+class Timings:
+    """Seconds per phase of the run, wall and CPU (all threads), one line on stderr at the end when
+    TINYSD_TIMINGS is set (benchmarks/bench_startup.py reads it): imports (the model code and the
+    backend's kernels), load (weights), picture (the pipeline call: prompt, steps, decode; kernels
+    compiled or read from Numba's cache on their first call), save (the PNGs)."""
+
+    def __init__(self):
+        self.phases, self.last = {}, (time.perf_counter(), time.process_time())
+
+    def mark(self, phase):
+        now = (time.perf_counter(), time.process_time())
+        self.phases[phase], self.last = (now[0] - self.last[0], now[1] - self.last[1]), now
+
+    def report(self):
+        if os.environ.get("TINYSD_TIMINGS"):
+            print("tinysd: timings: " + ", ".join(f"{k} {wall:.3f} s / {cpu:.3f} s CPU"
+                                                  for k, (wall, cpu) in self.phases.items()), file=sys.stderr)
+
+
 # -- the run -----------------------------------------------------------------------------------------
 def generate(args):
+    timings = Timings()
     import tinysd
+    import tinysd.pipeline  # noqa: F401  (timed as imports, not as load)
     from tinysd import embeddings
     from tinysd.backend import get_backend
     from tinysd.pngmeta import batch_fields, infotext
@@ -353,10 +379,12 @@ def generate(args):
     prompt, written_prompt, loras = lora_requests(args)
 
     backend = get_backend(args.backend)                 # --backend cuda without a GPU fails here
+    timings.mark("imports")
     sd = tinysd.load(args.model, backend=backend, vae=args.vae, taesd=args.taesd)
     apply_loras(sd, loras)
     if args.embeddings_dir is not None:
         embeddings.load_dir(sd, args.embeddings_dir)    # each under its file name; bad files skipped, with a warning
+    timings.mark("load")
     progress = callback = Progress(sd)
     if args.preview:            # TAESD draws the previews, the VAE the final image
         from tinysd.taesd import preview_callback
@@ -371,18 +399,137 @@ def generate(args):
                  deepcache_interval=args.deepcache, deepcache_branch=args.deepcache_branch or 0)
     finally:
         progress.close()
+    timings.mark("picture")
 
     texts = [infotext(written_prompt, args.negative_prompt, batch_fields(out.parameters, args.batch_size, i))
              for i in range(args.batch_size)]
     save_pngs(out.images, paths, texts)
+    timings.mark("save")
     for path in paths:
         print(f"{path} (seed {seed})")
+    timings.report()
     return 0
+
+
+# -- training subcommands (tinysd.train) --------------------------------------------------------------
+def training_parser(prog, description, lr):
+    """The options train-lora and train-embedding share."""
+    p = Parser(prog=f"tinysd {prog}", description=description)
+    p.add_argument("data", metavar="DATA", help="a folder of pictures with a caption beside each (NAME.txt beside "
+                                                "NAME.png/.jpg, as kohya's scripts read them); resized to the model's size")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.safetensors", help="where to write the result")
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="ID|PATH", help="the model to train on (default: %(default)s; "
+                                                                           "--model shapes is the small shipped one)")
+    p.add_argument("--backend", choices=("numpy", "cpu"), default=None,
+                   help="numpy (reference) or cpu (Numba kernels; default where Numba runs)")
+    p.add_argument("--steps", type=positive_int, default=500, metavar="N", help="optimiser steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="pictures per micro-batch (default: %(default)s)")
+    p.add_argument("--gradient-accumulation", type=positive_int, default=1, metavar="N",
+                   help="micro-batches per optimiser step (default: %(default)s)")
+    p.add_argument("--lr", type=guidance, default=lr, metavar="X", help="AdamW's learning rate (default: %(default)s)")
+    p.add_argument("--lr-warmup", type=int, default=0, metavar="N", help="linear warm-up steps (default: %(default)s)")
+    p.add_argument("--weight-decay", type=guidance, default=None, metavar="X", help="AdamW's decoupled weight decay")
+    p.add_argument("--min-snr-gamma", type=guidance, default=None, metavar="G",
+                   help="min-SNR-γ loss weighting (5 is the paper's value; default: off)")
+    p.add_argument("--seed", type=seed, default=0, help="seeds the draws of every step (default: %(default)s)")
+    p.add_argument("--state", default=None, metavar="FILE",
+                   help="save the run's state here (default: OUTPUT with .state.safetensors), to --resume from")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --state")
+    p.add_argument("--save-every", type=int, default=100, metavar="N", help="save the state every N steps (default: %(default)s)")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="loss plot (default: OUTPUT with -loss.png)")
+    p.add_argument("--fit-latents", type=int, default=0, metavar="N",
+                   help="refine each picture's latent by N steps of gradient descent through the VAE's decoder, for "
+                        "content its encoder never saw (default: 0, the encoder's latents)")
+    return p
+
+
+def mean_tail(losses, n=20):
+    return sum(losses[-n:]) / max(1, len(losses[-n:]))
+
+
+def training_config(args, weight_decay):
+    from tinysd.train import TrainConfig
+
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation,
+                       learning_rate=args.lr, lr_warmup_steps=args.lr_warmup,
+                       weight_decay=weight_decay if args.weight_decay is None else args.weight_decay,
+                       min_snr_gamma=args.min_snr_gamma, seed=args.seed)
+
+
+def training_paths(args):
+    """(output, state, plot) paths, checked before the model loads."""
+    output = Path(args.output)
+    if output.suffix != ".safetensors":
+        raise UsageError(f"--output {output}: the file name must end in .safetensors")
+    state = Path(args.state) if args.state else output.with_name(output.stem + ".state.safetensors")
+    plot = Path(args.plot) if args.plot else output.with_name(output.stem + "-loss.png")
+    check_writable([output, state, plot])
+    if not Path(args.data).is_dir():
+        raise UsageError(f"DATA {args.data}: no such folder")
+    if args.resume and not state.is_file():
+        raise UsageError(f"--resume: no saved state at {state}")
+    return output, state, plot
+
+
+def train_lora_command(argv):
+    p = training_parser("train-lora", "Train a LoRA (kohya format) on the U-Net's attention projections.", lr=1e-4)
+    p.add_argument("--rank", type=positive_int, default=4, metavar="R", help="the adapters' rank (default: %(default)s)")
+    p.add_argument("--alpha", type=guidance, default=None, metavar="A", help="LoRA alpha: the update is scaled by "
+                                                                             "alpha/rank (default: the rank)")
+    p.add_argument("--text-encoder", action="store_true", help="also adapt the text encoder's attention")
+    args = p.parse_args(argv)
+    output, state, plot = training_paths(args)
+    import tinysd
+    from tinysd.backend import get_backend
+    from tinysd.train import plot_losses, save_lora, train_lora
+
+    sd = tinysd.load(args.model, backend=get_backend(args.backend))
+    adapters, losses = train_lora(sd, args.data, training_config(args, 1e-2), rank=args.rank, alpha=args.alpha,
+                                  text_encoder=args.text_encoder, state_path=state, resume=args.resume,
+                                  save_every=args.save_every, fit_steps=args.fit_latents)
+    save_lora(output, adapters)
+    plot_losses(losses, plot, title=f"LoRA rank {args.rank}: loss")
+    print(f"{output} ({len(adapters)} adapters, final loss {mean_tail(losses):.4f}); state {state}; loss plot {plot}")
+    return 0
+
+
+def train_embedding_command(argv):
+    p = training_parser("train-embedding", "Train a textual-inversion embedding: new token vectors for a concept.", lr=5e-3)
+    p.add_argument("--token", required=True, help="the new word, as the captions write it (e.g. '<zorb>')")
+    p.add_argument("--init-word", default=None, metavar="WORD", help="start from this word's vectors (default: random)")
+    p.add_argument("--vectors", type=positive_int, default=1, metavar="N", help="vectors per token (default: %(default)s)")
+    p.add_argument("--diffusers-output", default=None, metavar="FILE",
+                   help="also write diffusers' learned_embeds.safetensors format here")
+    args = p.parse_args(argv)
+    output, state, plot = training_paths(args)
+    import tinysd
+    from tinysd.backend import get_backend
+    from tinysd.train import plot_losses, save_embedding, train_textual_inversion
+
+    sd = tinysd.load(args.model, backend=get_backend(args.backend))
+    vectors, losses = train_textual_inversion(sd, args.data, args.token, training_config(args, 0.0), args.vectors,
+                                              args.init_word, state_path=state, resume=args.resume,
+                                              save_every=args.save_every, fit_steps=args.fit_latents)
+    save_embedding(output, vectors)
+    if args.diffusers_output:
+        save_embedding(args.diffusers_output, vectors, args.token, format="diffusers")
+    plot_losses(losses, plot, title=f"embedding {args.token}: loss")
+    print(f"{output} ({len(vectors)} vector(s), final loss {mean_tail(losses):.4f}); state {state}; loss plot {plot}")
+    return 0
+
+
+SUBCOMMANDS = {   # first word -> function(argv) -> exit status
+    "train-lora": train_lora_command,
+    "train-embedding": train_embedding_command,
+}
 
 
 def main(argv=None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 failed, 2 bad usage, 130 interrupted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv and argv[0] in SUBCOMMANDS:
+            return SUBCOMMANDS[argv[0]](argv[1:])
         return generate(parse_args(argv))
     except UsageError as e:
         print(f"tinysd: error: {e}", file=sys.stderr)

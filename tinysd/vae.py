@@ -6,13 +6,16 @@ the diffusion runs in.
 
 The pipeline multiplies the sampled latent by `scaling_factor` (0.18215) after encoding and
 divides by it before decoding, so the diffusion sees latents of about unit variance.
+
+Training: `Encoder` and `Decoder` take `saved={}` and have `backward(saved, grad)`, built from
+the same ResNet, down/up-sampling and attention blocks as the U-Net (see `tinysd.nn`).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from tinysd.attention import Attention
-from tinysd.nn import Conv2d, GroupNorm, Module
+from tinysd.nn import Conv2d, GroupNorm, Module, child
 from tinysd.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
@@ -23,9 +26,15 @@ class UNetMidBlock2D(Module):
         self.resnets = [ResnetBlock2D(ch, ch, None, groups, eps), ResnetBlock2D(ch, ch, None, groups, eps)]
         self.attentions = [Attention(ch, heads=1, dim_head=ch, bias=True, norm_groups=groups, eps=eps)]
 
-    def __call__(self, h):
-        h = self.resnets[0](h)
-        return self.resnets[1](self.attentions[0].forward_image(h))
+    def __call__(self, h, saved=None):
+        h = self.resnets[0](h, saved=child(saved, "resnets.0"))
+        h = self.attentions[0].forward_image(h, saved=child(saved, "attentions.0"))
+        return self.resnets[1](h, saved=child(saved, "resnets.1"))
+
+    def backward(self, saved, grad):
+        grad, _ = self.resnets[1].backward(saved["resnets.1"], grad)
+        grad = self.attentions[0].backward_image(saved["attentions.0"], grad)
+        return self.resnets[0].backward(saved["resnets.0"], grad)[0]
 
 
 class DownEncoderBlock2D(Module):
@@ -33,12 +42,19 @@ class DownEncoderBlock2D(Module):
         self.resnets = [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, eps) for i in range(n_layers)]
         self.downsamplers = [Downsample2D(out_ch, padding=0)] if downsample else []
 
-    def __call__(self, h):
-        for resnet in self.resnets:
-            h = resnet(h)
+    def __call__(self, h, saved=None):
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(h, saved=child(saved, f"resnets.{i}"))
         for down in self.downsamplers:
-            h = down(h)
+            h = down(h, saved=child(saved, "downsamplers.0"))
         return h
+
+    def backward(self, saved, grad):
+        for down in self.downsamplers:
+            grad = down.backward(saved["downsamplers.0"], grad)
+        for i in reversed(range(len(self.resnets))):
+            grad, _ = self.resnets[i].backward(saved[f"resnets.{i}"], grad)
+        return grad
 
 
 class UpDecoderBlock2D(Module):
@@ -46,12 +62,19 @@ class UpDecoderBlock2D(Module):
         self.resnets = [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, eps) for i in range(n_layers)]
         self.upsamplers = [Upsample2D(out_ch)] if upsample else []
 
-    def __call__(self, h):
-        for resnet in self.resnets:
-            h = resnet(h)
+    def __call__(self, h, saved=None):
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(h, saved=child(saved, f"resnets.{i}"))
         for up in self.upsamplers:
-            h = up(h)
+            h = up(h, saved=child(saved, "upsamplers.0"))
         return h
+
+    def backward(self, saved, grad):
+        for up in self.upsamplers:
+            grad = up.backward(saved["upsamplers.0"], grad)
+        for i in reversed(range(len(self.resnets))):
+            grad, _ = self.resnets[i].backward(saved[f"resnets.{i}"], grad)
+        return grad
 
 
 class Encoder(Module):
@@ -64,12 +87,23 @@ class Encoder(Module):
         self.conv_norm_out = GroupNorm(groups, ch[-1], 1e-6)
         self.conv_out = Conv2d(ch[-1], 2 * cfg["latent_channels"], 3, padding=1)
 
-    def __call__(self, x):
+    def __call__(self, x, saved=None):
         h = self.conv_in(x)
-        for block in self.down_blocks:
-            h = block(h)
-        h = self.mid_block(h)
+        for i, block in enumerate(self.down_blocks):
+            h = block(h, saved=child(saved, f"down_blocks.{i}"))
+        h = self.mid_block(h, saved=child(saved, "mid_block"))
+        if saved is not None:
+            saved.update(x=x, h=h)
         return self.conv_out(self.conv_norm_out(h, silu=True))
+
+    def backward(self, saved, grad):
+        """∂L/∂moments -> ∂L/∂x, the forward in reverse."""
+        h = saved["h"]
+        grad = self.conv_norm_out.backward(h, self.conv_out.backward(self.conv_norm_out(h, silu=True), grad), silu=True)
+        grad = self.mid_block.backward(saved["mid_block"], grad)
+        for i in reversed(range(len(self.down_blocks))):
+            grad = self.down_blocks[i].backward(saved[f"down_blocks.{i}"], grad)
+        return self.conv_in.backward(saved["x"], grad)
 
 
 class Decoder(Module):
@@ -83,11 +117,21 @@ class Decoder(Module):
         self.conv_norm_out = GroupNorm(groups, ch[0], 1e-6)
         self.conv_out = Conv2d(ch[0], cfg["out_channels"], 3, padding=1)
 
-    def __call__(self, z):
-        h = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            h = block(h)
+    def __call__(self, z, saved=None):
+        h = self.mid_block(self.conv_in(z), saved=child(saved, "mid_block"))
+        for i, block in enumerate(self.up_blocks):
+            h = block(h, saved=child(saved, f"up_blocks.{i}"))
+        if saved is not None:
+            saved.update(z=z, h=h)
         return self.conv_out(self.conv_norm_out(h, silu=True))
+
+    def backward(self, saved, grad):
+        """∂L/∂x̂ -> ∂L/∂z, the forward in reverse."""
+        h = saved["h"]
+        grad = self.conv_norm_out.backward(h, self.conv_out.backward(self.conv_norm_out(h, silu=True), grad), silu=True)
+        for i in reversed(range(len(self.up_blocks))):
+            grad = self.up_blocks[i].backward(saved[f"up_blocks.{i}"], grad)
+        return self.conv_in.backward(saved["z"], self.mid_block.backward(saved["mid_block"], grad))
 
 
 class DiagonalGaussian:
