@@ -9,6 +9,7 @@
     python -m tinysd "a (red:1.3) car, [blurry]" -n "EasyNegative" --embeddings-dir embeddings --clip-skip 2
     python -m tinysd "a cat <lora:watercolor:0.8>" --lora-dir loras/ --lora lcm-lora.safetensors
     python -m tinysd "a cat" --lora lcm-lora-sdv1-5.safetensors --sampler lcm --steps 4 --cfg-scale 1 --taesd madebyollin/taesd
+    python -m tinysd "a red circle" --model shapes --control-net shapes-canny --control-image edges.png
     python -m tinysd train-lora DATA --model shapes --rank 4 --steps 500 -o my.safetensors
     python -m tinysd train-embedding DATA --model shapes --token "<zorb>" --init-word star -o zorb.safetensors
 
@@ -186,8 +187,88 @@ def build_parser():
     p.add_argument("--deepcache-branch", type=lambda text: number(text, int), default=None, metavar="K",
                    help="the skip connection where DeepCache's shallow branch ends: 0 (default) is the shallowest "
                         "and fastest, up to 11 for SD v1 (the package's cache_branch_id)")
+    add_control_options(p)
     add_bigger_options(p)
     return p
+
+
+# -- ControlNet: repeatable groups of options --------------------------------------------------------
+CONTROL_HELP = """Each --control-net starts a ControlNet unit; the --control-* options that follow it, up to the
+next --control-net, belong to that unit. Repeat the group for several ControlNets, e.g.
+--control-net a.safetensors --control-image edges.png --control-scale 0.8
+--control-net b.pth --control-image pose.png --control-start 0 --control-end 0.5"""
+
+
+class ControlOption(argparse.Action):
+    """--control-net appends a unit to `args.control_units`; the other --control-* options fill in
+    the last unit, so a group's options pair up by position on the command line."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        units = list(getattr(namespace, "control_units", None) or [])
+        if self.dest == "control_net":
+            units.append({"control_net": value})
+        elif not units:
+            raise UsageError(f"{option_string} must follow the --control-net it belongs to")
+        elif self.dest in units[-1]:
+            raise UsageError(f"{option_string} given twice for --control-net {units[-1]['control_net']} "
+                             f"(start the next unit with another --control-net)")
+        else:
+            units[-1][self.dest] = value
+        namespace.control_units = units
+
+
+def fraction(text):
+    value = number(text, float)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def preprocessor(text):
+    from tinysd.hints import parse_preprocessor
+
+    try:
+        parse_preprocessor(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_control_options(p):
+    g = p.add_argument_group("ControlNet", CONTROL_HELP)
+    unit = dict(action=ControlOption, default=argparse.SUPPRESS)
+    g.add_argument("--control-net", dest="control_net", metavar="PATH", **unit,
+                   help="a ControlNet: diffusers folder, control_*.safetensors/.pth file, or 'shapes-canny'; starts a unit")
+    g.add_argument("--control-image", dest="control_image", metavar="PATH", **unit,
+                   help="the unit's control image (edges, depth, pose, ...), resized to the output size (required)")
+    g.add_argument("--control-scale", dest="control_scale", type=guidance, metavar="S", **unit,
+                   help="the unit's weight on its residuals (default: 1.0; 0.8 with --init-image, 0.5 with --mask, as diffusers)")
+    g.add_argument("--control-start", dest="control_start", type=fraction, metavar="A", **unit,
+                   help="the fraction of the steps after which the unit starts acting (default: 0)")
+    g.add_argument("--control-end", dest="control_end", type=fraction, metavar="B", **unit,
+                   help="the fraction of the steps after which it stops (default: 1)")
+    g.add_argument("--control-preprocess", dest="control_preprocess", type=preprocessor, metavar="NAME", **unit,
+                   help="make the hint from --control-image first: canny[:LOW:HIGH] (default 100:200), blur[:SIGMA], "
+                        "tile[:RATE], invert, scribble[:LEVEL], or none (default: none, the image is the hint)")
+    g.add_argument("--guess-mode", action="store_true",
+                   help="ControlNets see the conditional half of the guidance batch only, residuals scaled 0.1 -> 1 "
+                        "(diffusers' guess_mode; works with an empty prompt)")
+    p.set_defaults(control_units=[])
+
+
+def control_arguments(args):
+    """(ControlNet sources or None, keyword arguments of the pipeline call) of the --control-* units;
+    the control images are read here, before the model loads."""
+    units = args.control_units
+    if not units:
+        return None, {}
+    images = [read_image(u["control_image"], "--control-image", "RGB") for u in units]
+    scales = [u.get("control_scale") for u in units]
+    return [u["control_net"] for u in units], dict(
+        control_image=images, controlnet_conditioning_scale=None if all(s is None for s in scales) else scales,
+        control_guidance_start=[u.get("control_start", 0.0) for u in units],
+        control_guidance_end=[u.get("control_end", 1.0) for u in units],
+        control_preprocess=[u.get("control_preprocess") for u in units], guess_mode=args.guess_mode)
 
 
 def parse_args(argv=None):
@@ -200,6 +281,14 @@ def parse_args(argv=None):
         raise UsageError("--deepcache-branch needs --deepcache N")
     if args.init_image is not None and args.strength is None:
         args.strength = DEFAULT_STRENGTH["inpaint" if args.mask or args.outpaint else "img2img"]
+    for unit in args.control_units:
+        if "control_image" not in unit:
+            raise UsageError(f"--control-net {unit['control_net']}: no --control-image after it")
+        if unit.get("control_start", 0.0) >= unit.get("control_end", 1.0):
+            raise UsageError(f"--control-net {unit['control_net']}: --control-start {unit.get('control_start', 0.0)} must be "
+                             f"below --control-end {unit.get('control_end', 1.0)}")
+    if args.guess_mode and not args.control_units:
+        raise UsageError("--guess-mode needs a --control-net")
     if args.preview is not None and args.taesd is None:
         raise UsageError("--preview needs --taesd PATH (the tiny autoencoder that draws the previews)")
     if args.preview is not None and not args.preview.lower().endswith(".png"):
@@ -561,10 +650,11 @@ def generate(args):
     if args.embeddings_dir is not None and not Path(args.embeddings_dir).is_dir():
         raise UsageError(f"--embeddings-dir {args.embeddings_dir}: no such folder")
     prompt, written_prompt, loras = lora_requests(args)
+    controlnets, control = control_arguments(args)
 
     backend = get_backend(args.backend)                 # --backend cuda without a GPU fails here
     timings.mark("imports")
-    sd = tinysd.load(args.model, backend=backend, vae=args.vae, taesd=args.taesd)
+    sd = tinysd.load(args.model, backend=backend, vae=args.vae, taesd=args.taesd, controlnet=controlnets)
     apply_loras(sd, loras)
     if args.embeddings_dir is not None:
         embeddings.load_dir(sd, args.embeddings_dir)    # each under its file name; bad files skipped, with a warning
@@ -583,7 +673,7 @@ def generate(args):
                   prompt_weighting=args.prompt_weighting, clip_skip=args.clip_skip - 1,   # A1111's 1 = diffusers' 0
                   vae_decoder="taesd" if args.taesd and not args.preview else "vae",
                   deepcache_interval=args.deepcache, deepcache_branch=args.deepcache_branch or 0,
-                  **bigger_kwargs(args))
+                  **control, **bigger_kwargs(args))
     finally:
         progress.close()
     timings.mark("picture")

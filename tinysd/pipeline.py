@@ -29,6 +29,7 @@ import numpy as np
 
 from tinysd import embeddings, prompt as a1111_prompt
 from tinysd.backend import get_backend
+from tinysd.controlnet import Control, build_controlnet, check_control, read_controlnet
 from tinysd.outpaint import check_outpaint, outpaint_canvas, overlay_mask, paste_unmasked
 from tinysd.rng import Generator
 from tinysd.pngmeta import sampler_fields
@@ -46,7 +47,8 @@ VAE_SCALE = 8   # the VAE shrinks H and W by 8
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}   # diffusers' pipelines' defaults
 
 
-def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=None, taesd=None):
+def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=None, taesd=None,
+         controlnet=None):
     """A ready pipeline from a model id, a diffusers folder or a single .safetensors/.ckpt file.
 
     backend: 'numpy' (reference), 'cpu' (Numba kernels) or 'cuda'; None picks 'cpu' if it runs.
@@ -57,10 +59,14 @@ def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=N
     a file in the original or diffusers layout, or a diffusers `vae/` folder (weights.load_vae).
     taesd: the tiny autoencoder (`tinysd.taesd.load_taesd`: a folder, hub id, taesd_decoder
     file or (encoder, decoder) pair) for `vae_decoder="taesd"` and previews; loaded first.
+    controlnet: a ControlNet (folder, single file or packaged name) or a list of them; each is
+    checked against the model's U-Net before anything is built (tinysd.controlnet).
     """
     backend = get_backend(backend)
     tiny = load_taesd(taesd, backend) if taesd is not None else None
     ckpt = load_checkpoint(source, variant=variant, config=config)
+    controlnets = [read_controlnet(c, ckpt.configs["unet"], model_name(source))
+                   for c in ([] if controlnet is None else controlnet if isinstance(controlnet, (list, tuple)) else [controlnet])]
     vae_fields = {}
     if vae is not None:
         ckpt.configs["vae"], ckpt.state_dicts["vae"], vae_file = load_vae(vae, ckpt.configs["vae"])
@@ -79,6 +85,7 @@ def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=N
     sd.model_name = model_name(source)
     sd.vae_fields = vae_fields
     sd.taesd = tiny
+    sd.controlnets = [build_controlnet(c, backend) for c in controlnets]
     return sd
 
 
@@ -124,6 +131,7 @@ class StableDiffusion:
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config, backend):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
+        self.controlnets = []    # tinysd.controlnet.ControlNetModel, applied when a call passes control_image
         self.scheduler_config = dict(scheduler_config)
         self.scheduler = make_scheduler(self.default_sampler, self.scheduler_config)
         self.ops = backend
@@ -262,15 +270,19 @@ class StableDiffusion:
         z = np.stack([a1111_prompt.emphasis(zc, c.weights) for zc, c in zip(z, chunks)])
         return z.reshape(len(texts), -1, z.shape[-1]), [ti for _, used in lines for ti in used], counts
 
-    def predict_noise(self, latents, t, context, guidance_scale, timestep_cond=None, unet=None):
+    def predict_noise(self, latents, t, context, guidance_scale, timestep_cond=None, unet=None, control=None):
         """ε for `latents` at t; with guidance, ε_uncond + s·(ε_cond − ε_uncond) from one batch.
 
         timestep_cond: an LCM-distilled U-Net's guidance embedding, which replaces the CFG batch.
         unet: the U-Net as this generation calls it (DeepCache's per-step hook), else self.unet.
+        control: the ControlNets' per-step hook, control(x, t, context) -> the U-Net's extra residuals
+        (`down_block_additional_residuals`, `mid_block_additional_residual`; tinysd.controlnet).
         """
         guidance = guidance_scale > 1.0 and timestep_cond is None
         x = np.concatenate([latents, latents]) if guidance else latents
-        eps = self.ops.numpy((unet or self.unet)(self.ops.asarray(x), t, context, timestep_cond=timestep_cond))
+        residuals = control(x, t, context) if control is not None else {}
+        eps = self.ops.numpy((unet or self.unet)(self.ops.asarray(x), t, context, timestep_cond=timestep_cond,
+                                                 **residuals))
         if not guidance:
             return eps
         eps_uncond, eps_cond = np.split(eps, 2)
@@ -311,9 +323,11 @@ class StableDiffusion:
                  output_type="pil", callback=None, image=None, strength=None, mask_image=None,
                  num_images_per_prompt=1, prompt_embeds=None, negative_prompt_embeds=None,
                  prompt_weighting=False, clip_skip=None, vae_decoder="vae", deepcache_interval=None,
-                 deepcache_branch=0, keep_unmasked=False, enable_hr=False, hr_scale=None, hr_upscaler=None,
-                 hr_second_pass_steps=None, hr_resize_x=None, hr_resize_y=None, denoising_strength=None,
-                 hr_sampler_name=None, hr_prompt=None, hr_negative_prompt=None):
+                 deepcache_branch=0, control_image=None, controlnet_conditioning_scale=None,
+                 control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False, control_preprocess=None,
+                 keep_unmasked=False, enable_hr=False, hr_scale=None, hr_upscaler=None, hr_second_pass_steps=None,
+                 hr_resize_x=None, hr_resize_y=None, denoising_strength=None, hr_sampler_name=None, hr_prompt=None,
+                 hr_negative_prompt=None):
         """Generate images; the arguments are diffusers' `StableDiffusionPipeline` ones.
 
         txt2img by default; img2img with `image=` (and `strength`, default 0.8); inpainting with
@@ -326,6 +340,11 @@ class StableDiffusion:
         the text encoder's last N layers (diffusers' meaning: A1111's "Clip skip" N + 1).
         `deepcache_interval=N`: DeepCache, the full U-Net every N-th step and between them only its
         shallow branch at `deepcache_branch` on the cached deep features (`DeepCache`).
+        With ControlNets loaded (`load_controlnet`): `control_image` (one per ControlNet), each with
+        its `controlnet_conditioning_scale` (default 1.0, 0.8 for img2img, 0.5 for inpainting) and
+        `control_guidance_start`/`_end` (fractions of the steps), and `guess_mode`, as diffusers'
+        StableDiffusionControlNet(Img2Img|Inpaint)Pipeline;
+        `control_preprocess` ("canny", "canny:50:150", ... see tinysd.hints) makes the hint first.
         Returns PipelineOutput with `.images` per `output_type`: "pil", "np" or "latent".
         `vae_decoder="taesd"` decodes with the tiny autoencoder (`load(..., taesd=PATH)`).
 
@@ -351,9 +370,10 @@ class StableDiffusion:
         self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
                           generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
                           num_images_per_prompt, prompt_embeds, negative_prompt_embeds, prompt_weighting, clip_skip,
-                          deepcache_interval, deepcache_branch, keep_unmasked, enable_hr, hr_scale, hr_upscaler,
-                          hr_second_pass_steps, hr_resize_x, hr_resize_y, denoising_strength, hr_sampler_name,
-                          hr_prompt, hr_negative_prompt)
+                          deepcache_interval, deepcache_branch, control_image, controlnet_conditioning_scale,
+                          control_guidance_start, control_guidance_end, guess_mode, control_preprocess,
+                          keep_unmasked, enable_hr, hr_scale, hr_upscaler, hr_second_pass_steps, hr_resize_x,
+                          hr_resize_y, denoising_strength, hr_sampler_name, hr_prompt, hr_negative_prompt)
         if output_type != "latent":
             self._decoder(vae_decoder)           # "vae", or "taesd" with a TAESD loaded
         height, width = (None if v is None else int(v) for v in (height, width))   # 512.0 -> 512, as diffusers
@@ -362,6 +382,11 @@ class StableDiffusion:
             generator = Generator(seed)
         else:
             seed = None
+        control = None
+        if self.controlnets:                                    # the control images are read before any model work
+            default_scale = 1.0 if image is None else 0.8 if mask_image is None else 0.5   # as diffusers' pipelines
+            control = Control(self.controlnets, control_image, controlnet_conditioning_scale, control_guidance_start,
+                              control_guidance_end, guess_mode, control_preprocess, default_scale)
         txt2img, init_latents = image is None, None
         if is_latents(image):          # img2img from latents (B, 4, h, w), as diffusers' img2img takes them
             init_latents, image = np.asarray(image, np.float32), None
@@ -369,6 +394,8 @@ class StableDiffusion:
         elif image is not None:
             image = preprocess_images(image, height, width)
             height, width = image.shape[2:]
+        elif control is not None:
+            height, width = control.default_size(height, width)
         default_size = self.unet.config.get("sample_size", 64) * VAE_SCALE
         height, width = height or default_size, width or default_size
         check_size(height, width)
@@ -388,6 +415,8 @@ class StableDiffusion:
                               "has no effect", stacklevel=2)
             w = np.full(batch, guidance_scale - 1, dtype=np.float32)
             timestep_cond = guidance_scale_embedding(w, self.unet.config["time_cond_proj_dim"])
+        if control is not None:
+            control.prepare(self.ops, batch, num_images_per_prompt, guidance, height, width)
 
         sched, sched_name = self._scheduler(scheduler)
         sched.set_timesteps(num_inference_steps)
@@ -430,12 +459,14 @@ class StableDiffusion:
         deepcache = deepcache_interval and DeepCache(self.unet, deepcache_interval, deepcache_branch, sched.timesteps)
         latents = self._denoise(latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
                                 mask=mask, masked_latents=masked_latents, image_latents=image_latents, noise=noise,
-                                timestep_cond=timestep_cond, unet=deepcache)
+                                timestep_cond=timestep_cond, unet=deepcache,
+                                control=control and control.hook(len(timesteps)))
         parameters = {"Steps": num_inference_steps, **sampler_fields(sched_name), "CFG scale": float(guidance_scale),
                       "Seed": seed, "Size": f"{width}x{height}", "Model": self.model_name,
                       "Denoising strength": None if txt2img else float(strength), **self.vae_fields, **prompt_fields,
                       **self.loras.parameters(),
-                      **(deepcache.parameters() if deepcache else {})}
+                      **(deepcache.parameters() if deepcache else {}),
+                      **(control.parameters() if control else {})}
         if enable_hr:
             hires = hires_settings(hr_scale=hr_scale, hr_upscaler=hr_upscaler, hr_resize_x=hr_resize_x,
                                    hr_second_pass_steps=hr_second_pass_steps, hr_resize_y=hr_resize_y,
@@ -447,7 +478,10 @@ class StableDiffusion:
                               guidance_scale=guidance_scale, eta=eta, output_type=output_type, callback=callback,
                               num_images_per_prompt=num_images_per_prompt, prompt_weighting=prompt_weighting,
                               clip_skip=clip_skip, vae_decoder=vae_decoder, deepcache_interval=deepcache_interval,
-                              deepcache_branch=deepcache_branch, **embeds)
+                              deepcache_branch=deepcache_branch, control_image=control_image,
+                              controlnet_conditioning_scale=controlnet_conditioning_scale,
+                              control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+                              guess_mode=guess_mode, control_preprocess=control_preprocess, **embeds)
         if output_type == "latent":
             return PipelineOutput(latents, seed, parameters=parameters)
         images = self.decode(latents, decoder=vae_decoder)
@@ -461,10 +495,11 @@ class StableDiffusion:
     def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
                      generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
                      num_images_per_prompt, prompt_embeds=None, negative_prompt_embeds=None, prompt_weighting=False,
-                     clip_skip=None, deepcache_interval=None, deepcache_branch=0, keep_unmasked=False,
-                     enable_hr=False, hr_scale=None, hr_upscaler=None, hr_second_pass_steps=None, hr_resize_x=None,
-                     hr_resize_y=None, denoising_strength=None, hr_sampler_name=None, hr_prompt=None,
-                     hr_negative_prompt=None):
+                     clip_skip=None, deepcache_interval=None, deepcache_branch=0, control_image=None,
+                     controlnet_conditioning_scale=None, control_guidance_start=0.0, control_guidance_end=1.0,
+                     guess_mode=False, control_preprocess=None, keep_unmasked=False, enable_hr=False, hr_scale=None,
+                     hr_upscaler=None, hr_second_pass_steps=None, hr_resize_x=None, hr_resize_y=None,
+                     denoising_strength=None, hr_sampler_name=None, hr_prompt=None, hr_negative_prompt=None):
         """Check `__call__`'s arguments before any model work, in the order of its signature: a bad
         value raises a TypeError (wrong kind) or ValueError (wrong value) naming the argument, the
         value and what is allowed. Values diffusers takes and handles sensibly pass as they do there
@@ -552,6 +587,8 @@ class StableDiffusion:
             if strength is None:
                 strength = DEFAULT_STRENGTH["inpaint" if mask_image is not None else "img2img"]
             strength_timesteps(sched, num_inference_steps, strength, within_grid=self.is_lcm_model)
+        check_control(self.controlnets, control_image, controlnet_conditioning_scale, control_guidance_start,
+                      control_guidance_end, guess_mode, control_preprocess, batch)
         if not isinstance(keep_unmasked, bool):
             raise TypeError(f"keep_unmasked must be True or False, got {show(keep_unmasked)}")
         if keep_unmasked and mask_image is not None and output_type == "latent":
@@ -615,8 +652,10 @@ class StableDiffusion:
                              f"(nan or inf)")
 
     def _denoise(self, latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
-                 mask=None, masked_latents=None, image_latents=None, noise=None, timestep_cond=None, unet=None):
-        """The reverse-diffusion loop: z_T -> z_0, one sampler step per timestep (`unet`: see predict_noise)."""
+                 mask=None, masked_latents=None, image_latents=None, noise=None, timestep_cond=None, unet=None,
+                 control=None):
+        """The reverse-diffusion loop: z_T -> z_0, one sampler step per timestep (`unet`, `control`: see
+        predict_noise; `control` here is the ControlNets' tinysd.controlnet.ControlHook)."""
         wants_x0 = callback is not None and "pred_original_sample" in inspect.signature(callback).parameters
         nine_channel = self.unet.in_channels == 9
         self.num_timesteps = len(timesteps)
@@ -624,7 +663,7 @@ class StableDiffusion:
             x = sched.scale_model_input(latents, t)
             if nine_channel:
                 x = np.concatenate([x, mask, masked_latents], axis=1)
-            eps = self.predict_noise(x, t, context, guidance_scale, timestep_cond, unet)
+            eps = self.predict_noise(x, t, context, guidance_scale, timestep_cond, unet, control and control.step(i))
             out = sched.step(eps, t, latents, generator=generator, eta=eta)
             latents = out.prev_sample
             if mask is not None and not nine_channel:
@@ -637,6 +676,20 @@ class StableDiffusion:
                 extra = {"pred_original_sample": out.pred_original_sample} if wants_x0 else {}
                 callback(i, t, latents, **extra)
         return latents
+
+    def load_controlnet(self, source, variant=None):
+        """Add a ControlNet (diffusers folder, control_*.safetensors/.pth file, packaged name, or a
+        list): checked against this U-Net, then used by every call that passes `control_image`."""
+        sources = source if isinstance(source, (list, tuple)) else [source]
+        checkpoints = [read_controlnet(s, self.unet.config, self.model_name or "the loaded model", variant)
+                       for s in sources]
+        self.controlnets += [build_controlnet(c, self.ops) for c in checkpoints]
+        return self
+
+    def unload_controlnet(self):
+        """Forget the loaded ControlNets: calls generate without control again."""
+        self.controlnets = []
+        return self
 
     def _scheduler(self, scheduler):
         """(a fresh sampler for one generation, its name): samplers keep per-run state."""
@@ -663,12 +716,12 @@ class DeepCache:
         self.timesteps = np.asarray(timesteps)
         self.first = self.features = None
 
-    def __call__(self, x, t, context, timestep_cond=None):
+    def __call__(self, x, t, context, timestep_cond=None, **control_residuals):
         step = int(np.flatnonzero(self.timesteps == t)[0])
         self.first = step if self.first is None else self.first
         full = (step - self.first) % self.interval == 0
         eps, self.features = self.unet(x, t, context, timestep_cond=timestep_cond, cache_branch=self.branch,
-                                       cached=None if full else self.features)
+                                       cached=None if full else self.features, **control_residuals)
         return eps
 
     def parameters(self):

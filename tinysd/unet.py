@@ -54,6 +54,11 @@ def guidance_scale_embedding(w, dim):
     return np.pad(emb, ((0, 0), (0, dim % 2))).astype(np.float32)
 
 
+def add_residuals(skips, residuals):
+    """ControlNet's entry: s_j + r_j for the skips s_0..s_{m−1} there are (all n, or DeepCache's first k+1)."""
+    return skips if residuals is None else [s + r for s, r in zip(skips, residuals)]
+
+
 class TimestepEmbedding(Module):
     """MLP on the sinusoidal embedding: Linear, SiLU, Linear (to 4× the base channels).
 
@@ -279,7 +284,8 @@ class UNet2DConditionModel(Module):
     def in_channels(self):
         return self.config["in_channels"]
 
-    def __call__(self, latents, t, context, timestep_cond=None, cache_branch=None, cached=None, saved=None):
+    def __call__(self, latents, t, context, timestep_cond=None, cache_branch=None, cached=None, saved=None,
+                 down_block_additional_residuals=None, mid_block_additional_residual=None):
         """ε̂ = unet(latents, t, context). The skips are numbered in the order the down path makes
         them, s_0 = conv_in(z), s_1 = D_1(s_0), ..., s_{n−1}; the up path's ResNets take them back
         in reverse order, U_j taking s_j:
@@ -293,6 +299,9 @@ class UNet2DConditionModel(Module):
         part between them. Both return (ε̂, u_k). Branch 0 is the shallowest: conv_in, the last
         up block's last ResNet (and Transformer), conv_out.
         Training: `saved` (a dict, full passes only) keeps the activations `backward` needs.
+        ControlNet (tinysd.controlnet): its residuals r_0..r_{n−1}, r_mid join the skips the up
+        path takes and the mid block, s_j <- s_j + r_j, u_{n−1} = mid(s_{n−1}) + r_mid; the down
+        path itself runs on the plain s_j.
         """
         B = latents.shape[0]
         t = np.broadcast_to(np.asarray(t, dtype=np.float32).reshape(-1), (B,))
@@ -308,6 +317,10 @@ class UNet2DConditionModel(Module):
         if cache_branch is not None and not 0 <= cache_branch < n:
             raise ValueError(f"cache_branch must be in [0, {n - 1}] (this U-Net has {n} skip connections), "
                              f"got {cache_branch}")
+        residuals = down_block_additional_residuals
+        if residuals is not None and len(residuals) != n:
+            raise ValueError(f"down_block_additional_residuals has {len(residuals)} tensors, the U-Net has {n} "
+                             f"skip connections")
         if saved is not None and cache_branch is not None:
             raise ValueError("training (saved=...) needs a full pass: no cache_branch")
         k = n - 1 if cache_branch is None else cache_branch
@@ -316,8 +329,10 @@ class UNet2DConditionModel(Module):
         if cached is None:                                                       # the deep part: u_k
             h_deep, all_skips = self.down(h, skips, temb, context, n, saved)
             u = self.mid_block(h_deep, temb, context, saved=child(saved, "mid_block"))
-            cached = self.up(u, all_skips, temb, context, k + 1, saved)
-        h = self.up(cached, skips, temb, context, 0, saved)
+            if mid_block_additional_residual is not None:                        # ControlNet: r_mid
+                u = u + mid_block_additional_residual
+            cached = self.up(u, add_residuals(all_skips, residuals), temb, context, k + 1, saved)
+        h = self.up(cached, add_residuals(skips, residuals), temb, context, 0, saved)
         if saved is not None:
             saved.update(latents=latents, h=h)
         eps = self.conv_out(self.conv_norm_out(h, silu=True))
