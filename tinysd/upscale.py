@@ -387,8 +387,8 @@ def sd_upscale(sd, prompt, image, scale=2, upscaler="Lanczos", tile_size=None, o
     callback, ...). `tile_callback(index, count, tile)` runs after each tile with its PIL result.
     `tile_arguments(tile)` (PIL, the upscaled tile before repainting) returns more keyword
     arguments for that tile's call: the hook for a ControlNet "tile" hint, which is the tile
-    itself (`tile_arguments=lambda tile: {"control_image": tile}` once the pipeline takes a
-    control image; ControlNet is another branch).
+    itself: `tile_arguments=lambda tile: {"control_image": tile}` with a "tile" ControlNet loaded
+    (`tinysd.load(model, controlnet=...)`; not yet tested against A1111's ControlNet extension).
     """
     import copy
     import secrets
