@@ -1625,6 +1625,211 @@ def latent_space_notebook():
 NOTEBOOKS["09_latent_space.ipynb"] = latent_space_notebook()
 
 
+NOTEBOOKS["10_bigger_pictures.ipynb"] = [
+    md("""
+    # 10 · Bigger pictures
+
+    SD v1 was trained on 512×512 pictures (the shapes model on 64×64). Asked straight for a
+    picture twice that size it does not draw the subject larger: it fills the canvas with more
+    of it. Three well-known ways get a larger picture by drawing at the model's size first:
+
+    - **hires fix** (AUTOMATIC1111's): draw at W×H, upscale the latents (or the decoded picture),
+      and repaint at 2W×2H by img2img, so the composition comes from the first pass;
+    - **outpainting**: extend the canvas and paint only the new border, by inpainting;
+    - **SD upscale**: upscale a picture and repaint it tile by tile, each tile at the model's size.
+
+    And a VAE that decodes a large latent in overlapping **tiles**, so memory stays one tile's.
+    Code: `tinysd/upscale.py` (hires fix, SD upscale), `tinysd/outpaint.py`, `tinysd/vae.py`.
+    """, MODEL_NOTE),
+    SETUP,
+    md("""
+    ## Hires fix
+
+    The first pass is a plain txt2img. A *latent* upscaler ("Latent": bilinear on the 4 latent
+    channels, exactly `torch.nn.functional.interpolate`) gives a blurred latent; an *image*
+    upscaler ("Lanczos") decodes, resizes the picture and encodes it again. The second pass is
+    img2img from that start, its noise drawn from the same seed, and A1111 counts its steps its
+    own way: `hr_second_pass_steps` = N steps, the last N of a schedule of N / strength steps.
+    """),
+    code("""
+    from tinysd.pngmeta import infotext
+    from tinysd.upscale import HiresFix
+
+    prompt = demo.prompt("a castle on a hill at sunset, detailed", "a red circle above a blue square")
+    seed, steps, size = 3, demo.steps, demo.size
+    base = dict(num_inference_steps=steps, seed=seed, scheduler="euler")
+    first = sd(prompt, output_type="latent", **base).images
+    hires = HiresFix(hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=steps // 2, denoising_strength=0.5)
+    upscaled = hires.upscale_latents(first, size, size)          # (1, 4, 16, 16) for the shapes model
+    total, strength = hires.steps(steps)
+    print(f"first pass latents {first.shape}, upscaled {upscaled.shape}: the second pass runs the last "
+          f"{hires.hr_second_pass_steps} steps of a {total}-step schedule")
+
+    latent_fix = sd(prompt, output_type="np", enable_hr=True, hr_scale=2, hr_second_pass_steps=steps // 2,
+                    denoising_strength=0.5, **base)
+    lanczos_fix = sd(prompt, output_type="np", enable_hr=True, hr_scale=2, hr_upscaler="Lanczos",
+                     hr_second_pass_steps=steps // 2, denoising_strength=0.3, **base)
+    straight = sd(prompt, output_type="np", height=2 * size, width=2 * size, **base)
+    show([sd.decode(first)[0], sd.decode(upscaled)[0], latent_fix.images[0], lanczos_fix.images[0],
+          straight.images[0]],
+         [f"first pass {size}²", "latents upscaled, decoded", "hires fix: Latent, 0.5", "hires fix: Lanczos, 0.3",
+          f"straight at {2 * size}²"], size=2.4)
+    print(infotext(prompt, "", latent_fix.parameters))
+    """),
+    md("""
+    Drawn straight at 128×128, the shapes model (trained on 64×64 pictures) fills the canvas
+    with a grid of small shapes on grey. The hires fix starts from the first pass's circle and
+    square: with the Lanczos upscaler at strength 0.3 it keeps them (and adds two small
+    squares); the bilinear latent upscale is blurred, so at 0.5 the second pass repaints more
+    and fills the canvas with shapes of its own. This is why A1111's latent upscalers are used
+    with a denoising strength of 0.5 or more and the image upscalers with less. The last line is
+    the PNG `parameters` text the CLI writes (`python -m tinysd "..." --hr-scale 2 --hr-steps 10
+    --hr-denoise 0.5`).
+    """),
+    md("""
+    ## Outpainting
+
+    `sd.outpaint(prompt, picture, right=32, up=16)` pads the canvas with the picture's edge
+    pixels stretched outward plus noise, builds A1111's outpainting mask (white on the new
+    border, reaching a few pixels into the picture and feathered by a Gaussian blur), and
+    inpaints it. With `keep_unmasked=True` (its default) the picture's own pixels are pasted
+    back where the mask is black, blended where it is grey.
+    """),
+    code("""
+    from PIL import Image
+    from tinysd.outpaint import outpaint_canvas
+
+    picture = demo.picture()
+    scene = demo.prompt("a portrait in a garden, oil painting", "a blue square to the left of a green triangle")
+    sides = dict(right=size // 2, up=size // 4)
+    canvas, mask = outpaint_canvas(Image.fromarray(picture), **sides, mask_blur=2, seed=seed)
+    raw = sd.outpaint(scene, picture, **sides, mask_blur=2, keep_unmasked=False, output_type="np", **base)
+    wide = sd.outpaint(scene, picture, **sides, mask_blur=2, output_type="np", **base)
+    show([picture, canvas, mask, raw.images[0], wide.images[0]],
+         ["picture", "canvas: edge stretched + noise", "mask (yellow: paint)", "inpainted",
+          "original pasted back"], size=2.4, cmap="viridis")
+    print(wide.images[0].shape, wide.parameters)
+    """),
+    md("""
+    The shapes model continues the light background and adds a small triangle in the new space.
+    Inside the picture the plain inpainting ("inpainted") went through the VAE and comes back
+    soft, the square rounded; with the original pasted back the square and triangle keep their
+    pixels, and the feathered seam hides the join.
+    """),
+    md("""
+    ## Keep what was not masked
+
+    Inpainting keeps the *latent* outside the mask, but the picture the VAE decodes from it
+    changes there too: the decoder's convolutions and its attention see the repainted half. Here
+    the right half is repainted and the left half measured, for four seeds, as the mean |change|
+    in 1/255 steps; a plain VAE round trip of the picture is the floor a latent can reach.
+    """),
+    code("""
+    from tinysd.pipeline import preprocess_image
+    from tinysd.rng import Generator
+
+    half = np.zeros((size, size), np.uint8)
+    half[:, size // 2:] = 255
+    left = (slice(None), slice(0, size // 2))
+    repaint = demo.prompt("a vase of flowers", "a blue square to the left of a red circle")
+
+    def change(image):
+        return np.abs(np.asarray(image, np.float64)[left] * 255 - picture[left]).mean()
+
+    rows = []
+    for s in range(4):
+        kw = dict(image=picture, mask_image=half, num_inference_steps=steps, seed=s, scheduler="ddim",
+                  output_type="np")
+        round_trip = sd.decode(sd.encode(preprocess_image(picture), Generator(s)))[0]
+        rows.append([change(sd(repaint, **kw).images[0]), change(sd(repaint, keep_unmasked=True, **kw).images[0]),
+                     change(round_trip)])
+    for s, (plain, kept, trip) in enumerate(rows):
+        print(f"seed {s}: inpainted {plain:6.2f}/255   keep_unmasked {kept:.4f}/255   VAE round trip {trip:5.2f}/255")
+    print("mean:   inpainted {:6.2f}/255   keep_unmasked {:.4f}/255   VAE round trip {:5.2f}/255".format(
+          *np.mean(rows, axis=0)))
+    """),
+    md("""
+    Without it the kept half moves by 9-10/255 on three seeds and by 103/255 on seed 0, where
+    the repainted half is dark and the decoder darkens the background of the whole picture; a
+    plain VAE round trip moves it by 6.4/255. With `keep_unmasked=True` the unmasked half is
+    the picture itself (0/255, up to float rounding). It is off by default in Python, where
+    `sd(...)` returns what diffusers' inpainting pipeline returns, and on by default on the
+    command line (`--no-keep-unmasked` turns it off).
+    """),
+    md("""
+    ## SD upscale
+
+    `sd.upscale(prompt, picture, scale=2)` is A1111's "SD upscale" script: Lanczos to twice the
+    size, then img2img tile by tile (a tile is the model's own size, here 64×64), each tile with
+    seed + k, and the tiles pasted back with their overlaps faded in linearly (A1111's
+    `combine_grid`). However large the picture, the model only ever sees one tile.
+    """),
+    code("""
+    from tinysd.upscale import split_grid, upscale_by
+
+    small = (lanczos_fix.images[0][::2, ::2] * 255).round().astype(np.uint8)      # a 64×64 picture
+    detail = demo.prompt("a detailed photograph, sharp focus", "")                 # one prompt for every tile
+    big = sd.upscale(detail, small, scale=2, tile_size=size, overlap=size // 4, strength=0.3, **base)
+    tiles = split_grid(upscale_by(Image.fromarray(small), 2), size, size, size // 4)
+    print(f"{sd.num_tiles} tiles at x = {[t.x for t in tiles[0]]}, y = {[row[0].y for row in tiles]}")
+    show([small, upscale_by(Image.fromarray(small), 2), big.images[0]],
+         ["picture", "Lanczos ×2", "SD upscale ×2"], size=3)
+    """),
+    md("""
+    The prompt is the same for every tile, so it should describe what any part of the picture
+    may hold: given "a red circle above a blue square", the shapes model draws a circle and a
+    square in every tile. Here it is empty. Each tile is repainted without seeing the picture
+    around it, and the shapes model, trained on whole scenes on a light background, gives the
+    tiles that are mostly one blue shape a grey background. This is the weakness of SD upscale
+    that a ControlNet "tile" model addresses (`tile_arguments`, the hook for it, passes the tile
+    to each call); with SD v1.5's 512-pixel tiles of a photograph it is much milder.
+    """),
+    md("""
+    ## The tiled VAE
+
+    `sd.enable_vae_tiling()` decodes (and encodes) in tiles of `vae.tile_latent_min_size`
+    latents a quarter overlapping, each tile's overlap faded into its neighbour's: diffusers'
+    rule, to the same numbers. By default tinysd tiles only where the untiled pass would need
+    more than `vae.tiling_budget` (4 GiB): the decoder's widest activations, estimated by
+    `vae.peak_bytes`, pass it above about 1180×1180 pixels for SD v1's VAE.
+    """),
+    code("""
+    import json
+    from pathlib import Path
+
+    import tinysd
+    from tinysd.vae import AutoencoderKL
+
+    z = sd(prompt, output_type="latent", enable_hr=True, hr_scale=2, hr_upscaler="Lanczos",
+           hr_second_pass_steps=steps // 2, denoising_strength=0.3, **base).images
+    sd.disable_vae_tiling()
+    untiled = sd.decode(z)[0]
+    sd.enable_vae_tiling()          # tiles of 8 latents (64 pixels) for this VAE, every 6 latents
+    tiled = sd.decode(z)[0]
+    sd.vae.use_tiling = None        # back to the default: tile above the memory budget
+    difference = np.abs(tiled - untiled)
+    show([untiled, tiled, difference.max(axis=2)], ["untiled", "tiled", "|difference|"], size=2.6, cmap="magma")
+    print(f"largest difference {difference.max() * 255:.1f}/255, mean {difference.mean() * 255:.2f}/255")
+
+    config = Path(tinysd.__file__).parent / "data" / "sd-v1-5" / "vae" / "config.json"
+    sd15 = AutoencoderKL(json.loads(config.read_text()))                       # the shapes only: no weights
+    for side in (512, 768, 1024, 1536, 2048):
+        gb = sd15.peak_bytes("decoder", 1, side, side) / 1e9
+        print(f"SD v1.5 decode {side}×{side}: about {gb:4.1f} GB untiled -> "
+              f"{'tiled' if sd15.tiles('decoder', (1, 4, side // 8, side // 8)) else 'untiled'} by default")
+    """),
+    md("""
+    On the shapes model the tiled decode is far from the untiled one: each tile's decoder sees
+    only its own 8×8 latents (its attention and its group norms too), and this small VAE,
+    trained on whole 64×64 scenes, picks the background colour from the whole latent: tiles that
+    hold mostly one shape come out dark. SD's VAE tiles at 512 pixels, a whole scene's worth of
+    context per tile, where the seams are faint; still, a tiled decode is not the untiled one,
+    which is why tinysd keeps the untiled decode wherever it fits in memory.
+    `benchmarks/bench_large.py` measures a 2048×2048 decode both ways on SD v1.5-sized weights.
+    """),
+]
+
+
 NOTEBOOKS["11_training.ipynb"] = [
     md("""
     # 11 · Training: the loss, the backward pass, a LoRA

@@ -3,6 +3,9 @@
     python -m tinysd "a cat in space" --seed 42 --sampler euler_a -o cat.png
     python -m tinysd "a watercolour cat" --init-image cat.png --strength 0.6
     python -m tinysd "a dog" --init-image cat.png --mask cat-mask.png
+    python -m tinysd "a castle" --hr-scale 2 --hr-denoise 0.5             # hires fix: 512 -> 1024
+    python -m tinysd "a beach" --init-image cat.png --outpaint left=128,right=128
+    python -m tinysd upscale cat.png --scale 2 --prompt "a cat"          # SD upscale, tile by tile
     python -m tinysd "a (red:1.3) car, [blurry]" -n "EasyNegative" --embeddings-dir embeddings --clip-skip 2
     python -m tinysd "a cat <lora:watercolor:0.8>" --lora-dir loras/ --lora lcm-lora.safetensors
     python -m tinysd "a cat" --lora lcm-lora-sdv1-5.safetensors --sampler lcm --steps 4 --cfg-scale 1 --taesd madebyollin/taesd
@@ -185,6 +188,7 @@ def build_parser():
                    help="the skip connection where DeepCache's shallow branch ends: 0 (default) is the shallowest "
                         "and fastest, up to 11 for SD v1 (the package's cache_branch_id)")
     add_control_options(p)
+    add_bigger_options(p)
     return p
 
 
@@ -276,7 +280,7 @@ def parse_args(argv=None):
     if args.deepcache_branch is not None and args.deepcache is None:
         raise UsageError("--deepcache-branch needs --deepcache N")
     if args.init_image is not None and args.strength is None:
-        args.strength = DEFAULT_STRENGTH["inpaint" if args.mask else "img2img"]
+        args.strength = DEFAULT_STRENGTH["inpaint" if args.mask or args.outpaint else "img2img"]
     for unit in args.control_units:
         if "control_image" not in unit:
             raise UsageError(f"--control-net {unit['control_net']}: no --control-image after it")
@@ -289,6 +293,7 @@ def parse_args(argv=None):
         raise UsageError("--preview needs --taesd PATH (the tiny autoencoder that draws the previews)")
     if args.preview is not None and not args.preview.lower().endswith(".png"):
         raise UsageError(f"--preview {args.preview}: the file name must end in .png")
+    check_bigger_args(args)
     return args
 
 
@@ -390,6 +395,185 @@ class Progress:
             self.bar.close()
 
 
+# -- bigger pictures: the hires fix, outpainting, VAE tiling, and `tinysd upscale` ----------------------
+HIRES_FLAGS = {"hr_scale": "hr_scale", "hr_upscaler": "hr_upscaler", "hr_steps": "hr_second_pass_steps",
+               "hr_denoise": "denoising_strength", "hr_resize_x": "hr_resize_x", "hr_resize_y": "hr_resize_y",
+               "hr_sampler": "hr_sampler_name", "hr_prompt": "hr_prompt", "hr_negative_prompt": "hr_negative_prompt"}
+
+
+def positive_number(text):
+    value = number(text, float)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def upscaler(text):
+    from tinysd.upscale import canonical_upscaler
+
+    try:
+        return canonical_upscaler(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def sides(text):
+    """'left=128,right=0,up=64,down=0' (any of the four, in any order) -> {side: pixels}."""
+    from tinysd.outpaint import SIDES
+
+    out = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in SIDES or not value.strip():
+            raise argparse.ArgumentTypeError(f"expected SIDE=PIXELS for SIDE in {', '.join(SIDES)} "
+                                             f"(e.g. left=128,up=64), got {part!r}")
+        out[name] = non_negative_int(value.strip())
+    return out
+
+
+def add_bigger_options(p):
+    hires = p.add_argument_group("hires fix (A1111's): draw at -W x -H, upscale, repaint at the larger size")
+    hires.add_argument("--hr-scale", type=positive_number, default=None, metavar="X",
+                       help="turn the hires fix on and upscale by X (A1111's default: 2)")
+    hires.add_argument("--hr-resize-x", type=image_size, default=None, metavar="PX",
+                       help="turn the hires fix on and upscale to this width (the height follows the aspect)")
+    hires.add_argument("--hr-resize-y", type=image_size, default=None, metavar="PX",
+                       help="turn the hires fix on and upscale to this height (both: cover, then crop)")
+    hires.add_argument("--hr-upscaler", type=upscaler, default=None, metavar="NAME",
+                       help="Latent (default), 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic "
+                            "antialiased)', 'Latent (nearest)', 'Latent (nearest-exact)', Lanczos or Nearest")
+    hires.add_argument("--hr-steps", type=non_negative_int, default=None, metavar="N",
+                       help="second-pass steps (default 0: as many as --steps)")
+    hires.add_argument("--hr-denoise", type=strength, default=None, metavar="X",
+                       help="the second pass's denoising strength (A1111's default: 0.75)")
+    hires.add_argument("--hr-sampler", type=sampler, default=None, metavar="NAME",
+                       help="the second pass's sampler (default: --sampler's)")
+    hires.add_argument("--hr-prompt", default=None, metavar="TEXT",
+                       help="the second pass's prompt (default: the prompt)")
+    hires.add_argument("--hr-negative-prompt", default=None, metavar="TEXT",
+                       help="the second pass's negative prompt (default: --negative-prompt)")
+    big = p.add_argument_group("large pictures")
+    big.add_argument("--outpaint", type=sides, default=None, metavar="left=PX,right=PX,up=PX,down=PX",
+                     help="extend --init-image by these pixels and paint the new border")
+    big.add_argument("--mask-blur", type=non_negative_int, default=None, metavar="PX",
+                     help="--outpaint's seam feathering (A1111's Mask blur, default 4)")
+    big.add_argument("--keep-unmasked", action=argparse.BooleanOptionalAction, default=True,
+                     help="paste the original pixels back outside --mask / the outpainted border (default: on)")
+    big.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
+                     help="encode and decode in tiles (default: only above the VAE's memory budget, about "
+                          "1180x1180 for SD v1)")
+
+
+def check_bigger_args(args):
+    hires_on = args.hr_scale is not None or args.hr_resize_x is not None or args.hr_resize_y is not None
+    for flag in HIRES_FLAGS:
+        if getattr(args, flag) is not None and not hires_on:
+            raise UsageError(f"--{flag.replace('_', '-')} needs --hr-scale or --hr-resize-x/-y (the hires fix)")
+    if hires_on and args.init_image is not None:
+        raise UsageError("the hires fix (--hr-scale, --hr-resize-x/-y) is txt2img's: not with --init-image")
+    if args.outpaint is not None:
+        if args.init_image is None:
+            raise UsageError("--outpaint needs --init-image (the picture to extend)")
+        if args.mask is not None:
+            raise UsageError("--outpaint makes its own mask: not with --mask")
+        if args.width is not None or args.height is not None:
+            raise UsageError("--outpaint's size is --init-image's plus the new border: not with -W/-H")
+    elif args.mask_blur is not None:
+        raise UsageError("--mask-blur is --outpaint's")
+
+
+def bigger_kwargs(args):
+    """The keyword arguments of the hires fix, outpainting and keep-unmasked flags."""
+    kwargs = {"keep_unmasked": args.keep_unmasked}
+    if args.outpaint is not None:
+        kwargs.update(args.outpaint, **({} if args.mask_blur is None else {"mask_blur": args.mask_blur}))
+    hires = {name: getattr(args, flag) for flag, name in HIRES_FLAGS.items() if getattr(args, flag) is not None}
+    if "hr_scale" in hires or "hr_resize_x" in hires or "hr_resize_y" in hires:
+        kwargs.update(enable_hr=True, **hires)
+    return kwargs
+
+
+def set_vae_tiling(sd, tiling):
+    if tiling is not None:
+        sd.enable_vae_tiling() if tiling else sd.disable_vae_tiling()
+
+
+UPSCALE_SHARED = ("negative_prompt", "steps", "guidance_scale", "seed", "sampler", "output", "model", "vae", "backend",
+                  "vae_tiling")
+
+
+def build_upscale_parser():
+    """`tinysd upscale IMAGE ...`: its own options, and the main parser's generation options (the
+    same argparse actions, so their defaults and help are written once)."""
+    p = Parser(prog="tinysd upscale", description="AUTOMATIC1111's SD upscale: upscale IMAGE, then repaint it "
+                                                 "tile by tile with img2img (memory stays one tile's)")
+    p.add_argument("image", metavar="IMAGE", help="the picture to upscale")
+    p.add_argument("-p", "--prompt", default="", help="what the tiles show (default: none)")
+    p.add_argument("--scale", type=positive_number, default=2.0, metavar="X", help="upscale by X (default: 2)")
+    p.add_argument("--upscaler", default="Lanczos", choices=("Lanczos", "Nearest"),
+                   help="the image upscaler (default: %(default)s)")
+    p.add_argument("--tile-size", type=image_size, default=None, metavar="PX",
+                   help="tile side, a multiple of 8 (default: the model's size, 512 for SD v1)")
+    p.add_argument("--overlap", type=non_negative_int, default=None, metavar="PX",
+                   help="least overlap of neighbouring tiles, blended (default: an eighth of a tile, 64 for 512)")
+    p.add_argument("--strength", type=strength, default=0.3, metavar="X",
+                   help="how far each tile's img2img moves from the upscaled picture (default: %(default)s)")
+    for action in build_parser()._actions:
+        if action.dest in UPSCALE_SHARED:
+            p._add_action(action)
+    return p
+
+
+def parse_upscale_args(argv):
+    return build_upscale_parser().parse_args(argv)
+
+
+class TileProgress(Progress):
+    """A bar over the upscale's tiles (`sd.num_tiles`); each tile's denoising step shows beside it."""
+
+    def __call__(self, step, timestep, latents):
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=self.sd.num_tiles, unit="tile", desc="tiles", file=sys.stderr, dynamic_ncols=True)
+        self.bar.set_postfix_str(f"step {step + 1}/{self.sd.num_timesteps}")
+
+    def tile_done(self, index, count, tile):
+        self.bar.update(1)
+
+
+def upscale(args):
+    import tinysd
+    from tinysd.backend import get_backend
+    from tinysd.pngmeta import infotext
+
+    seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 32)
+    paths = output_paths(args.output, seed, 1)
+    check_writable(paths)
+    image = read_image(args.image, "IMAGE", "RGB")
+    sd = tinysd.load(args.model, backend=get_backend(args.backend), vae=args.vae)
+    set_vae_tiling(sd, args.vae_tiling)
+    progress = TileProgress(sd)
+    try:
+        out = sd.upscale(args.prompt, image, scale=args.scale, upscaler=args.upscaler, tile_size=args.tile_size,
+                         overlap=args.overlap, strength=args.strength, negative_prompt=args.negative_prompt or None,
+                         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=seed,
+                         scheduler=args.sampler, callback=progress, tile_callback=progress.tile_done)
+    finally:
+        progress.close()
+    save_pngs(out.images, paths, [infotext(args.prompt, args.negative_prompt, out.parameters)])
+    print(f"{paths[0]} ({out.images[0].width}x{out.images[0].height}, seed {seed})")
+    return 0
+
+
 def lora_requests(args):
     """(the prompt the model reads, the prompt written to the PNG, [(adapter name, path, text-encoder
     weight, U-Net weight)]) from --lora and the prompt's A1111 tags <lora:NAME:WEIGHT>. The model
@@ -474,19 +658,22 @@ def generate(args):
     apply_loras(sd, loras)
     if args.embeddings_dir is not None:
         embeddings.load_dir(sd, args.embeddings_dir)    # each under its file name; bad files skipped, with a warning
+    set_vae_tiling(sd, args.vae_tiling)
     timings.mark("load")
     progress = callback = Progress(sd)
     if args.preview:            # TAESD draws the previews, the VAE the final image
         from tinysd.taesd import preview_callback
         callback = preview_callback(sd, args.preview, every=args.preview_every, callback=progress)
+    run = sd.outpaint if args.outpaint else sd
     try:
-        out = sd(prompt, negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps,
-                 guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=seed,
-                 scheduler=args.sampler, image=init, strength=args.strength, mask_image=mask,
-                 num_images_per_prompt=args.batch_size, output_type="pil", callback=callback,
-                 prompt_weighting=args.prompt_weighting, clip_skip=args.clip_skip - 1,   # A1111's 1 = diffusers' 0
-                 vae_decoder="taesd" if args.taesd and not args.preview else "vae",
-                 deepcache_interval=args.deepcache, deepcache_branch=args.deepcache_branch or 0, **control)
+        out = run(prompt, negative_prompt=args.negative_prompt or None, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=seed,
+                  scheduler=args.sampler, image=init, strength=args.strength, mask_image=mask,
+                  num_images_per_prompt=args.batch_size, output_type="pil", callback=callback,
+                  prompt_weighting=args.prompt_weighting, clip_skip=args.clip_skip - 1,   # A1111's 1 = diffusers' 0
+                  vae_decoder="taesd" if args.taesd and not args.preview else "vae",
+                  deepcache_interval=args.deepcache, deepcache_branch=args.deepcache_branch or 0,
+                  **control, **bigger_kwargs(args))
     finally:
         progress.close()
     timings.mark("picture")
@@ -608,7 +795,8 @@ def train_embedding_command(argv):
     return 0
 
 
-SUBCOMMANDS = {   # first word -> function(argv) -> exit status
+SUBCOMMANDS = {   # first word -> function(argv) -> exit status; `tinysd -- upscale` draws the word
+    "upscale": lambda argv: upscale(parse_upscale_args(argv)),
     "train-lora": train_lora_command,
     "train-embedding": train_embedding_command,
 }

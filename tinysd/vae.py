@@ -7,6 +7,11 @@ the diffusion runs in.
 The pipeline multiplies the sampled latent by `scaling_factor` (0.18215) after encoding and
 divides by it before decoding, so the diffusion sees latents of about unit variance.
 
+Tiling (diffusers' `enable_tiling` rule): a large picture is encoded or decoded in overlapping
+tiles of `tile_sample_min_size` pixels (`tile_latent_min_size` latents), a tile every
+(1 − `tile_overlap_factor`)·tile, and each tile's overlap with the tile above and to its left
+is blended linearly, so memory stays that of one tile whatever the picture's size.
+
 Training: `Encoder` and `Decoder` take `saved={}` and have `backward(saved, grad)`, built from
 the same ResNet, down/up-sampling and attention blocks as the U-Net (see `tinysd.nn`).
 """
@@ -153,7 +158,14 @@ class AutoencoderKL(Module):
     """`vae.encode(x)` -> DiagonalGaussian over latents; `vae.decode(z)` -> image in [-1, 1] (roughly).
 
     Neither applies `scaling_factor`; the pipeline does, as diffusers' pipelines do.
+
+    Tiling: `use_tiling` True tiles every picture larger than a tile (diffusers' rule), False
+    never tiles, None (the default) tiles where the untiled pass is estimated to need more than
+    `tiling_budget` bytes (`peak_bytes`). The tile knobs are diffusers' attribute names.
     """
+
+    use_tiling = None
+    tiling_budget = 4 << 30     # bytes: SD v1's decoder passes it above about 1180×1180 pixels
 
     def __init__(self, config):
         self.config = dict(config)
@@ -163,11 +175,85 @@ class AutoencoderKL(Module):
         self.decoder = Decoder(self.config)
         self.quant_conv = Conv2d(2 * lat, 2 * lat, 1)
         self.post_quant_conv = Conv2d(lat, lat, 1)
+        size = self.config.get("sample_size", 512)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        self.tile_sample_min_size = size                                  # pixels (512 for SD v1)
+        self.tile_latent_min_size = int(size / 2 ** (len(self.config["block_out_channels"]) - 1))   # 64
+        self.tile_overlap_factor = 0.25
 
     def encode(self, x):
         """x (B, 3, H, W) in [-1, 1] -> the latent distribution (B, 4, H/8, W/8)."""
-        return DiagonalGaussian(self.ops.numpy(self.quant_conv(self.encoder(self.ops.asarray(x)))))
+        if self.tiles("encoder", x.shape):
+            return DiagonalGaussian(self.tiled(self._encode, x, self.tile_sample_min_size, self.tile_latent_min_size))
+        return DiagonalGaussian(self.ops.numpy(self._encode(x)))
 
     def decode(self, z):
         """z (B, 4, h, w) unscaled latent -> image (B, 3, 8h, 8w)."""
+        if self.tiles("decoder", z.shape):
+            return self.tiled(self._decode, z, self.tile_latent_min_size, self.tile_sample_min_size)
+        return self._decode(z)
+
+    def _encode(self, x):
+        return self.quant_conv(self.encoder(self.ops.asarray(x)))
+
+    def _decode(self, z):
         return self.decoder(self.post_quant_conv(self.ops.asarray(z)))
+
+    def tiles(self, part, shape):
+        """Whether to tile a pass of `part` ("encoder" or "decoder") over an input of `shape`."""
+        tile = self.tile_sample_min_size if part == "encoder" else self.tile_latent_min_size
+        larger = shape[-1] > tile or shape[-2] > tile           # diffusers' condition
+        if self.use_tiling is None:
+            scale = 1 if part == "encoder" else 2 ** (len(self.config["block_out_channels"]) - 1)
+            return larger and self.peak_bytes(part, shape[0], shape[-2] * scale, shape[-1] * scale) > self.tiling_budget
+        return bool(self.use_tiling) and larger
+
+    def peak_bytes(self, part, batch, height, width):
+        """Estimated peak memory (bytes) of an untiled pass of `part` for pictures of height×width
+        pixels: three float32 activations of its largest level (channels × pixels; for SD v1's
+        decoder the last upsampler's 256 channels at full size, 0.8 GB at 512², 3.2 GB at 1024²)."""
+        channels = self.config["block_out_channels"]
+        levels = len(channels)
+        if part == "encoder":      # level i: channels[i] at 1/2^i of the size
+            widest = max(c / 4 ** i for i, c in enumerate(channels))
+        else:                      # up block i upsamples rev[i] channels to 1/2^(levels-2-i) of the size
+            rev = channels[::-1]
+            widest = max([c / 4 ** (levels - 2 - i) for i, c in enumerate(rev[:-1])] + [rev[-1]])
+        return 3 * 4 * batch * widest * height * width
+
+    def tiled(self, run, x, tile, tile_out):
+        """`run` (the encoder or decoder) over overlapping tiles of x, blended: diffusers'
+        `_tiled_encode` / `tiled_decode`. Input tiles of `tile` start every (1 − overlap)·tile;
+        output tiles of `tile_out` blend their first `blend` rows and columns linearly into the
+        tile above and the tile to the left, then keep `tile_out − blend` of each side.
+        A row of tiles at a time: the row above is all the blend needs."""
+        x = self.ops.numpy(x)                   # tiles are cut and blended on the host
+        stride = int(tile * (1 - self.tile_overlap_factor))
+        blend = int(tile_out * self.tile_overlap_factor)
+        keep = tile_out - blend
+        above, rows = None, []
+        for i in range(0, x.shape[2], stride):
+            row = [self.ops.numpy(run(x[:, :, i:i + tile, j:j + tile])).copy() for j in range(0, x.shape[3], stride)]
+            for j, out in enumerate(row):         # blended in place, as diffusers does
+                if above is not None:
+                    blend_v(above[j], out, blend)
+                if j > 0:
+                    blend_h(row[j - 1], out, blend)
+            rows.append(np.concatenate([out[:, :, :keep, :keep] for out in row], axis=3))
+            above = row
+        return np.concatenate(rows, axis=2)
+
+
+def blend_v(a, b, extent):
+    """Fade the top `extent` rows of tile b in from the bottom rows of tile a (above it), in place:
+    b[y] = a[y − extent]·(1 − y/extent) + b[y]·y/extent."""
+    extent = min(a.shape[2], b.shape[2], extent)
+    w = (np.arange(extent) / extent).astype(np.float32)[:, None]          # (extent, 1): y / extent
+    b[:, :, :extent] = a[:, :, a.shape[2] - extent:] * (1 - w) + b[:, :, :extent] * w
+
+
+def blend_h(a, b, extent):
+    """The same across columns: tile a is to the left of tile b."""
+    extent = min(a.shape[3], b.shape[3], extent)
+    w = (np.arange(extent) / extent).astype(np.float32)                   # (extent,): x / extent
+    b[:, :, :, :extent] = a[:, :, :, a.shape[3] - extent:] * (1 - w) + b[:, :, :, :extent] * w
