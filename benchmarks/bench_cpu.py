@@ -155,10 +155,8 @@ def worker(args):
     if side == "diffusers":
         run, load_s, ops = diffusers_runner(folder, row, x, args.steps, args.threads)
     else:
-        import numba
-
-        import tinysd  # noqa: F401  (before numba starts its threads: it sets OMP_WAIT_POLICY)
-        numba.set_num_threads(args.threads)
+        from tinysd.kernels.threads import set_num_threads
+        set_num_threads(args.threads)
         run, load_s, ops = tinysd_runner(folder, row, x, args.steps, side)
     t0 = time.perf_counter()
     if ops is not None and row != "image":

@@ -9,12 +9,12 @@ running max m, the running sum l of e^(s − m) and the unnormalised output O; f
 
 and at the end O/l. Only one Tq×Tk score tile per thread exists at a time, never a full
 Nq×Nk matrix. The two products of a tile are BLAS sgemm calls on strided views of the
-(B, N, heads·d) tensors: no head is ever copied out. Tiles run in parallel over the cores
-(prange over batch × heads × query tiles); each calls sgemm on its own core, so the caller
-runs the kernel inside `blas_single_threaded()`.
+(B, N, heads·d) tensors: no head is ever copied out. The tasks (batch × heads × query tiles)
+run in parallel over the cores (`kernels/threads.py`); each calls sgemm on its own core, so
+the caller runs the kernel inside `blas_single_threaded()`.
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from tinysd.kernels.blas import gemm
 from tinysd.kernels.elementwise import exp
@@ -45,7 +45,7 @@ def _exp_and_sum(row, n, m):
     return total
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _softmax_tile(S, m, l, O, q0, k0, causal):
     """Turn the score tile S (Tq, Tk) into P = e^(S − m') in place and rescale l and O by
     e^(m − m'), as above. With `causal`, query q0+r sees keys ≤ q0+r: P is 0 past that."""
@@ -66,15 +66,16 @@ def _softmax_tile(S, m, l, O, q0, k0, causal):
             O[r, c] *= correction
 
 
-@njit(parallel=True, cache=True)
-def attention_kernel(q, k, v, heads, causal, out, tile_q, tile_k):
-    """q, out (B, Nq, heads·d); k, v (B, Nk, heads·d), all C-contiguous float32."""
+@njit(nogil=True, error_model="numpy", cache=True)
+def attention_kernel(q, k, v, heads, causal, out, tile_q, tile_k, start, stop):
+    """q, out (B, Nq, heads·d); k, v (B, Nk, heads·d), all C-contiguous float32. Task
+    (b·heads + h)·⌈Nq/tile_q⌉ + i is query tile i of head h of image b; tasks start … stop − 1."""
     B, Nq, C = q.shape
     Nk = k.shape[1]
     d = C // heads
     scale = 1.0 / np.sqrt(d)
     n_qt = (Nq + tile_q - 1) // tile_q
-    for task in prange(B * heads * n_qt):
+    for task in range(start, stop):
         b = task // (heads * n_qt)
         h = (task // n_qt) % heads
         q0 = (task % n_qt) * tile_q
@@ -92,4 +93,5 @@ def attention_kernel(q, k, v, heads, causal, out, tile_q, tile_k):
             _softmax_tile(St, m, l, O, q0, k0, causal)
             gemm(St, v[b, k0:k1, c0:c1], O, 1.0, 1.0, False)                     # O += P V
         for r in range(q1 - q0):
-            out[b, q0 + r, c0:c1] = O[r] / l[r]
+            for c in range(d):
+                out[b, q0 + r, c0 + c] = O[r, c] / l[r]

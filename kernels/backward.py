@@ -17,7 +17,7 @@
   O(N·d) in the sequence length.
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from tinysd.kernels.attention import _exp_and_sum, _row_max
 from tinysd.kernels.blas import _sgemm
@@ -147,13 +147,14 @@ def silu_derivative(y):
     return s * (F32(1.0) + y * (F32(1.0) - s))
 
 
-@njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)
-def group_norm_backward_kernel(grad, x, weight, bias, eps, apply_silu, dx, dweight_b, dbias_b):
+@njit(nogil=True, error_model="numpy", fastmath={"reassoc", "contract"}, cache=True)
+def group_norm_backward_kernel(grad, x, weight, bias, eps, apply_silu, dx, dweight_b, dbias_b, start, stop):
     """grad, x, dx (B, G, C/G, S); weight, bias (C,); dweight_b, dbias_b (B, C) per-image sums
-    (the caller adds them over B). Parallel over the B·G groups, each owning its channels."""
+    (the caller adds them over B). Task bg = b·G + g is one group of one image, owning its
+    channels; tasks start … stop − 1."""
     B, G, Cg, S = x.shape
     n = Cg * S
-    for bg in prange(B * G):
+    for bg in range(start, stop):
         b, g = bg // G, bg % G
         mean, rstd = _mean_rstd(x[b, g].reshape(n), eps)
         mean32, rstd32 = F32(mean), F32(rstd)
@@ -187,13 +188,13 @@ def group_norm_backward_kernel(grad, x, weight, bias, eps, apply_silu, dx, dweig
                 dx[b, g, c, s] = rstd32 * (dx[b, g, c, s] - mean_g - xhat * mean_gx)
 
 
-@njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)
-def layer_norm_backward_kernel(grad, x, weight, eps, dx, dweight_p, dbias_p):
+@njit(nogil=True, error_model="numpy", fastmath={"reassoc", "contract"}, cache=True)
+def layer_norm_backward_kernel(grad, x, weight, eps, dx, dweight_p, dbias_p, start, stop):
     """grad, x, dx (M, C); dweight_p, dbias_p (P, C): the rows go in P parts, one per task,
-    each summing its rows' ∂L/∂γ and ∂L/∂β (the caller adds the P parts)."""
+    each summing its rows' ∂L/∂γ and ∂L/∂β (the caller adds the P parts); tasks start … stop − 1."""
     M, C = x.shape
     P = dweight_p.shape[0]
-    for p in prange(P):
+    for p in range(start, stop):
         dweight_p[p] = 0.0
         dbias_p[p] = 0.0
         for m in range(p * M // P, (p + 1) * M // P):
@@ -228,29 +229,30 @@ def quick_gelu_derivative(x):
     return s + F32(1.702) * x * s * (F32(1.0) - s)
 
 
-@njit(parallel=True, cache=True)
-def silu_backward_kernel(grad, x, dx):
-    for i in prange(x.size):
+@njit(nogil=True, error_model="numpy", cache=True)
+def silu_backward_kernel(grad, x, dx, start, stop):
+    for i in range(start, stop):
         dx[i] = grad[i] * silu_derivative(x[i])
 
 
-@njit(parallel=True, cache=True)
-def gelu_backward_kernel(grad, x, dx):
-    for i in prange(x.size):
+@njit(nogil=True, error_model="numpy", cache=True)
+def gelu_backward_kernel(grad, x, dx, start, stop):
+    for i in range(start, stop):
         dx[i] = grad[i] * gelu_derivative(x[i])
 
 
-@njit(parallel=True, cache=True)
-def quick_gelu_backward_kernel(grad, x, dx):
-    for i in prange(x.size):
+@njit(nogil=True, error_model="numpy", cache=True)
+def quick_gelu_backward_kernel(grad, x, dx, start, stop):
+    for i in range(start, stop):
         dx[i] = grad[i] * quick_gelu_derivative(x[i])
 
 
-@njit(parallel=True, cache=True)
-def geglu_backward_kernel(grad, x, dx):
-    """x, dx (M, 2F) = [h | gate], grad (M, F): dh = grad·GELU(gate), dgate = grad·h·GELU'(gate)."""
-    M, F = grad.shape
-    for m in prange(M):
+@njit(nogil=True, error_model="numpy", cache=True)
+def geglu_backward_kernel(grad, x, dx, start, stop):
+    """x, dx (M, 2F) = [h | gate], grad (M, F): dh = grad·GELU(gate), dgate = grad·h·GELU'(gate),
+    for the rows start … stop − 1."""
+    F = grad.shape[1]
+    for m in range(start, stop):
         for f in range(F):
             h, gate = x[m, f], x[m, F + f]
             dx[m, f] = grad[m, f] * F32(0.5) * gate * (F32(1.0) + erf(gate * INV_SQRT2))
@@ -326,24 +328,13 @@ def _attention_backward_head(q, k, v, out, grad, b, h, d, causal, tile_q, tile_k
             gemm_t(dS, q[b, q0:q1, c0:c1], dk[b, k0:k1, c0:c1], scale, 1.0, True, False)   # dK += dSᵀ Q/√d
 
 
-@njit(parallel=True, cache=True)
-def attention_backward_kernel(q, k, v, out, grad, heads, causal, tile_q, tile_k, dq, dk, dv):
+@njit(nogil=True, error_model="numpy", cache=True)
+def attention_backward_kernel(q, k, v, out, grad, heads, causal, tile_q, tile_k, dq, dk, dv, start, stop):
     """q, out, grad, dq (B, Nq, heads·d); k, v, dk, dv (B, Nk, heads·d); all C-contiguous
-    float32, the gradients zeroed. One task per (batch, head), in parallel: the caller holds
-    `blas_single_threaded()`."""
-    B = q.shape[0]
+    float32, the gradients zeroed. Task b·heads + h is one (batch, head); tasks start … stop − 1.
+    Run in parallel, the caller holds `blas_single_threaded()`; with fewer (batch, head) pairs
+    than cores it runs them all on one thread and lets BLAS parallelise each product instead."""
     d = q.shape[2] // heads
-    for task in prange(B * heads):
-        _attention_backward_head(q, k, v, out, grad, task // heads, task % heads, d, causal,
-                                 tile_q, tile_k, dq, dk, dv)
-
-
-@njit(cache=True)
-def attention_backward_serial_kernel(q, k, v, out, grad, heads, causal, tile_q, tile_k, dq, dk, dv):
-    """As `attention_backward_kernel`, one (batch, head) after the other, for fewer of them than
-    cores: then BLAS keeps its threads and parallelises each product instead."""
-    B = q.shape[0]
-    d = q.shape[2] // heads
-    for task in range(B * heads):
+    for task in range(start, stop):
         _attention_backward_head(q, k, v, out, grad, task // heads, task % heads, d, causal,
                                  tile_q, tile_k, dq, dk, dv)

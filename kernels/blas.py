@@ -8,23 +8,69 @@ Fortran `sgemm` that SciPy exports for Cython, the same OpenBLAS, multi-threaded
 """
 import contextlib
 import ctypes
+import importlib
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
 
 import llvmlite.binding as llvm
 import numpy as np
-import scipy.linalg.cython_blas
+import scipy
 from numba import njit, types
-from numba.extending import get_cython_function_address
+
+
+_CYTHON_BLAS = "scipy.linalg.cython_blas"
+
+
+def _cython_blas():
+    """SciPy's `scipy.linalg.cython_blas` extension module, loaded from its file without importing
+    the `scipy.linalg` package around it: that package's import sets up SciPy's array-API layer
+    (which imports numpy.f2py and numpy.testing), 0.1–0.4 s of every start that tinysd does not use.
+    The module (and the sgemm it exports) is the one `import scipy.linalg.cython_blas` gives;
+    loading it puts it in sys.modules (see the end of this file)."""
+    if _CYTHON_BLAS in sys.modules:
+        return sys.modules[_CYTHON_BLAS]
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = Path(scipy.__file__).parent / "linalg" / f"cython_blas{suffix}"
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location(_CYTHON_BLAS, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+    return importlib.import_module(_CYTHON_BLAS)         # another layout: the ordinary import
+
+
+_loaded_here = _CYTHON_BLAS not in sys.modules
+
+
+def _capsule_address(capsule):
+    """The function pointer inside a Cython `__pyx_capi__` capsule."""
+    api = ctypes.pythonapi
+    api.PyCapsule_GetName.restype, api.PyCapsule_GetName.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    return api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+
+
+_blas_module = _cython_blas()
 
 # void sgemm(char *transa, char *transb, int *m, int *n, int *k, float *alpha, float *a,
 #            int *lda, float *b, int *ldb, float *beta, float *c, int *ldc)   (all by pointer)
 # Bound by symbol name rather than as a ctypes pointer, so the kernels that call it can be
 # cached on disk (`cache=True`): the address is looked up again at every import.
-llvm.add_symbol("tinysd_sgemm", get_cython_function_address("scipy.linalg.cython_blas", "sgemm"))
+llvm.add_symbol("tinysd_sgemm", _capsule_address(_blas_module.__pyx_capi__["sgemm"]))
 _sgemm = types.ExternalFunction("tinysd_sgemm", types.void(*[types.intp] * 13))
 
 
-@njit(cache=True)
-def gemm(a, b, c, alpha=1.0, beta=0.0, trans_b=False):
+# One signature for every caller: any 2-D float32 views (layout 'A'; a and b read-only, which
+# writable arrays convert to), so gemm compiles once, not once per layout a kernel passes.
+_matrix_in = types.Array(types.float32, 2, "A", readonly=True)
+_matrix_out = types.Array(types.float32, 2, "A")
+
+
+@njit(types.void(_matrix_in, _matrix_in, _matrix_out, types.float64, types.float64, types.boolean), cache=True)
+def gemm(a, b, c, alpha, beta, trans_b):
     """c ← α·a·op(b) + β·c, row-major, op(b) = bᵀ if `trans_b`.
 
     a (M, K), b (K, N) or (N, K) with `trans_b`, c (M, N): float32 2-D arrays (or views) whose
@@ -51,7 +97,7 @@ def gemm(a, b, c, alpha=1.0, beta=0.0, trans_b=False):
 def _openblas(*names):
     """The first of `names` exported by the OpenBLAS behind SciPy's BLAS, or None (SciPy's wheels
     prefix OpenBLAS's own functions with `scipy_`; other builds do not)."""
-    lib = ctypes.CDLL(scipy.linalg.cython_blas.__file__)       # dlsym also searches its dependencies
+    lib = ctypes.CDLL(_blas_module.__file__)                   # dlsym also searches its dependencies
     for name in names:
         try:
             return getattr(lib, name)
@@ -68,7 +114,7 @@ _set_threads = _openblas("scipy_openblas_set_num_threads", "openblas_set_num_thr
 def blas_single_threaded():
     """Run the block with OpenBLAS on one thread, then give it back its thread count.
 
-    For kernels that call sgemm from every core at once (attention tiles in a prange): each call
+    For kernels that call sgemm from every core at once (attention tiles, one per thread): each call
     should stay on its own core. Set around the whole parallel region, from one thread: OpenBLAS's
     thread count is one global, and `openblas_set_num_threads_local` set and restored per task
     races between the cores and can leave every later GEMM on a single thread.
@@ -87,3 +133,12 @@ def blas_single_threaded():
 def blas_threads():
     """OpenBLAS's current thread count (None if this BLAS does not say)."""
     return None if _get_threads is None else int(_get_threads())
+
+
+# gemm's explicit signature made Numba compile it (or read it from the cache) above, and Numba's
+# first compile in a process loads its library of array functions, which imports
+# scipy.linalg.cython_blas: found in sys.modules, so still without the scipy.linalg package. Now
+# take it out again, so that a later `import scipy.linalg.cython_blas` (the user's, or Numba's for
+# np.dot) goes through scipy.linalg and sets its attribute there, as it normally does.
+if _loaded_here:
+    sys.modules.pop(_CYTHON_BLAS, None)

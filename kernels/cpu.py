@@ -2,17 +2,18 @@
 
 Each override computes what the NumpyBackend method of the same name computes (tests/
 test_kernels_cpu.py checks them against each other). GEMM-shaped work goes to BLAS sgemm
-(kernels/blas.py); Numba fuses what surrounds it and runs it on all cores (prange).
-Inputs are normalised to C-contiguous float32 before a kernel sees them, so every kernel
-compiles once (and is cached on disk, `cache=True`).
-"""
-import mmap
-import warnings
+(kernels/blas.py); Numba fuses what surrounds it, and kernels/threads.py runs it on all cores.
 
-import numba
+Every kernel compiles once (and is cached on disk, `cache=True`): its array arguments are
+normalised to read-only C-contiguous float32 inputs and fresh float32 outputs, so it sees one
+type signature whether a weight is a view of a read-only memory-mapped file or an array in
+memory, and whatever layout or dtype the caller passed.
+"""
+import contextlib
+import mmap
+
 import numpy as np
 
-import tinysd
 from tinysd.backend import NumpyBackend, conv_output_size
 from tinysd.kernels import attention as _attention
 from tinysd.kernels import conv as _conv
@@ -20,20 +21,16 @@ from tinysd.kernels import elementwise as _el
 from tinysd.kernels import norm as _norm
 from tinysd.kernels import winograd as _winograd
 from tinysd.kernels.blas import blas_single_threaded, gemm
-
-# Numba's parallel loops run on GNU OpenMP's threads, sgemm on OpenBLAS's own. By default an
-# OpenMP thread spins on its core for a while after each loop, and the OpenBLAS thread that needs
-# that core next waits the spin out: on 2 cores every small GEMM after a prange kernel cost ~1 ms
-# (the tiny "shapes" model took 14 s a picture, 0.4 s without the spin; the SD U-Net step 14.2 →
-# 11.9 s). `import tinysd` sets OMP_WAIT_POLICY=PASSIVE, unless libgomp was loaded before it.
-if tinysd._openmp_spins:
-    warnings.warn("libgomp was loaded before tinysd (by torch?) with spinning threads, which slows "
-                  "the cpu backend's small ops; import tinysd first or start Python with "
-                  "OMP_WAIT_POLICY=PASSIVE", RuntimeWarning, stacklevel=2)
+from tinysd.kernels.threads import num_threads, parallel_for
 
 
 def _f32(x):
-    return np.ascontiguousarray(x, dtype=np.float32)
+    """x as a read-only C-contiguous float32 array: a kernel's input (see the module docstring)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.flags.writeable:
+        x = x.view()
+        x.flags.writeable = False
+    return x
 
 
 def _release_file_pages(x):
@@ -57,8 +54,8 @@ def _release_file_pages(x):
 
 def _unary(kernel, x):
     x = _f32(x)
-    out = np.empty_like(x)
-    kernel(x.reshape(-1), out.reshape(-1))
+    out = np.empty(x.shape, np.float32)
+    parallel_for(kernel, x.size, x.reshape(-1), out.reshape(-1), work=2 * x.size)
     return out
 
 
@@ -82,6 +79,11 @@ class CpuBackend(NumpyBackend):
     # (the U-Net's 64×64 blocks: 84 MB, 117 → 94 ms); smaller ones run faster as one GEMM.
     linear_geglu_min_bytes = 64 << 20
     linear_geglu_tile = 256         # output rows × features per task: h and gate scratch 512 KB
+    # A GEMM below this many multiply-adds runs on one BLAS thread (~0.3 ms of one core's work):
+    # waking OpenBLAS's other threads saves little on it, and where the cores are busy each such
+    # GEMM waits for a helper thread to get one: the shipped model's picture took 80 s instead of
+    # 1.7 s on this machine with other jobs running (load average 15).
+    blas_parallel_min_macs = 1 << 24
 
     def asarray(self, x):
         """As NumpyBackend. 4-D arrays (conv weights (Cout, Cin, kh, kw)) keep their shape and
@@ -90,7 +92,7 @@ class CpuBackend(NumpyBackend):
         of the memory-mapped checkpoint, as with the numpy backend."""
         x = np.asarray(x)
         if x.ndim != 4:
-            return _f32(x)
+            return np.ascontiguousarray(x, dtype=np.float32)
         tap_major = np.empty((x.shape[0], x.shape[2], x.shape[3], x.shape[1]), np.float32)
         tap_major[:] = x.transpose(0, 2, 3, 1)
         _release_file_pages(x)
@@ -104,18 +106,24 @@ class CpuBackend(NumpyBackend):
         y = np.empty((x2.shape[0], n_out), np.float32)
         if bias is not None:
             y[:] = bias                                   # y = x Wᵀ + b as one GEMM with β = 1
-        gemm(x2, _f32(weight), y, 1.0, 0.0 if bias is None else 1.0, True)
+        with self._blas_threads(y.size * n_in):
+            gemm(x2, _f32(weight), y, 1.0, 0.0 if bias is None else 1.0, True)
         return y.reshape(*lead, n_out)
+
+    def _blas_threads(self, macs):
+        """One BLAS thread for a GEMM (or a conv's GEMMs) of fewer than `blas_parallel_min_macs`."""
+        return blas_single_threaded() if macs < self.blas_parallel_min_macs else contextlib.nullcontext()
 
     def conv2d(self, x, weight, bias=None, stride=1, padding=0):
         x = _f32(x)
         B, Cin = x.shape[:2]
         Cout, _, kh, kw = weight.shape
         (pt, pb, pl, pr), Ho, Wo = conv_output_size(x.shape, weight.shape, stride, padding)
-        bias = np.zeros(Cout, np.float32) if bias is None else _f32(bias)
+        bias = _f32(np.zeros(Cout, np.float32) if bias is None else bias)
         out = np.empty((B, Cout, Ho, Wo), np.float32)
         if kh == kw == 1 and stride == 1 and not (pt or pb or pl or pr):
-            _conv.conv1x1_kernel(x, _f32(weight.reshape(Cout, Cin)), bias, out)
+            with self._blas_threads(out.size * Cin):
+                _conv.conv1x1_kernel(x, _f32(weight.reshape(Cout, Cin)), bias, out)
             return out
         w = _f32(weight.transpose(0, 2, 3, 1))            # (Cout, kh, kw, Cin); no copy for weights from asarray
         winograd = kh == kw == 3 and stride == 1
@@ -124,40 +132,45 @@ class CpuBackend(NumpyBackend):
         elif winograd and B * -(-Ho // 2) * -(-Wo // 2) >= self.winograd_f2_min_tiles:
             self._conv3x3_winograd(2, x, w, bias, pt, pl, out)
         elif B * Ho * Wo <= self.im2col_max_pixels:
-            _conv.im2col_conv2d_kernel(x, w, bias, int(stride), int(pt), int(pl), out)
+            with self._blas_threads(out.size * Cin * kh * kw):
+                _conv.im2col_conv2d_kernel(x, w, bias, int(stride), int(pt), int(pl), out)
         else:
-            _conv.conv2d_kernel(x, w, bias, int(stride), int(pt), int(pb), int(pl), int(pr), out,
-                                int(self.conv_chunk_bytes))
+            with self._blas_threads(out.size * Cin * kh * kw):
+                _conv.conv2d_kernel(x, w, bias, int(stride), int(pt), int(pb), int(pl), int(pr), out,
+                                    int(self.conv_chunk_bytes))
         return out
 
     def _conv3x3_winograd(self, m, x, w, bias, pt, pl, out):
         """Winograd F(m×m, 3×3), m = 2 or 4 (kernels/winograd.py)."""
         Cin, Cout = x.shape[1], out.shape[1]
         U = np.empty(((m + 2) ** 2, Cout, Cin), np.float32)      # one (Cout, Cin) matrix per ξ
-        (_winograd.weight_transform_f2 if m == 2 else _winograd.weight_transform_f4)(w, U)
+        parallel_for(_winograd.weight_transform_f2 if m == 2 else _winograd.weight_transform_f4, Cout, w, U,
+                     work=U.size)
         Tx = -(-out.shape[3] // m)                              # tiles per tile row
         rows = x.shape[0] * -(-out.shape[2] // m)               # tile rows in the batch
-        per_task = max(1, round(self.winograd_chunk_tiles / Tx))                 # in tile rows,
-        per_task = min(per_task, -(-rows // (2 * numba.get_num_threads())))      # 2+ tasks per core
+        per_task = max(1, round(self.winograd_chunk_tiles / Tx))            # in tile rows,
+        per_task = min(per_task, -(-rows // (2 * num_threads())))           # 2+ tasks per core
         with blas_single_threaded():                        # one GEMM per core, chunks in parallel
-            _winograd.conv3x3_kernel(x, U, bias, int(pt), int(pl), out, per_task)
+            parallel_for(_winograd.conv3x3_kernel, -(-rows // per_task), x, _f32(U), bias, int(pt), int(pl), out,
+                         per_task)
 
     def group_norm(self, x, num_groups, weight, bias, eps, silu=False):
         x = _f32(x)
         B, C = x.shape[:2]
         if C % num_groups:
             raise ValueError(f"group_norm: {C} channels do not split into {num_groups} groups")
-        out = np.empty_like(x)
+        out = np.empty(x.shape, np.float32)
         shape = (B, num_groups, C // num_groups, -1)
-        _norm.group_norm_kernel(x.reshape(shape), _f32(weight), _f32(bias), float(eps), bool(silu),
-                                out.reshape(shape))
+        parallel_for(_norm.group_norm_kernel, B * num_groups, x.reshape(shape), _f32(weight), _f32(bias), float(eps),
+                     bool(silu), out.reshape(shape), work=2 * x.size)
         return out
 
     def layer_norm(self, x, weight, bias, eps):
         x = _f32(x)
-        out = np.empty_like(x)
+        out = np.empty(x.shape, np.float32)
         C = x.shape[-1]
-        _norm.layer_norm_kernel(x.reshape(-1, C), _f32(weight), _f32(bias), float(eps), out.reshape(-1, C))
+        parallel_for(_norm.layer_norm_kernel, x.size // C, x.reshape(-1, C), _f32(weight), _f32(bias), float(eps),
+                     out.reshape(-1, C), work=2 * x.size)
         return out
 
     def silu(self, x):
@@ -178,7 +191,8 @@ class CpuBackend(NumpyBackend):
         if two_f % 2:
             raise ValueError(f"geglu: last axis {two_f} is not even")
         out = np.empty((*lead, two_f // 2), np.float32)
-        _el.geglu_kernel(x.reshape(-1, two_f), out.reshape(-1, two_f // 2))
+        rows = x.size // two_f
+        parallel_for(_el.geglu_kernel, rows, x.reshape(rows, two_f), out.reshape(rows, two_f // 2), work=x.size + out.size)
         return out
 
     def linear_geglu(self, x, weight, bias=None):
@@ -191,26 +205,32 @@ class CpuBackend(NumpyBackend):
         if 4 * x2.shape[0] * two_f < self.linear_geglu_min_bytes:
             return super().linear_geglu(x, weight, bias)
         out = np.empty((x2.shape[0], two_f // 2), np.float32)
-        bias = np.zeros(two_f, np.float32) if bias is None else _f32(bias)
+        bias = _f32(np.zeros(two_f, np.float32) if bias is None else bias)
+        tile = self.linear_geglu_tile
+        tasks = -(-x2.shape[0] // tile) * -(-out.shape[1] // tile)
         with blas_single_threaded():                        # one GEMM per core, tiles in parallel
-            _el.linear_geglu_kernel(x2, _f32(weight), bias, out, self.linear_geglu_tile)
+            parallel_for(_el.linear_geglu_kernel, tasks, x2, _f32(weight), bias, out, tile)
         return out.reshape(*lead, two_f // 2)
 
     def attention(self, q, k, v, heads, causal=False):
         q, k, v = _f32(q), _f32(k), _f32(v)
         if q.shape[2] % heads:
             raise ValueError(f"attention: {q.shape[2]} channels do not split into {heads} heads")
-        out = np.empty_like(q)
+        out = np.empty(q.shape, np.float32)
         tile_q, tile_k = self.attention_tiles
+        B, Nq, C = q.shape
+        tasks = B * heads * -(-Nq // tile_q)
+        work = 2 * q.size + 2 * k.size + B * heads * Nq * k.shape[1]        # + the scores
         with blas_single_threaded():                     # the tiles run one per core
-            _attention.attention_kernel(q, k, v, int(heads), bool(causal), out, tile_q, tile_k)
+            parallel_for(_attention.attention_kernel, tasks, q, k, v, int(heads), bool(causal), out, tile_q, tile_k,
+                         work=work)
         return out
 
     def to_tokens(self, x):
         x = _f32(x)
         B, C, H, W = x.shape
         out = np.empty((B, H * W, C), np.float32)
-        _el.transpose_kernel(x.reshape(B, C, H * W), out)
+        parallel_for(_el.transpose_kernel, B * -(-C // 32), x.reshape(B, C, H * W), out, work=2 * x.size)
         return out
 
     def to_image(self, x, height, width):
@@ -219,14 +239,15 @@ class CpuBackend(NumpyBackend):
         if N != height * width:
             raise ValueError(f"to_image: {N} tokens are not a {height}×{width} image")
         out = np.empty((B, C, height, width), np.float32)
-        _el.transpose_kernel(x, out.reshape(B, C, N))
+        parallel_for(_el.transpose_kernel, B * -(-N // 32), x, out.reshape(B, C, N), work=2 * x.size)
         return out
 
     def upsample_nearest2x(self, x):
         x = _f32(x)
         B, C, H, W = x.shape
         out = np.empty((B, C, 2 * H, 2 * W), np.float32)
-        _el.upsample_nearest2x_kernel(x.reshape(B * C, H, W), out.reshape(B * C, 2 * H, 2 * W))
+        parallel_for(_el.upsample_nearest2x_kernel, B * C, x.reshape(B * C, H, W), out.reshape(B * C, 2 * H, 2 * W),
+                     work=5 * x.size)
         return out
 
     # Training: backward kernels where they beat the inherited NumPy twins (kernels/backward.py;
@@ -275,8 +296,9 @@ class CpuBackend(NumpyBackend):
         shape = (B, num_groups, C // num_groups, -1)
         dx = np.empty_like(x)
         dweight_b, dbias_b = np.empty((B, C), np.float32), np.empty((B, C), np.float32)
-        _backward.group_norm_backward_kernel(grad.reshape(shape), x.reshape(shape), _f32(weight), _f32(bias),
-                                             float(eps), bool(silu), dx.reshape(shape), dweight_b, dbias_b)
+        parallel_for(_backward.group_norm_backward_kernel, B * num_groups, grad.reshape(shape), x.reshape(shape),
+                     _f32(weight), _f32(bias), float(eps), bool(silu), dx.reshape(shape), dweight_b, dbias_b,
+                     work=3 * x.size)
         if frozen:
             return dx, None, None
         return dx, dweight_b.sum(axis=0), dbias_b.sum(axis=0)
@@ -286,11 +308,11 @@ class CpuBackend(NumpyBackend):
         x, grad = _f32(x), _f32(grad)
         C = x.shape[-1]
         M = x.size // C
-        parts = max(1, min(M, 4 * numba.get_num_threads()))
+        parts = max(1, min(M, 4 * num_threads()))
         dx = np.empty_like(x)
         dweight_p, dbias_p = np.empty((parts, C), np.float32), np.empty((parts, C), np.float32)
-        _backward.layer_norm_backward_kernel(grad.reshape(M, C), x.reshape(M, C), _f32(weight), float(eps),
-                                             dx.reshape(M, C), dweight_p, dbias_p)
+        parallel_for(_backward.layer_norm_backward_kernel, parts, grad.reshape(M, C), x.reshape(M, C), _f32(weight),
+                     float(eps), dx.reshape(M, C), dweight_p, dbias_p, work=3 * x.size)
         if frozen:
             return dx, None, None
         return dx, dweight_p.sum(axis=0), dbias_p.sum(axis=0)
@@ -299,7 +321,8 @@ class CpuBackend(NumpyBackend):
         from tinysd.kernels import backward as _backward
         x, grad = _f32(x), _f32(grad)
         dx = np.empty_like(x)
-        getattr(_backward, kernel_name)(grad.reshape(-1), x.reshape(-1), dx.reshape(-1))
+        parallel_for(getattr(_backward, kernel_name), x.size, grad.reshape(-1), x.reshape(-1), dx.reshape(-1),
+                     work=3 * x.size)
         return dx
 
     def silu_backward(self, grad, x):
@@ -316,7 +339,9 @@ class CpuBackend(NumpyBackend):
         x, grad = _f32(x), _f32(grad)
         two_f = x.shape[-1]
         dx = np.empty_like(x)
-        _backward.geglu_backward_kernel(grad.reshape(-1, two_f // 2), x.reshape(-1, two_f), dx.reshape(-1, two_f))
+        rows = x.size // two_f
+        parallel_for(_backward.geglu_backward_kernel, rows, grad.reshape(rows, two_f // 2), x.reshape(rows, two_f),
+                     dx.reshape(rows, two_f), work=2 * x.size + grad.size)
         return dx
 
     def attention_backward(self, grad, q, k, v, heads, causal=False, out=None):
@@ -330,9 +355,10 @@ class CpuBackend(NumpyBackend):
         dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
         tile_q, tile_k = self.attention_backward_tiles
         args = (q, k, v, out, grad, int(heads), bool(causal), tile_q, tile_k, dq, dk, dv)
-        if q.shape[0] * heads >= numba.get_num_threads():
+        tasks = q.shape[0] * heads
+        if tasks >= num_threads():
             with blas_single_threaded():                     # one (batch, head) per core
-                _backward.attention_backward_kernel(*args)
-        else:
-            _backward.attention_backward_serial_kernel(*args)
+                parallel_for(_backward.attention_backward_kernel, tasks, *args)
+        else:                                                # one after the other, BLAS on all cores
+            _backward.attention_backward_kernel(*args, 0, tasks)
         return dq, dk, dv

@@ -308,3 +308,17 @@ class CudaBackend(NumpyBackend):
         flat_ids = self.cuda.to_device(np.ascontiguousarray(ids.reshape(-1), dtype=np.int64))
         self.k.launch_1d(self.k.take_kernel, out.size, table.data, flat_ids, _rows(out, C))
         return out
+
+
+def _no_backward(op):
+    def backward(self, *args, **kwargs):
+        raise NotImplementedError(f"{op}: the cuda backend has no backward ops, so it cannot train; "
+                                  "train on --backend cpu (or numpy), then draw on cuda with the saved file")
+    backward.__name__ = backward.__qualname__ = op
+    return backward
+
+
+# Training: every `*_backward` of NumpyBackend (the inherited ones would meet a DeviceArray)
+# raises one clear error instead, naming the op.
+for _op in [name for name in vars(NumpyBackend) if name.endswith("_backward")]:
+    setattr(CudaBackend, _op, _no_backward(_op))

@@ -1,12 +1,13 @@
 """Elementwise kernels: SiLU, GELU, CLIP's quick GELU, GEGLU (alone and fused with the linear
-before it), ReLU (TAESD), nearest 2× up-sampling.
+before it), ReLU (TAESD), nearest 2× up-sampling, the image <-> tokens transpose. Each runs
+tasks start … stop − 1 of its outer loop; `kernels/threads.py` spreads them over the cores.
 
 Their NumPy twins are the methods of `tinysd.backend.NumpyBackend`. Numba calls libm's scalar
 `expf`/`erff` (no SVML here), ~10× slower than a vector loop, so `exp` and `erf` below are
 written as range reduction + polynomial in plain float32 arithmetic, which LLVM vectorises.
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from tinysd.kernels.blas import gemm
 
@@ -79,50 +80,52 @@ def quick_gelu(x):
     return x * sigmoid(F32(1.702) * x)
 
 
-@njit(parallel=True, cache=True)
-def silu_kernel(x, out):
-    for i in prange(x.size):
+@njit(nogil=True, error_model="numpy", cache=True)
+def silu_kernel(x, out, start, stop):
+    """out[i] = silu(x[i]) for i in start … stop − 1 of the flat x, out."""
+    for i in range(start, stop):
         out[i] = silu(x[i])
 
 
-@njit(parallel=True, cache=True)
-def gelu_kernel(x, out):
-    for i in prange(x.size):
+@njit(nogil=True, error_model="numpy", cache=True)
+def gelu_kernel(x, out, start, stop):
+    for i in range(start, stop):
         out[i] = gelu(x[i])
 
 
-@njit(parallel=True, cache=True)
-def quick_gelu_kernel(x, out):
-    for i in prange(x.size):
+@njit(nogil=True, error_model="numpy", cache=True)
+def quick_gelu_kernel(x, out, start, stop):
+    for i in range(start, stop):
         out[i] = quick_gelu(x[i])
 
 
-@njit(parallel=True, cache=True)
-def geglu_kernel(x, out):
-    """x (M, 2F) -> out (M, F) = h·GELU(gate), h = x[:, :F], gate = x[:, F:]."""
-    M, F = out.shape
-    for m in prange(M):
+@njit(nogil=True, error_model="numpy", cache=True)
+def geglu_kernel(x, out, start, stop):
+    """x (M, 2F) -> out (M, F) = h·GELU(gate), h = x[:, :F], gate = x[:, F:]; rows start … stop − 1."""
+    F = out.shape[1]
+    for m in range(start, stop):
         for f in range(F):
             out[m, f] = x[m, f] * gelu(x[m, F + f])
 
 
-@njit(parallel=True, cache=True)
-def linear_geglu_kernel(x, w, bias, out, tile):
+@njit(nogil=True, error_model="numpy", cache=True)
+def linear_geglu_kernel(x, w, bias, out, tile, start, stop):
     """out (N, F) = h·GELU(gate) with [h | gate] = x wᵀ + bias, x (N, K), w (2F, K): the GEGLU
-    feed-forward's first half. Output tiles of tile × tile go one per task; each makes its h and
-    gate blocks by two single-threaded sgemm into scratch that stays in L2, so the (N, 2F)
-    projection (84 MB in the U-Net's 64×64 blocks) is never written out and read back. The
-    caller holds `blas_single_threaded()`."""
+    feed-forward's first half. The output goes in tiles of tile × tile, tasks start … stop − 1
+    of them in row-major order; each makes its h and gate blocks by two single-threaded sgemm
+    into scratch that stays in L2, so the (N, 2F) projection (84 MB in the U-Net's 64×64 blocks)
+    is never written out and read back. The caller holds `blas_single_threaded()`."""
     N, F = out.shape
     n_f = (F + tile - 1) // tile
-    for task in prange(((N + tile - 1) // tile) * n_f):
+    for task in range(start, stop):
         r0, f0 = (task // n_f) * tile, (task % n_f) * tile
         r1, f1 = min(N, r0 + tile), min(F, f0 + tile)
         h = np.empty((r1 - r0, f1 - f0), np.float32)
         gate = np.empty((r1 - r0, f1 - f0), np.float32)
         for i in range(r1 - r0):
-            h[i] = bias[f0:f1]
-            gate[i] = bias[F + f0:F + f1]
+            for j in range(f1 - f0):
+                h[i, j] = bias[f0 + j]
+                gate[i, j] = bias[F + f0 + j]
         gemm(x[r0:r1], w[f0:f1], h, 1.0, 1.0, True)
         gemm(x[r0:r1], w[F + f0:F + f1], gate, 1.0, 1.0, True)
         for i in range(r1 - r0):
@@ -130,32 +133,34 @@ def linear_geglu_kernel(x, w, bias, out, tile):
                 out[r0 + i, f0 + j] = h[i, j] * gelu(gate[i, j])
 
 
-@njit(parallel=True, cache=True)
-def relu_kernel(x, out):
-    for i in prange(x.size):
+@njit(nogil=True, error_model="numpy", cache=True)
+def relu_kernel(x, out, start, stop):
+    for i in range(start, stop):
         out[i] = max(x[i], F32(0.0))
 
 
-@njit(parallel=True, cache=True)
-def upsample_nearest2x_kernel(x, out):
-    """x (P, H, W) planes -> out (P, 2H, 2W), out[p, y, x] = x[p, y//2, x//2]."""
+@njit(nogil=True, error_model="numpy", cache=True)
+def upsample_nearest2x_kernel(x, out, start, stop):
+    """x (P, H, W) planes -> out (P, 2H, 2W), out[p, y, x] = x[p, y//2, x//2]; planes start … stop − 1."""
     P, H, W = x.shape
-    for p in prange(P):
+    for p in range(start, stop):
         for y in range(H):
             for j in range(W):
                 v = x[p, y, j]
                 out[p, 2 * y, 2 * j] = v
                 out[p, 2 * y, 2 * j + 1] = v
-            out[p, 2 * y + 1, :] = out[p, 2 * y, :]
+                out[p, 2 * y + 1, 2 * j] = v
+                out[p, 2 * y + 1, 2 * j + 1] = v
 
 
-@njit(parallel=True, cache=True)
-def transpose_kernel(x, out):
+@njit(nogil=True, error_model="numpy", cache=True)
+def transpose_kernel(x, out, start, stop):
     """out[b] = x[b]ᵀ for x (B, R, C), out (B, C, R), in 32×32 blocks so that both the reads and
-    the writes stay within a few cache lines (a plain strided copy misses on every element)."""
+    the writes stay within a few cache lines (a plain strided copy misses on every element).
+    Task t = b·⌈R/32⌉ + (row block); tasks start … stop − 1."""
     B, R, C = x.shape
     nr, nc = (R + 31) // 32, (C + 31) // 32
-    for task in prange(B * nr):
+    for task in range(start, stop):
         b, r0 = task // nr, (task % nr) * 32
         for cb in range(nc):
             c0 = cb * 32

@@ -2,10 +2,11 @@
 `NumpyBackend.layer_norm`.
 
 One pass collects Σx and Σx² in float64 (var = E[x²] − μ², safe in float64 for float32 data),
-a second writes y = (x − μ)·rstd·γ + β, with SiLU applied in the same loop.
+a second writes y = (x − μ)·rstd·γ + β, with SiLU applied in the same loop. Each kernel runs
+tasks start … stop − 1 (groups, rows); `kernels/threads.py` spreads them over the cores.
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from tinysd.kernels.elementwise import silu
 
@@ -26,11 +27,12 @@ def _mean_rstd(row, eps):
     return mean, 1.0 / np.sqrt(var + eps)
 
 
-@njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)
-def group_norm_kernel(x, weight, bias, eps, apply_silu, out):
-    """x, out (B, G, C/G, S) with S spatial positions; weight, bias (C,). Parallel over B·G groups."""
+@njit(nogil=True, error_model="numpy", fastmath={"reassoc", "contract"}, cache=True)
+def group_norm_kernel(x, weight, bias, eps, apply_silu, out, start, stop):
+    """x, out (B, G, C/G, S) with S spatial positions; weight, bias (C,). Task bg = b·G + g is
+    one group of one image; tasks start … stop − 1."""
     B, G, Cg, S = x.shape
-    for bg in prange(B * G):
+    for bg in range(start, stop):
         b, g = bg // G, bg % G
         mean, rstd = _mean_rstd(x[b, g].reshape(Cg * S), eps)
         for c in range(Cg):
@@ -44,11 +46,11 @@ def group_norm_kernel(x, weight, bias, eps, apply_silu, out):
                     out[b, g, c, s] = x[b, g, c, s] * scale + shift
 
 
-@njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)
-def layer_norm_kernel(x, weight, bias, eps, out):
-    """x, out (M, C); normalise each row over C. Parallel over rows."""
-    M, C = x.shape
-    for m in prange(M):
+@njit(nogil=True, error_model="numpy", fastmath={"reassoc", "contract"}, cache=True)
+def layer_norm_kernel(x, weight, bias, eps, out, start, stop):
+    """x, out (M, C); normalise each of the rows start … stop − 1 over C."""
+    C = x.shape[1]
+    for m in range(start, stop):
         mean, rstd = _mean_rstd(x[m], eps)
         for c in range(C):
             out[m, c] = F32((x[m, c] - mean) * rstd) * weight[c] + bias[c]

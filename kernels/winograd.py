@@ -19,8 +19,8 @@ elementwise product becomes 16 matrix products, one per position ξ of the 4×4 
 Those 16 GEMMs are where the time goes (BLAS sgemm); the transforms around them are a few
 adds per value, run a tile row at a time so that the tiles are the SIMD lanes. The tile rows of
 the whole batch are cut into chunks; each chunk (transform in, 16
-GEMMs, transform out) runs on one core, the chunks in parallel (prange), so there is one thread
-pool and BLAS runs single-threaded inside it (the caller wraps the call in
+GEMMs, transform out) runs on one core, the chunks in parallel (`kernels/threads.py`), so there
+is one set of threads and BLAS runs single-threaded inside it (the caller wraps the call in
 `blas_single_threaded()`). The weights are transformed on every call (no second copy kept in
 memory): worth it only when the tiles outnumber the output channels by far, which
 `CpuBackend.conv2d` checks before it picks a Winograd path.
@@ -45,7 +45,7 @@ parity tests. `CpuBackend.conv2d` takes it for the big images (VAE decoder, the 
 level), where the GEMMs dominate, F(2×2, 3×3) for the middle sizes.
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from tinysd.kernels.blas import gemm
 
@@ -75,13 +75,14 @@ def _store_rows(y, out, b, o, y0):
             out[b, o, y0 + u, j] = y[u, j]
 
 
-@njit(parallel=True, cache=True)
-def weight_transform_f2(w, U):
-    """w (Cout, 3, 3, Cin) tap-major -> U (16, Cout, Cin), U[4a + b] = (G g Gᵀ)[a, b]."""
-    Cout, _, _, Cin = w.shape
-    for o in prange(Cout):
+@njit(nogil=True, error_model="numpy", cache=True)
+def weight_transform_f2(w, U, start, stop):
+    """w (Cout, 3, 3, Cin) tap-major -> U (16, Cout, Cin), U[4a + b] = (G g Gᵀ)[a, b], for the
+    output channels start … stop − 1."""
+    Cin = w.shape[3]
+    t = np.empty((4, 3), np.float32)                         # G g: 4 rows of 3
+    for o in range(start, stop):
         for c in range(Cin):
-            t = np.empty((4, 3), np.float32)                 # G g: 4 rows of 3
             for j in range(3):
                 g0, g1, g2 = w[o, 0, j, c], w[o, 1, j, c], w[o, 2, j, c]
                 t[0, j] = g0
@@ -96,7 +97,7 @@ def weight_transform_f2(w, U):
                 U[4 * a + 3, o, c] = g2
 
 
-@njit(cache=True)
+@njit(inline="always")
 def input_transform_f2(x, pt, pl, Ty, Tx, r0, V):
     """V[ξ, c, i] = (Bᵀ d B)[ξ] for the tiles of tile rows r0, r0 + 1, ... (tile row r = b·Ty + ty,
     tile i = (r − r0)·Tx + tx), where d is the 4×4 patch of x (B, Cin, H, W) whose top-left is
@@ -131,7 +132,7 @@ def input_transform_f2(x, pt, pl, Ty, Tx, r0, V):
                     V[4 * a + 3, c, i0 + t] = e1 - e3
 
 
-@njit(cache=True)
+@njit(inline="always")
 def output_transform_f2(M, bias, Ty, Tx, r0, out):
     """out[b, o, 2ty + u, 2tx + v] = (Aᵀ m A)[u, v] + bias[o] with m = M[:, o, i] as 4×4, for the
     tiles of tile rows r0, r0 + 1, ... (numbered as in `input_transform_f2`); rows and columns past
@@ -173,12 +174,13 @@ def _g6(g0, g1, g2):
             g2)
 
 
-@njit(parallel=True, cache=True)
-def weight_transform_f4(w, U):
-    """w (Cout, 3, 3, Cin) tap-major -> U (36, Cout, Cin), U[6a + b] = (G g Gᵀ)[a, b]."""
-    Cout, _, _, Cin = w.shape
-    for o in prange(Cout):
-        t = np.empty((6, 3), np.float32)                     # G g: 6 rows of 3
+@njit(nogil=True, error_model="numpy", cache=True)
+def weight_transform_f4(w, U, start, stop):
+    """w (Cout, 3, 3, Cin) tap-major -> U (36, Cout, Cin), U[6a + b] = (G g Gᵀ)[a, b], for the
+    output channels start … stop − 1."""
+    Cin = w.shape[3]
+    t = np.empty((6, 3), np.float32)                         # G g: 6 rows of 3
+    for o in range(start, stop):
         for c in range(Cin):
             for j in range(3):
                 t[0, j], t[1, j], t[2, j], t[3, j], t[4, j], t[5, j] = _g6(w[o, 0, j, c], w[o, 1, j, c], w[o, 2, j, c])
@@ -203,7 +205,7 @@ def _bt6(d0, d1, d2, d3, d4, d5):
             F32(4) * d1 - F32(5) * d3 + d5)
 
 
-@njit(cache=True)
+@njit(inline="always")
 def input_transform_f4(x, pt, pl, Ty, Tx, r0, V):
     """V[ξ, c, i] = (Bᵀ d B)[ξ] for the tiles of tile rows r0, r0 + 1, ... (tile row r = b·Ty + ty,
     tile i = (r − r0)·Tx + tx), d the 6×6 patch of x (B, Cin, H, W) at (4ty − pt, 4tx − pl), zero
@@ -243,7 +245,7 @@ def _at6(m0, m1, m2, m3, m4, m5):
             m1 - m2 + F32(8) * (m3 - m4) + m5)
 
 
-@njit(cache=True)
+@njit(inline="always")
 def output_transform_f4(M, bias, Ty, Tx, r0, out):
     """out[b, o, 4ty + u, 4tx + v] = (Aᵀ m A)[u, v] + bias[o], m = M[:, o, i] as 6×6, for the tiles
     of tile rows r0, r0 + 1, ...; rows and columns past the output's edge are dropped. The row's
@@ -270,18 +272,19 @@ def output_transform_f4(M, bias, Ty, Tx, r0, out):
             _store_rows(y, out, b, o, y0)
 
 
-@njit(parallel=True, cache=True)
-def conv3x3_kernel(x, U, bias, pt, pl, out, chunk):
+@njit(nogil=True, error_model="numpy", cache=True)
+def conv3x3_kernel(x, U, bias, pt, pl, out, chunk, start, stop):
     """x (B, Cin, H, W), U from `weight_transform_f2` (16, Cout, Cin) or `weight_transform_f4`
     (36, Cout, Cin), out (B, Cout, Ho, Wo): stride-1 3×3 convolution with padding (pt, pl) at the
     top and left (the bottom and right padding are implied by Ho, Wo), by F(2×2, 3×3) or
-    F(4×4, 3×3) as U says. Tiles go `chunk` tile rows at a time, one chunk per prange task."""
+    F(4×4, 3×3) as U says. Tiles go `chunk` tile rows at a time, one chunk per task: tasks
+    start … stop − 1 of the ⌈B·⌈Ho/m⌉ / chunk⌉."""
     B, Cout, Ho, Wo = out.shape
     Cin = x.shape[1]
     m = 2 if U.shape[0] == 16 else 4                 # output tile side
     Ty, Tx = (Ho + m - 1) // m, (Wo + m - 1) // m
     R = B * Ty                                       # tile rows of the whole batch
-    for k in prange((R + chunk - 1) // chunk):
+    for k in range(start, stop):
         r0 = k * chunk
         n = min(chunk, R - r0) * Tx
         V = np.empty((U.shape[0], Cin, n), np.float32)

@@ -13,6 +13,7 @@ that the committed files match these sources and that each runs top to bottom.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 import time
@@ -436,8 +437,10 @@ NOTEBOOKS["03_inside_the_unet.ipynb"] = [
     md("""
     Averaged over heads, layers and steps at the finest resolution, one map per piece of the
     prompt and one for the end token; bright pixels attend to that token (each map has its own
-    colour scale). In trained SD v1 the start token takes much of every pixel's attention (a
-    "sink"), and the maps of the nouns outline where their objects are drawn.
+    colour scale). In Jupyter with ipywidgets (`pip install -e ".[notebooks]"`) a menu of the
+    prompt's words picks the map; in the committed file, all of them in a row
+    (`notebooks/_live.py`). In trained SD v1 the start token takes much of every pixel's
+    attention (a "sink"), and the maps of the nouns outline where their objects are drawn.
 
     The shapes model's finest cross-attention runs on its 8×8 latent, so each map pixel covers
     8×8 picture pixels: coarse, but readable. There the colour words light up their own object
@@ -449,18 +452,18 @@ NOTEBOOKS["03_inside_the_unet.ipynb"] = [
     attention goes to the padding rows, which have read the whole prompt.
     """),
     code("""
+    from _live import WordMaps, live
+
     pieces = sd.tokenizer.tokenize(prompt)
     finest = max(recorder.maps)
     side = int(np.sqrt(finest))
     attn = recorder.maps[finest].reshape(side, side, 77)
     attn = attn / attn.sum(axis=-1, keepdims=True)                   # a distribution per pixel
-    positions = list(range(1, len(pieces) + 2))
-    names = pieces + ["<|endoftext|>"]
-    maps = [attn[:, :, j] for j in positions]
-    show([image] + maps, ["picture"] + [f"{name}\\n{m.mean():.1%} of attention" for name, m in zip(names, maps)],
-         cmap="magma", size=1.8)
     print(f"<|startoftext|> takes {attn[:, :, 0].mean():.1%}, the {76 - len(pieces)} padding rows "
           f"{attn[:, :, len(pieces) + 2:].sum(axis=-1).mean():.1%}")
+    show([image], ["picture"], size=1.8)
+    word_maps = WordMaps(attn, pieces)         # word_maps(word=position) -> (that token's map, its share)
+    live(word_maps, word=word_maps.choice())
     """),
 ]
 
@@ -834,6 +837,1203 @@ NOTEBOOKS["07_kernels.ipynb"] = [
 ]
 
 
+NOTEBOOKS["08_controlnet.ipynb"] = [
+    md("""
+    # 8 · ControlNet: steering the composition with an edge map
+
+    A prompt says *what* to draw; a **ControlNet** says *where*, with a picture of the structure
+    wanted: an edge map, a depth map, a pose skeleton. It is a trainable copy of the U-Net's
+    down path and mid block that reads the noisy latent, the timestep, the prompt, and the hint
+    c, which a small conv stack E brings from pixels to the latent grid:
+
+        h_0 = conv_in(z_t) + E(c)
+        r_k = Z_k(h_k)  for every skip connection h_k of the copy,   r_mid = Z_mid(h_mid)
+
+    The Z are 1×1 convolutions that start at zero, so training starts from the unchanged model.
+    The frozen U-Net adds s·r_k to its own skip connections and s·r_mid to its mid block
+    (s: `controlnet_conditioning_scale`). Code: `tinysd/controlnet.py` (the model, the files,
+    the per-step hook), `tinysd/hints.py` (Canny and the other hints), the residual entry in
+    `UNet2DConditionModel.__call__` (`tinysd/unet.py`).
+
+    This notebook uses the packaged "shapes" model and "shapes-canny", a Canny ControlNet trained
+    for it by this project (`training/train_shapes_controlnet.py`); with SD v1.5 the same calls
+    take `control_v11p_sd15_canny`.
+    """),
+    code("""
+    import sys
+    import numpy as np
+    import matplotlib.pyplot as plt
+    import tinysd
+    from tinysd import hints
+    from _model import TRAINING, show
+
+    sys.path.insert(0, str(TRAINING))
+    import shapes_data as data
+
+    sd = tinysd.load("shapes", backend="numpy", controlnet="shapes-canny")
+    net = sd.controlnets[0]
+    print('Running on the packaged "shapes" model with its Canny ControlNet "shapes-canny" (tinysd/data/).')
+    parts = {"hint encoder E": net.controlnet_cond_embedding,
+             "down path + mid block (copied)": [net.conv_in, net.time_embedding, *net.down_blocks, net.mid_block],
+             "zero convolutions Z": [*net.controlnet_down_blocks, net.controlnet_mid_block]}
+    for name, modules in parts.items():
+        modules = modules if isinstance(modules, list) else [modules]
+        print(f"{name:32s} {sum(m.num_parameters() for m in modules) / 1e6:6.2f} M parameters")
+    print(f"{'the U-Net it steers':32s} {sd.unet.num_parameters() / 1e6:6.2f} M parameters")
+    """),
+    md("""
+    ## The hint: Canny edges
+
+    `canny(image, low, high)` is OpenCV's `cv2.Canny`, pixel for pixel, written out in NumPy:
+    Sobel gradients (|∂x| + |∂y|, the strongest colour channel), non-maximum suppression along
+    the gradient's direction (rounded to 0°, 45°, 90°, 135°), and the double threshold with
+    hysteresis: pixels above `high` are edges, pixels above `low` join them when connected.
+    The scene below is one the ControlNet never saw in training: a yellow star at the bottom.
+    """),
+    code("""
+    from scipy import ndimage
+
+    star = data.Scene((data.make_thing(np.random.default_rng(3), "star", "yellow", "bottom", "large"),), "gray")
+    picture = data.render(star)
+    dx, dy = hints.sobel(picture)
+    magnitude = (np.abs(dx) + np.abs(dy)).max(axis=2)
+    edges = hints.canny(picture, 100, 200)
+    show([picture, magnitude, magnitude > 100, edges],
+         ["scene (64×64)", "Sobel |∂x| + |∂y|", "above low (100)", "Canny: thin, connected"], cmap="gray", size=2.4)
+    print("edge pixels:", int((edges > 0).sum()))
+    """),
+    md("""
+    ## With and without the edge map
+
+    The prompt names colour and shape but not the place. Without the ControlNet the model puts
+    the star wherever its prior prefers; with the edge map it follows the edges.
+    """),
+    code("""
+    prompt, seeds = "a yellow star", range(5)
+    kw = dict(num_inference_steps=20, scheduler="dpmpp_2m", output_type="np")
+    with_edges = [sd(prompt, control_image=edges, seed=s, **kw).images[0] for s in seeds]
+    free = tinysd.load("shapes", backend="numpy")
+    without = [free(prompt, seed=s, **kw).images[0] for s in seeds]
+    show(without, [f"no control, seed {s}" for s in seeds], size=1.8)
+    show(with_edges, [f"edges, seed {s}" for s in seeds], size=1.8)
+    """),
+    md("""
+    ## Moving the edges moves the object
+
+    The same edges, shifted: the star follows them to every place, including the places the
+    prompt never names. `control_preprocess="canny"` makes the edge map inside the pipeline.
+    """),
+    code("""
+    places = ["left", "top", "center", "right", "bottom"]
+    scenes = [data.Scene((data.make_thing(np.random.default_rng(3), "star", "yellow", p, "large"),), "gray")
+              for p in places]
+    moved = [sd(prompt, control_image=data.render(sc), control_preprocess="canny", seed=0, **kw).images[0]
+             for sc in scenes]
+    show([hints.canny(data.render(sc)) for sc in scenes], [f"edges: {p}" for p in places], cmap="gray", size=1.8)
+    show(moved, [f"drawn: {p}" for p in places], size=1.8)
+    """),
+    md("""
+    ## What each part adds where
+
+    E(c) turns the 64×64 edges into 64 feature maps on the 8×8 latent grid, added to the copy's
+    first activation. The zero convolutions then hand the U-Net one residual per skip connection
+    (12 for SD v1's layout: conv_in, two layers and a downsampler per level, the last level
+    without one) and one for the mid block. Below: where E puts its energy, and how large each
+    residual is compared with the U-Net's own skip it is added to, at a few timesteps.
+    """),
+    code("""
+    from tinysd.rng import Generator
+
+    hint = edges.astype(np.float32)[None, None].repeat(3, axis=1) / 255       # (1, 3, 64, 64) in [0, 1]
+    e = net.controlnet_cond_embedding(hint)                                     # (1, 64, 8, 8)
+    context = sd.encode_prompt(prompt, guidance=False)
+    latents = Generator(0).randn((1, 4, 8, 8))
+
+    def skips_of_unet(x, t):
+        # the U-Net's own skip connections and mid-block output, run block by block
+        from tinysd.unet import timestep_embedding
+        temb = sd.unet.time_embedding(timestep_embedding(np.array([t], np.float32), sd.unet.time_proj_dim))
+        h = sd.unet.conv_in(x)
+        skips = [h]
+        for block in sd.unet.down_blocks:
+            h, more = block(h, temb, context)
+            skips += more
+        return skips + [sd.unet.mid_block(h, temb, context)]
+
+    timesteps = [999, 700, 400, 100]
+    ratio = np.zeros((len(timesteps), 13))
+    for i, t in enumerate(timesteps):
+        down, mid = net(latents, t, context, hint)
+        for k, (r, skip) in enumerate(zip(down + [mid], skips_of_unet(latents, t))):
+            ratio[i, k] = np.linalg.norm(r) / np.linalg.norm(skip)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), gridspec_kw={"width_ratios": [1, 3]})
+    axes[0].imshow(np.abs(e[0]).mean(axis=0), cmap="magma")
+    axes[0].set_title("|E(c)|, channel mean (8×8)", fontsize=10)
+    axes[0].set_axis_off()
+    names = ["conv_in"] + [f"{lvl}.{j}" for lvl in range(4) for j in ("0", "1", "down")][:11] + ["mid"]
+    im = axes[1].imshow(ratio, cmap="viridis", aspect="auto")
+    axes[1].set_xticks(range(13), names, rotation=45, fontsize=8)
+    axes[1].set_yticks(range(len(timesteps)), [f"t={t}" for t in timesteps])
+    axes[1].set_title("‖r_k‖ / ‖U-Net skip_k‖: how much the control changes each skip", fontsize=10)
+    fig.colorbar(im, ax=axes[1])
+    plt.tight_layout()
+    plt.show()
+    """),
+    md("""
+    Which residuals carry the layout? Switch groups of zero convolutions off (set to zero, as
+    before training) and draw again: only the full-resolution skips (level 0), only the coarse
+    ones (levels 1-3 and the mid block), all of them.
+    """),
+    code("""
+    def draw_with(keep):
+        saved = [(z.weight, z.bias) for z in net.controlnet_down_blocks + [net.controlnet_mid_block]]
+        for k, z in enumerate(net.controlnet_down_blocks + [net.controlnet_mid_block]):
+            if k not in keep:
+                z.weight, z.bias = z.weight * 0, z.bias * 0
+        try:
+            return sd(prompt, control_image=edges, seed=1, **kw).images[0]
+        finally:
+            for z, (w, b) in zip(net.controlnet_down_blocks + [net.controlnet_mid_block], saved):
+                z.weight, z.bias = w, b
+
+    groups = {"none": [], "level 0 (8×8)": [0, 1, 2], "levels 1-3 + mid": list(range(3, 13)), "all": list(range(13))}
+    show([edges] + [draw_with(keep) for keep in groups.values()], ["edges"] + list(groups), size=1.9)
+    """),
+    md("""
+    In this run the coarse residuals (levels 1-3 and the mid block, on the 4×4 to 1×1 grids)
+    carry the layout: with them alone the star goes onto the edges; the full-resolution ones
+    alone leave it where the model draws it without control.
+    """),
+    md("""
+    ## Scale, window and guess mode
+
+    `controlnet_conditioning_scale` multiplies every residual; `control_guidance_start`/`_end`
+    apply the ControlNet only on a fraction of the steps; `guess_mode=True` runs it on the
+    conditional half of the guidance batch only, with the residuals scaled from 0.1 (first skip)
+    to 1 (mid block), and works even with an empty prompt. With SD v1.5 the composition is mostly
+    settled in the first steps; this small model settles it late: below, the ControlNet on the
+    first 30% of the steps alone leaves the star where the model's prior puts it, on the last 50%
+    alone it moves the star onto the edges. (A prompt-less guess mode run draws the shape in a
+    colour of its own choosing: the edges say where and what, not which colour.)
+    """),
+    code("""
+    runs = {"scale 0.3": dict(controlnet_conditioning_scale=0.3), "scale 1": {},
+            "scale 2": dict(controlnet_conditioning_scale=2.0),
+            "steps 0-30%": dict(control_guidance_end=0.3), "steps 50-100%": dict(control_guidance_start=0.5),
+            "guess mode, no prompt": dict(guess_mode=True)}
+    pictures = [sd("" if "no prompt" in name else prompt, control_image=edges, seed=2, **kw, **extra).images[0]
+                for name, extra in runs.items()]
+    show(pictures, list(runs), size=1.8)
+    out = sd(prompt, control_image=edges, seed=2, **kw)
+    print(out.parameters["ControlNet 0"])
+    """),
+    md("""
+    The last line is what a PNG written by `python -m tinysd ... --control-net shapes-canny
+    --control-image edges.png` carries, as AUTOMATIC1111's ControlNet extension writes it.
+    Depth, pose and segmentation hints need networks of their own (MiDaS, OpenPose, ...): make
+    them with those tools and pass the picture as `control_image`.
+    """),
+]
+
+
+def latent_space_notebook():
+    """09_latent_space: interpolation and arithmetic in the three latent spaces, measured; live controls."""
+    return [
+        md("""
+        # 9 · The latent space: interpolation, arithmetic, live controls
+
+        Three spaces feed the picture, and each can be walked through and added up:
+
+        - the **start noise** z_T, n = 4·h·w standard normal numbers: one point per seed;
+        - the **text context**, 77 rows of D numbers: one point per prompt (notebook 1);
+        - the **VAE latent** z₀ = 0.18215·E(x): the picture itself, 8× smaller, in 4 channels (notebook 5).
+
+        The articles this project grew from say that interpolating between latent vectors gives
+        meaningful transitions, and that vector arithmetic adds and subtracts concepts. This
+        notebook tries both in each space, measures on the shapes model how often the arithmetic
+        does what is claimed, and ends with live controls. The helpers are in `tinysd/latent.py`
+        (`slerp`, `mix_embeds`, `word_direction`, ...); they feed the pipeline through its own
+        arguments `latents=` and `prompt_embeds=`. The live controls are in `notebooks/_live.py`.
+        """, MODEL_NOTE, """
+        This notebook runs on the `cpu` backend (Numba kernels), so that a picture redraws fast
+        enough to move a slider; its first picture compiles the kernels, or loads them from
+        Numba's cache.
+        """),
+        code("""
+        import numpy as np
+        import matplotlib.pyplot as plt
+        from _model import load_demo, show
+
+        demo = load_demo(backend="cpu")
+        sd = demo.sd
+        print(demo.describe())
+        """),
+        code("""
+        import os
+        import sys
+
+        from tinysd.latent import (attribute_direction, embed, lerp, mix_embeds, renormalize, seed_noise, slerp,
+                                   word_direction)
+        from tinysd.rng import Generator
+
+        steps, sampler = demo.steps, "dpmpp_2m"
+        # TINYSD_NOTEBOOK_QUICK=1 (tests/test_notebooks.py sets it): the measured sections count a
+        # quarter of their cases, with the same code; the committed outputs count all of them
+        quick = os.environ.get("TINYSD_NOTEBOOK_QUICK", "") not in ("", "0")
+
+
+        def draw(contexts, latents, **kwargs):
+            \"\"\"One picture per row of contexts (B, 77, D) and start noises (B, 4, h, w): (B, H, W, 3) in [0, 1].\"\"\"
+            return sd(prompt_embeds=contexts, latents=latents, num_inference_steps=steps, scheduler=sampler,
+                      output_type="np", **kwargs).images
+
+
+        if demo.shapes:     # training/evaluate_shapes.py reads colour, shape and position off a picture
+            from _model import TRAINING
+            sys.path.insert(0, str(TRAINING))
+            import evaluate_shapes
+            import shapes_data
+
+            def measure(picture):
+                \"\"\"evaluate_shapes' reading of a picture in [0, 1]: {'colour', 'shape', 'position', ...}.\"\"\"
+                return evaluate_shapes.measure((picture * 255).round().astype(np.uint8))
+
+            def background(picture):
+                \"\"\"The background's name: the nearest of shapes_data.BACKGROUNDS to the border's median colour.\"\"\"
+                rgb = evaluate_shapes.background_colour((picture * 255).round().astype(np.uint8))
+                return evaluate_shapes.nearest(rgb, shapes_data.BACKGROUNDS)
+
+            def reading(picture):
+                m = measure(picture)
+                return f"{m['colour']} {m['shape']}\\n{m['position']}, {background(picture)}"
+        else:
+            def reading(picture):
+                return ""
+
+        n = seed_noise(sd, 0).size
+        print(f"start noise: {seed_noise(sd, 0).shape}, n = {n} numbers; {steps} steps of {sampler}")
+        """),
+        md("""
+        ## 1 · Between two seeds: slerp, not lerp
+
+        A seed's start noise is a draw of n independent N(0, 1) numbers. In n dimensions such
+        draws sit, with overwhelming probability, in a thin shell of radius √n: ‖z‖² is a sum of n
+        squares, mean n, standard deviation √(2n), so ‖z‖ ≈ √n ± 0.7. Two independent draws are
+        nearly orthogonal (cos θ ≈ ±1/√n). The straight line between them cuts through the inside
+        of the shell: its midpoint (z₀ + z₁)/2 has variance ½ per number and norm ≈ √(n/2), noise
+        of a size the model never starts from. Spherical interpolation turns z₀ into z₁ along the
+        great circle:
+
+        $$\\mathrm{slerp}(z_0, z_1; t) = \\frac{\\sin((1-t)\\theta)}{\\sin\\theta} z_0 + \\frac{\\sin(t\\theta)}{\\sin\\theta} z_1,
+        \\qquad \\cos\\theta = \\frac{z_0 \\cdot z_1}{\\lVert z_0\\rVert \\lVert z_1\\rVert}$$
+
+        and keeps the norm at ≈ √n all the way.
+        """),
+        code("""
+        z0, z1 = seed_noise(sd, 0), seed_noise(sd, 1)
+        a, b = Generator(10).randn((1000, n)), Generator(11).randn((1000, n))     # 1000 pairs of draws
+        norms = lambda x: np.linalg.norm(x.reshape(len(x), -1), axis=1)
+        mid_lerp = lerp(a, b, 0.5)
+        mid_slerp = np.stack([slerp(x, y, 0.5) for x, y in zip(a, b)])
+        cos = np.sum(a * b, axis=1) / (norms(a) * norms(b))
+
+        fig, axes = plt.subplots(1, 2, figsize=(13, 3.4))
+        bins = np.linspace(0.6 * np.sqrt(n / 2), 1.15 * np.sqrt(n), 80)
+        for x, label in ((a, "draws"), (mid_lerp, "lerp midpoints"), (mid_slerp, "slerp midpoints")):
+            axes[0].hist(norms(x), bins=bins, alpha=0.6, label=label)
+        for value, name in ((np.sqrt(n), "√n"), (np.sqrt(n / 2), "√(n/2)")):
+            axes[0].axvline(value, color="k", lw=0.8, ls="--")
+            axes[0].text(value, axes[0].get_ylim()[1] * 0.9, f" {name}", fontsize=9)
+        axes[0].set_xlabel(f"‖z‖ (n = {n})")
+        axes[0].legend(fontsize=8)
+        ts = np.linspace(0, 1, 41)
+        axes[1].plot(ts, norms(lerp(z0, z1, ts)), label="lerp")
+        axes[1].plot(ts, norms(slerp(z0, z1, ts)), label="slerp")
+        axes[1].axhline(np.sqrt(n), color="k", lw=0.8, ls="--")
+        axes[1].set_xlabel("t (seed 0 → seed 1)")
+        axes[1].set_ylabel("‖z‖")
+        axes[1].legend(fontsize=8)
+        plt.show()
+        print(f"draws: ‖z‖ = {norms(a).mean():.2f} ± {norms(a).std():.2f} (√n = {np.sqrt(n):.2f}); "
+              f"cos θ between two draws: {cos.mean():+.3f} ± {cos.std():.3f} (1/√n = {1 / np.sqrt(n):.3f})")
+        print(f"midpoints: lerp {norms(mid_lerp).mean():.2f} (√(n/2) = {np.sqrt(n / 2):.2f}), "
+              f"slerp {norms(mid_slerp).mean():.2f}")
+        """),
+        md("""
+        The pictures along both paths, one prompt, with the noise's norm under each:
+        """),
+        code("""
+        prompt = demo.prompt("a lighthouse on a cliff at sunset, oil painting", "a yellow star on the left")
+        context = embed(sd, prompt)                        # (1, 77, D)
+        ts = np.linspace(0, 1, 7)
+        along = {}
+        for name, interpolate in (("slerp", slerp), ("lerp", lerp)):
+            path = interpolate(z0, z1, ts)[:, 0]           # (7, 4, h, w)
+            along[name] = draw(np.repeat(context, len(ts), axis=0), path)
+            show(along[name], [f"{name} t={t:.2f}\\n‖z‖ = {np.linalg.norm(z):.1f}" for t, z in zip(ts, path)], size=1.7)
+        print("mean |slerp picture − lerp picture| per t, in 1/255:",
+              np.round(255 * np.abs(along["slerp"] - along["lerp"]).mean(axis=(1, 2, 3)), 1))
+        """),
+        md("""
+        One path is one example. The midpoints of 16 more seed pairs (seeds 10 and 11, 12 and
+        13, ...), drawn both ways and read by `evaluate_shapes.measure` (object colour, shape,
+        position) and the background's colour:
+        """),
+        code("""
+        if demo.shapes:
+            pairs = [(10 + 2 * i, 11 + 2 * i) for i in range(4 if quick else 16)]
+            first = np.concatenate([seed_noise(sd, a) for a, _ in pairs])
+            second = np.concatenate([seed_noise(sd, b) for _, b in pairs])
+            prompts = [f"a {c} {s} {w}" for c, s, w in zip(["red", "green", "blue", "yellow", "purple"] * 4,
+                                                          ["circle", "square", "triangle", "star"] * 5,
+                                                          ["on the left", "at the top", "in the center", "at the bottom"] * 4)]
+            ctx = embed(sd, prompts[:len(pairs)])
+            mids = {"slerp": np.concatenate([slerp(a[None], b[None], 0.5) for a, b in zip(first, second)]),
+                    "lerp": lerp(first, second, 0.5)}
+            read = {name: [reading(p) for p in draw(ctx, z)] for name, z in mids.items()}
+            same = sum(x == y for x, y in zip(read["slerp"], read["lerp"]))
+            print(f"lerp and slerp midpoints read the same (colour, shape, position, background) in {same} of {len(pairs)}")
+            for x, y, prompt in zip(read["slerp"], read["lerp"], prompts):
+                if x != y:
+                    print(f"  {prompt!r}: slerp {x.replace(chr(10), ', ')} | lerp {y.replace(chr(10), ', ')}")
+        """),
+        md("""
+        What the norm does, on its own: the same three seeds' noise scaled by s before sampling
+        (s = 0.71 is the lerp midpoint's shrinkage):
+        """),
+        code("""
+        scales = [0.0, 0.35, 0.71, 1.0, 1.41]
+        seeds = [2, 3, 4]
+        noise = np.concatenate([seed_noise(sd, s) for s in seeds])
+        scaled = np.concatenate([noise * s for s in scales])                   # scale-major: (15, 4, h, w)
+        pictures = draw(np.repeat(context, len(scaled), axis=0), scaled)
+        for i, seed in enumerate(seeds):
+            row = pictures[i::len(seeds)]
+            show(row, [f"seed {seed}, × {s}\\n{reading(p)}" for s, p in zip(scales, row)], size=1.8)
+        """),
+        md("""
+        What this shows, on the shapes model (the committed outputs): the norms behave exactly as the
+        argument says (lerp midpoints at √(n/2) ≈ 11.3, slerp's at √n ≈ 16), but the pictures barely
+        care. Along the seed 0 → seed 1 path, lerp and slerp pictures differ by at most 0.5/255 on
+        average; of the 16 midpoint pairs, 14 read the same, and the 2 others differ only in the
+        background's colour. The scaled noises say why: the object follows the prompt from noise × 0
+        to × 1, and what the norm of the start noise changes is the background (seed 2: white, then
+        grey, then black). Too much noise does break the picture (× 1.41 leaves coloured specks all
+        over it for 2 of 3 seeds, and the reading mistakes the star for a circle); too little only
+        moves the background. So slerp is the right way to walk between seeds (it
+        keeps the start noise where the model was trained, and costs nothing), but on this small model
+        lerp's shrunken midpoints are not visibly worse; the articles' blurry lerp midpoints are a claim
+        about trained SD v1 (n = 16 384) that this notebook does not test.
+        """),
+        md("""
+        ## 2 · Between two prompts
+
+        The context is the other input the pictures depend on. `mix_embeds` interpolates two
+        prompts' contexts row by row (all 77 rows, padding included: notebook 1 showed the
+        padding rows carry the prompt too), with lerp or with a slerp of each row; the seed stays.
+        """),
+        code("""
+        prompt_a = demo.prompt("a photograph of a red sports car", "a red circle at the top")
+        prompt_b = demo.prompt("a photograph of a blue bicycle", "a blue square at the bottom")
+        context_a, context_b = embed(sd, prompt_a), embed(sd, prompt_b)
+        ts = np.linspace(0, 1, 9)
+        start = np.repeat(seed_noise(sd, 0), len(ts), axis=0)
+        for spherical in (False, True):
+            print(f"{prompt_a!r} → {prompt_b!r}, " + ("slerp of each row" if spherical else "lerp"))
+            pictures = draw(mix_embeds(context_a, context_b, ts, spherical=spherical)[:, 0], start)
+            show(pictures, [f"t={t:.2f}\\n{reading(p)}" for t, p in zip(ts, pictures)], size=1.5)
+        """),
+        md("""
+        On the shapes model the walk between two prompts is not a morph: up to t = 0.38 it draws
+        prompt a's red circle at the top, from t = 0.75 on prompt b's blue square at the bottom, and in
+        between (t = 0.5 to 0.62) a picture of neither: a purple object (red and blue mixed), mostly on
+        the left, a place neither prompt names. Lerp and a slerp of each row differ only at t = 0.5 (a
+        square against a small circle): CLIP's rows have similar norms, so the two mixes are close. The
+        background switches from grey to white at t = 0.25 with the same seed: the context decides the
+        background too, not only the noise.
+        """),
+        md("""
+        ## 3 · Arithmetic on text embeddings
+
+        "A red circle" − "red" + "blue" = "a blue circle"? Taken literally, with each text encoded on
+        its own, the rows do not line up: in `context("red")` the word sits in row 1 and the end
+        token in row 2, where "a red circle on the left" has "red" in row 2 and "circle" in row 3.
+        And CLIP's rows are not word vectors: row j has read every token up to j (notebook 1), so
+        "red"'s influence is spread over every later row, the padding included.
+
+        What can be subtracted is the difference a word makes inside a prompt.
+        `word_direction(sd, "red", "blue", templates)` is the mean over template prompts of
+        context(template with "blue") − context(template with "red"), row by row; templates and
+        prompt have the same tokens elsewhere in number, so rows line up. The templates here use
+        the *other* shapes ("a {} square on the left", ...), never the prompt itself: otherwise
+        the arithmetic would land on "a blue circle" by construction.
+        """),
+        code("""
+        base, source, target = demo.prompt(("a photograph of a red car", "red", "blue"),
+                                           ("a red circle on the left", "red", "blue"))
+        noun, others = demo.prompt(("car", ["house", "bicycle", "dress"]), ("circle", ["square", "triangle", "star"]))
+        templates = [base.replace(source, "{}").replace(noun, other) for other in others]
+        print("prompt:   ", sd.tokenizer.tokenize(base))
+        print("word:     ", sd.tokenizer.tokenize(source))
+        print("templates:", templates)
+
+        naive = embed(sd, base) - embed(sd, source) + embed(sd, target)
+        direction = word_direction(sd, source, target, templates)
+        aligned = embed(sd, base) + direction
+        literal = embed(sd, base.replace(source, target))
+
+        fig, ax = plt.subplots(figsize=(10, 2.6))
+        ax.plot(np.linalg.norm((embed(sd, target) - embed(sd, source))[0], axis=1), ".-",
+                label=f"context({target!r}) − context({source!r}): the literal difference")
+        ax.plot(np.linalg.norm(direction[0], axis=1), ".-", label="word_direction: the aligned difference")
+        ax.set_xlabel("context row")
+        ax.set_ylabel("‖difference‖")
+        ax.legend(fontsize=8)
+        plt.show()
+
+        labels = [base, f"− {source!r} + {target!r}\\n(literal)", f"+ {source}→{target}\\n(aligned)",
+                  base.replace(source, target)]
+        pictures = draw(np.concatenate([embed(sd, base), naive, aligned, literal]), np.repeat(z0, 4, axis=0))
+        show(pictures, [f"{label}\\n{reading(p)}" for label, p in zip(labels, pictures)], size=2.4)
+        """),
+        md("""
+        ### How often does it work?
+
+        On the shapes model the answer can be counted. Each case takes a prompt "a {colour}
+        {shape} {place}" and swaps one word, the colour (all 20 ordered pairs of the 5 colours,
+        twice each, with shapes and places cycling) or the shape (all 12 ordered pairs of the 4
+        shapes, 3 times each): 76 cases, one seed each. Three contexts per case:
+
+        - **prompt**: the target prompt itself ("a blue circle on the left"): what the model
+          draws when asked directly, the ceiling;
+        - **literal**: context(prompt) − context(source word) + context(target word);
+        - **aligned**: context(prompt) + `word_direction` over templates with the other shapes
+          (for a colour swap) or the other colours (for a shape swap).
+
+        `evaluate_shapes.measure` reads each picture; a case works when the swapped attribute
+        is the target's and the other one is kept.
+        """),
+        code("""
+        if demo.shapes:
+            colours, shapes, places = list(shapes_data.COLOURS), list(shapes_data.SHAPES), list(shapes_data.POSITIONS)
+            cases = []           # (kind, source, target, colour, shape, place words, seed)
+            for kind, words, repeats in (("colour", colours, 2), ("shape", shapes, 3)):
+                pairs = [(s, t) for s in words for t in words if s != t for _ in range(repeats)]
+                for i, (s, t) in enumerate(pairs):
+                    colour = s if kind == "colour" else colours[i % len(colours)]
+                    shape = s if kind == "shape" else shapes[i % len(shapes)]
+                    place = shapes_data.PLACE_WORDS[places[(3 * i) % len(places)]]
+                    cases.append((kind, s, t, colour, shape, place, 100 + len(cases)))
+            cases = cases[::4] if quick else cases
+
+            def contexts(case):
+                kind, s, t, colour, shape, place, seed = case
+                prompt = f"a {colour} {shape} {place}"
+                if kind == "colour":
+                    templates = [f"a {{}} {other} {place}" for other in shapes if other != shape]
+                else:
+                    templates = [f"a {other} {{}} {place}" for other in colours if other != colour]
+                return {"prompt": embed(sd, prompt.replace(s, t)),
+                        "literal": embed(sd, prompt) - embed(sd, s) + embed(sd, t),
+                        "aligned": embed(sd, prompt) + word_direction(sd, s, t, templates)}
+
+            def score(case, m):
+                \"\"\"Whether the picture read as `m` took the target word and kept the other attribute.\"\"\"
+                kind, s, t, colour, shape, place, seed = case
+                want = {"colour": colour, "shape": shape, kind: t}
+                return {"changed": m[kind] == t, "kept": all(m[k] == v for k, v in want.items() if k != kind),
+                        "both": all(m[k] == v for k, v in want.items())}
+
+            per_case = [contexts(case) for case in cases]
+            # how far each edit lands from the target prompt's context, relative to where it started
+            source = [embed(sd, f"a {case[3]} {case[4]} {case[5]}") for case in cases]
+            for method in ("literal", "aligned"):
+                ratio = [np.linalg.norm(c[method] - c["prompt"]) / np.linalg.norm(s - c["prompt"])
+                         for c, s in zip(per_case, source)]
+                print(f"{method:8} ‖edit − target‖ / ‖source − target‖: mean {np.mean(ratio):.2f} "
+                      f"(min {np.min(ratio):.2f}, max {np.max(ratio):.2f})")
+            start = np.concatenate([seed_noise(sd, case[-1]) for case in cases])
+            results, pictures, readings = {}, {}, {}
+            for method in ("prompt", "literal", "aligned"):
+                pictures[method] = draw(np.concatenate([c[method] for c in per_case]), start)
+                readings[method] = [measure(p) for p in pictures[method]]
+                results[method] = [score(case, m) for case, m in zip(cases, readings[method])]
+
+            print(f"{'':9}" + "".join(f"{kind + ' swaps':>33}" for kind in ("colour", "shape")))
+            print(f"{'':9}" + f"{'changed':>11}{'kept':>11}{'both':>11}" * 2)
+            for method, rows in results.items():
+                line = f"{method:9}"
+                for kind in ("colour", "shape"):
+                    mine = [r for r, case in zip(rows, cases) if case[0] == kind]
+                    for key in ("changed", "kept", "both"):
+                        hits = sum(r[key] for r in mine)
+                        line += f"{hits:>5}/{len(mine)} {hits / len(mine):4.0%}"
+                print(line)
+            for method in ("literal", "aligned"):     # how close each edit's picture is to the prompt's own picture
+                agree = sum(all(m[k] == q[k] for k in ("colour", "shape")) for m, q in zip(readings[method], readings["prompt"]))
+                print(f"{method:8} pictures read (colour, shape) as the prompt's picture in {agree}/{len(cases)}; "
+                      f"mean |difference| {255 * np.abs(pictures[method] - pictures['prompt']).mean():.1f}/255")
+        else:
+            print("The measured check reads the shapes model's pictures (TINYSD_NOTEBOOK_MODEL=shapes runs it).")
+        """),
+        code("""
+        if demo.shapes:     # a few cases of each kind: rows literal / aligned, the reading under each picture
+            for kind in ("colour", "shape"):
+                some = [i for i, case in enumerate(cases) if case[0] == kind][::7][:6]
+                fig, axes = plt.subplots(2, len(some), figsize=(1.9 * len(some), 4.8))
+                for col, i in enumerate(some):
+                    kind_, s, t, colour, shape, place, seed = cases[i]
+                    for row, method in enumerate(("literal", "aligned")):
+                        m = readings[method][i]
+                        axes[row, col].imshow(pictures[method][i], interpolation="nearest")
+                        axes[row, col].set_title(f"{colour} {shape}, {s}→{t}\\n{method}: {m['colour']} {m['shape']}",
+                                                 fontsize=8)
+                        axes[row, col].set_axis_off()
+                fig.suptitle(f"{kind} swaps", y=1.0)
+                fig.tight_layout()
+                plt.show()
+        """),
+        md("""
+        Measured on the shapes model, 76 cases, one seed each (the table above, read by
+        `training/evaluate_shapes.py`'s colour and shape checks):
+
+        - The target prompt itself ("prompt") gets the colour and shape right in 37/40 colour cases
+          (92%) and 34/36 shape cases (94%): the ceiling.
+        - **Literal arithmetic**, context(prompt) − context("red") + context("blue") as the articles
+          write it, works for colours about half the time: the new colour appears in 35/40 (88%), but
+          the shape survives in only 26/40, so both are right in 22/40 (55%). For shapes it fails:
+          1/36 (3%) draw the new shape; the model keeps drawing the old one. The edited context
+          is still, on average, 0.88 times as far from the target prompt's as the unedited one
+          was: the context of a word on its own is not what that word adds inside a prompt.
+        - **Aligned arithmetic**, + `word_direction` over templates with the other shapes (or
+          colours), does as well as the target prompt: 37/40 (92%) and 34/36 (94%). The edited
+          context is 0.24 times as far from the target's as the unedited one; its pictures read
+          (colour, shape) as the prompt's own pictures in 72 of 76 cases and differ from them by
+          12.6/255 on average (the literal edits: 24 of 76, 35/255). That is arithmetic, since no template holds the prompt, but a
+          narrow one: the templates differ from the prompt in one word at the same place, so the
+          direction is nearly the prompt pair's own difference.
+
+        So "red circle − red + blue = blue circle" works here only when "red" and "blue" are taken
+        inside prompts like the one edited; the word on its own does not carry over.
+        """),
+        md("""
+        ## 4 · Arithmetic on the start noise
+
+        The GAN papers' arithmetic (Radford et al. 2016: "smiling woman" − "neutral woman" +
+        "neutral man") works on start noises: average the noises of samples that show an attribute,
+        subtract the average of samples that do not, add the difference to a new sample. The
+        averaging keeps what the samples share and shrinks their independent noise as 1/√count.
+
+        The shapes model's prompts above never name the background, so the noise picks it:
+        white, grey or black. The 76 "prompt" pictures of section 3 give the direction: the mean
+        start noise of those drawn on black minus the mean of those drawn on white. It is tried
+        on 24 new seeds and new prompts, added (towards black) and subtracted (towards white),
+        and the sum rescaled to norm √n (`renormalize`), back on the shell of section 1.
+        """),
+        code("""
+        if demo.shapes:
+            drawn = [background(p) for p in pictures["prompt"]]
+            counts = {name: drawn.count(name) for name in shapes_data.BACKGROUNDS}
+            print("backgrounds of section 3's prompt pictures:", counts)
+            black = np.array([d == "black" for d in drawn])
+            white = np.array([d == "white" for d in drawn])
+            d_black = attribute_direction(start[black], start[white])            # (1, 4, h, w)
+            print(f"direction: ‖d‖ = {np.linalg.norm(d_black):.2f} (a draw: {np.sqrt(n):.1f}); "
+                  f"per-channel mean {np.round(d_black.mean(axis=(0, 2, 3)), 2)}")
+
+            test_seeds = list(range(1000, 1008 if quick else 1024))
+            test_prompts = [f"a {colours[(i * 2) % 5]} {shapes[(i * 3) % 4]} {shapes_data.PLACE_WORDS[places[i % 5]]}"
+                            for i in range(len(test_seeds))]
+            z = np.concatenate([seed_noise(sd, s) for s in test_seeds])
+            ctx = embed(sd, test_prompts)
+            variants = {"as drawn": z, "+ d (to black)": renormalize(z + d_black), "− d (to white)": renormalize(z - d_black)}
+            noise_pictures = {}
+            for name, latents in variants.items():
+                noise_pictures[name] = draw(ctx, latents)
+                got = [background(p) for p in noise_pictures[name]]
+                readings = [measure(p) for p in noise_pictures[name]]
+                as_prompted = sum(m["colour"] == q.split()[1] and m["shape"] == q.split()[2]
+                                  for m, q in zip(readings, test_prompts))
+                print(f"{name:15} backgrounds {', '.join(f'{bg} {got.count(bg)}' for bg in shapes_data.BACKGROUNDS)}; "
+                      f"colour and shape as prompted {as_prompted}  (of {len(test_seeds)})")
+            for name in variants:
+                show(noise_pictures[name][:8], [f"{name}\\n{reading(p)}" for p in noise_pictures[name][:8]], size=1.5)
+        """),
+        md("""
+        Measured on the shapes model: the background is the one thing these prompts leave to the
+        noise, and there the arithmetic works. With the same 24 seeds and prompts, black backgrounds
+        go from 5 (as drawn) to 18 with + d, and white ones from 12 to 21 with − d (0 white after + d,
+        0 black after − d); the object follows the prompt as before (23, 24 and 23 of 24). The
+        direction is 16 black against 36 white samples, ‖d‖ = 5.4 against a draw's 16: a nudge,
+        not a new noise. What the noise does not decide (the object's colour and shape, which follow
+        the prompt) no noise direction changes.
+        """),
+        md("""
+        ## 5 · The VAE latent, edited per channel
+
+        The VAE latent is the picture itself, compressed: one latent pixel per 8×8 patch, 4
+        numbers each. Shifting one channel everywhere by a few standard deviations and decoding
+        shows what that channel carries:
+        """),
+        code("""
+        from tinysd.pipeline import preprocess_image
+
+        picture = demo.picture()
+        z_vae = sd.vae.scaling_factor * sd.vae.encode(preprocess_image(picture)).mean     # (1, 4, h, w)
+        std = z_vae.std(axis=(0, 2, 3))
+        shifts = [-3, -1.5, 0, 1.5, 3]
+        for c in range(4):
+            one_hot = (np.arange(4) == c).astype(np.float32)[None, :, None, None]
+            edited = np.concatenate([z_vae + np.float32(k * std[c]) * one_hot for k in shifts])
+            show(sd.decode(edited), [f"channel {c} {k:+g}σ" for k in shifts], size=1.6)
+        """),
+        md("""
+        On the shapes model's VAE, what a whole-channel shift moves is mostly the background, which
+        most latent pixels hold: channel 0 down and channel 1 up darken it to grey and black, the other
+        way they tint it; channels 2 and 3 up turn it grey or mauve. The square and the triangle keep
+        their colours under every shift (their sizes move a little): an object's colour is not one
+        channel but a combination of the four, in the latent pixels it covers. The next cell edits
+        those pixels only, adding the difference between the latents of two colours.
+        """),
+        code("""
+        if demo.shapes:
+            def colour_vector(colour):
+                \"\"\"The latent (4 numbers) at the centre of a large square of `colour`, drawn and encoded.\"\"\"
+                thing = shapes_data.Thing("square", colour, "center", "large", (32, 32), 13.0)
+                z = sd.vae.encode(preprocess_image(shapes_data.render(shapes_data.Scene((thing,), "white")))).mean
+                h = z.shape[2] // 2
+                return sd.vae.scaling_factor * z[0, :, h - 1:h + 1, h - 1:h + 1].mean(axis=(1, 2))
+
+            vectors = {c: colour_vector(c) for c in colours}
+            blue = np.abs(picture.astype(int) - shapes_data.COLOURS["blue"]).sum(axis=-1) < 60     # the square's pixels
+            cover = blue.reshape(8, 8, 8, 8).mean(axis=(1, 3))            # share of each latent pixel it covers
+            where = cover > 0.25
+            recoloured = []
+            for colour in colours:
+                z = z_vae.copy()
+                z[0][:, where] += (vectors[colour] - vectors["blue"])[:, None]
+                recoloured.append(sd.decode(z)[0])
+            # per pixel, the nearest named colour (objects' and backgrounds'): how much of the square took the
+            # new colour, and how far the rest of the picture moved from the unedited decode
+            palette = {**shapes_data.COLOURS, **shapes_data.BACKGROUNDS}
+            unedited = sd.decode(z_vae)[0]
+            objects = evaluate_shapes.object_mask(picture) | blue
+            titles = []
+            for colour, p in zip(colours, recoloured):
+                names = [evaluate_shapes.nearest(rgb, palette) for rgb in 255 * p[blue]]
+                share = names.count(colour) / len(names)
+                rest = 255 * np.abs(p - unedited)[~objects].mean()
+                titles.append(f"blue → {colour}\\n{share:.0%} of square {colour}\\nrest moved {rest:.0f}/255")
+            show([picture] + recoloured, ["the picture"] + titles, size=1.8)
+            print(f"edited {where.sum()} of {where.size} latent pixels; colour vectors:",
+                  {c: [round(float(x), 1) for x in v] for c, v in vectors.items()})
+        """),
+        md("""
+        Measured on the shapes model, per picture: the share of the square's pixels whose nearest
+        named colour is the new one, and how far the rest of the picture moved (mean, in 1/255,
+        outside both objects). Editing the 6 latent pixels under the square recolours it when the
+        step is small: blue → purple turns 97% of the square purple and moves the rest by 5/255.
+        The far colours go wrong: green 66% (the square loses its shape), red and yellow 55%, and
+        those two smear the background by 28 and 39/255. A likely reason: the decoder's
+        convolutions mix each latent pixel with its neighbours, and a large jump in a few latent
+        pixels gives values the VAE never saw in a picture, whose error spreads. The VAE latent
+        can be edited by hand, but only by small steps.
+        """),
+        md("""
+        ## 6 · Live controls
+
+        In Jupyter with ipywidgets (`pip install -e ".[notebooks]"`), the cells below are
+        controls: move one and the picture is drawn again. Without them, or in the committed file
+        (run with `TINYSD_NOTEBOOK_STATIC=1`), each shows a static grid instead: one row per
+        control, the others at their defaults. The callbacks are `Redraw`, `DenoisingSteps` and
+        (in notebook 3) `WordMaps` in `notebooks/_live.py`.
+
+        The panel: guidance scale, steps, sampler, seed, img2img strength (1 is txt2img from the
+        seed; below 1, img2img of the picture of section 5) and the position between the two
+        prompts of section 2.
+        """),
+        code("""
+        from _live import Choice, DenoisingSteps, Redraw, live
+
+        redraw = Redraw(sd, prompt_a, prompt_b, picture)
+        live(redraw,
+             guidance_scale=Choice([1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0], default=7.5, grid=[1.0, 3.0, 7.5, 15.0]),
+             num_inference_steps=Choice(sorted({2, 5, 10, 20, 30, 50, steps}), default=steps, grid=[2, 5, 10, steps, 50]),
+             scheduler=Choice(["dpmpp_2m", "ddim", "euler", "euler_a", "pndm", "heun", "dpmpp_2m_karras"],
+                              default=sampler, grid=["dpmpp_2m", "ddim", "euler_a", "heun"]),
+             seed=Choice(range(100), default=0, grid=[0, 1, 2, 3]),
+             strength=Choice([0.2, 0.4, 0.6, 0.8, 1.0], default=1.0),
+             mix=Choice([round(t, 2) for t in np.linspace(0, 1, 21)], default=0.0, grid=[0.0, 0.25, 0.5, 0.75, 1.0]))
+        """),
+        md("""
+        The denoising steps as a slider: x̂₀, the sampler's guess of the final picture after
+        each step (notebook 4), decoded when the slider reaches it.
+        """),
+        code("""
+        denoising = DenoisingSteps(sd, prompt_a, seed=0, num_inference_steps=steps)
+        last = len(denoising) - 1
+        live(denoising, step=Choice(range(len(denoising)), default=last, labels=[f"step {i + 1}" for i in range(last + 1)],
+                                    grid=sorted({0, 1, 2, 4, last // 2, last})))
+        """),
+        md("""
+        How long one redraw takes here (warm: the kernels compiled, the prompts encoded), the best
+        and the median of 5, with the machine's load. `benchmarks/bench_shapes.py` measures the
+        same per sampler.
+        """),
+        code("""
+        import time
+
+        seconds = []
+        for seed in range(5):
+            began = time.perf_counter()
+            redraw(seed=seed, num_inference_steps=steps)
+            seconds.append(time.perf_counter() - began)
+        print(f"redraw, {steps} steps {sampler}, {demo.size}×{demo.size}, {sd.ops.name} backend: "
+              f"best {min(seconds):.2f} s, median {np.median(seconds):.2f} s; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        """),
+        md("""
+        ## What held up, measured on the shapes model
+
+        | claim | measured here (committed outputs) |
+        |---|---|
+        | slerp keeps the noise's norm, lerp does not | yes: midpoints at ‖z‖ ≈ 16.0 against 11.3 (√n = 16) |
+        | so lerp's midpoints make worse pictures | not visible on this model: 14 of 16 midpoints read the same, the rest differ in background only |
+        | interpolating prompts gives meaningful transitions | a jump, with a mixed picture (purple, elsewhere) between the two prompts' pictures |
+        | "red circle" − "red" + "blue" = "blue circle" (contexts) | taken literally: 22/40 colour swaps (55%), 1/36 shape swaps (3%) |
+        | the same, with the word's difference inside aligned prompts | 37/40 (92%) and 34/36 (94%), as often as the target prompt itself |
+        | arithmetic on start noises (background black / white) | black 5 → 18 of 24 seeds, white 12 → 21 of 24, objects unchanged |
+        | editing VAE latent pixels recolours an object | a near colour (blue → purple, 97% of the square), not far ones (55-66%, smeared) |
+
+        Success is read off the pictures by `training/evaluate_shapes.py` (colour and shape of the
+        object, background colour), one seed per case; the counts are small, so a rate is good to
+        a few percent at best.
+
+        A redraw of the live panel (20 steps of DPM++ 2M, 64×64, `cpu` backend, warm) costs 0.28 s
+        of CPU time: `python benchmarks/bench_shapes.py --blas-threads 1` measured best 0.28 s wall,
+        0.28 s CPU (DDIM and Euler a 0.29 s CPU, Heun, 39 U-Net calls, 0.56 s). The outputs here
+        were made on a shared 2-core machine at a load average of 10 to 12, where the median wall
+        time was 0.71 s (the cell above) to 0.83 s (the benchmark): the 0.5 s target holds when
+        the cores are free, not under that load. diffusers, on the same folder in the same
+        benchmark run (`--backends diffusers,cpu`, one torch thread), took 1.31 s wall and 0.46 s
+        CPU per redraw, against tinysd's 0.70 s and 0.28 s.
+        """),
+    ]
+
+
+NOTEBOOKS["09_latent_space.ipynb"] = latent_space_notebook()
+
+
+NOTEBOOKS["10_bigger_pictures.ipynb"] = [
+    md("""
+    # 10 · Bigger pictures
+
+    SD v1 was trained on 512×512 pictures (the shapes model on 64×64). Asked straight for a
+    picture twice that size it does not draw the subject larger: it fills the canvas with more
+    of it. Three well-known ways get a larger picture by drawing at the model's size first:
+
+    - **hires fix** (AUTOMATIC1111's): draw at W×H, upscale the latents (or the decoded picture),
+      and repaint at 2W×2H by img2img, so the composition comes from the first pass;
+    - **outpainting**: extend the canvas and paint only the new border, by inpainting;
+    - **SD upscale**: upscale a picture and repaint it tile by tile, each tile at the model's size.
+
+    And a VAE that decodes a large latent in overlapping **tiles**, so memory stays one tile's.
+    Code: `tinysd/upscale.py` (hires fix, SD upscale), `tinysd/outpaint.py`, `tinysd/vae.py`.
+    """, MODEL_NOTE),
+    SETUP,
+    md("""
+    ## Hires fix
+
+    The first pass is a plain txt2img. A *latent* upscaler ("Latent": bilinear on the 4 latent
+    channels, exactly `torch.nn.functional.interpolate`) gives a blurred latent; an *image*
+    upscaler ("Lanczos") decodes, resizes the picture and encodes it again. The second pass is
+    img2img from that start, its noise drawn from the same seed, and A1111 counts its steps its
+    own way: `hr_second_pass_steps` = N steps, the last N of a schedule of N / strength steps.
+    """),
+    code("""
+    from tinysd.pngmeta import infotext
+    from tinysd.upscale import HiresFix
+
+    prompt = demo.prompt("a castle on a hill at sunset, detailed", "a red circle above a blue square")
+    seed, steps, size = 3, demo.steps, demo.size
+    base = dict(num_inference_steps=steps, seed=seed, scheduler="euler")
+    first = sd(prompt, output_type="latent", **base).images
+    hires = HiresFix(hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=steps // 2, denoising_strength=0.5)
+    upscaled = hires.upscale_latents(first, size, size)          # (1, 4, 16, 16) for the shapes model
+    total, strength = hires.steps(steps)
+    print(f"first pass latents {first.shape}, upscaled {upscaled.shape}: the second pass runs the last "
+          f"{hires.hr_second_pass_steps} steps of a {total}-step schedule")
+
+    latent_fix = sd(prompt, output_type="np", enable_hr=True, hr_scale=2, hr_second_pass_steps=steps // 2,
+                    denoising_strength=0.5, **base)
+    lanczos_fix = sd(prompt, output_type="np", enable_hr=True, hr_scale=2, hr_upscaler="Lanczos",
+                     hr_second_pass_steps=steps // 2, denoising_strength=0.3, **base)
+    straight = sd(prompt, output_type="np", height=2 * size, width=2 * size, **base)
+    show([sd.decode(first)[0], sd.decode(upscaled)[0], latent_fix.images[0], lanczos_fix.images[0],
+          straight.images[0]],
+         [f"first pass {size}²", "latents upscaled, decoded", "hires fix: Latent, 0.5", "hires fix: Lanczos, 0.3",
+          f"straight at {2 * size}²"], size=2.4)
+    print(infotext(prompt, "", latent_fix.parameters))
+    """),
+    md("""
+    Drawn straight at 128×128, the shapes model (trained on 64×64 pictures) fills the canvas
+    with a grid of small shapes on grey. The hires fix starts from the first pass's circle and
+    square: with the Lanczos upscaler at strength 0.3 it keeps them (and adds two small
+    squares); the bilinear latent upscale is blurred, so at 0.5 the second pass repaints more
+    and fills the canvas with shapes of its own. This is why A1111's latent upscalers are used
+    with a denoising strength of 0.5 or more and the image upscalers with less. The last line is
+    the PNG `parameters` text the CLI writes (`python -m tinysd "..." --hr-scale 2 --hr-steps 10
+    --hr-denoise 0.5`).
+    """),
+    md("""
+    ## Outpainting
+
+    `sd.outpaint(prompt, picture, right=32, up=16)` pads the canvas with the picture's edge
+    pixels stretched outward plus noise, builds A1111's outpainting mask (white on the new
+    border, reaching a few pixels into the picture and feathered by a Gaussian blur), and
+    inpaints it. With `keep_unmasked=True` (its default) the picture's own pixels are pasted
+    back where the mask is black, blended where it is grey.
+    """),
+    code("""
+    from PIL import Image
+    from tinysd.outpaint import outpaint_canvas
+
+    picture = demo.picture()
+    scene = demo.prompt("a portrait in a garden, oil painting", "a blue square to the left of a green triangle")
+    sides = dict(right=size // 2, up=size // 4)
+    canvas, mask = outpaint_canvas(Image.fromarray(picture), **sides, mask_blur=2, seed=seed)
+    raw = sd.outpaint(scene, picture, **sides, mask_blur=2, keep_unmasked=False, output_type="np", **base)
+    wide = sd.outpaint(scene, picture, **sides, mask_blur=2, output_type="np", **base)
+    show([picture, canvas, mask, raw.images[0], wide.images[0]],
+         ["picture", "canvas: edge stretched + noise", "mask (yellow: paint)", "inpainted",
+          "original pasted back"], size=2.4, cmap="viridis")
+    print(wide.images[0].shape, wide.parameters)
+    """),
+    md("""
+    The shapes model continues the light background and adds a small triangle in the new space.
+    Inside the picture the plain inpainting ("inpainted") went through the VAE and comes back
+    soft, the square rounded; with the original pasted back the square and triangle keep their
+    pixels, and the feathered seam hides the join.
+    """),
+    md("""
+    ## Keep what was not masked
+
+    Inpainting keeps the *latent* outside the mask, but the picture the VAE decodes from it
+    changes there too: the decoder's convolutions and its attention see the repainted half. Here
+    the right half is repainted and the left half measured, for four seeds, as the mean |change|
+    in 1/255 steps; a plain VAE round trip of the picture is the floor a latent can reach.
+    """),
+    code("""
+    from tinysd.pipeline import preprocess_image
+    from tinysd.rng import Generator
+
+    half = np.zeros((size, size), np.uint8)
+    half[:, size // 2:] = 255
+    left = (slice(None), slice(0, size // 2))
+    repaint = demo.prompt("a vase of flowers", "a blue square to the left of a red circle")
+
+    def change(image):
+        return np.abs(np.asarray(image, np.float64)[left] * 255 - picture[left]).mean()
+
+    rows = []
+    for s in range(4):
+        kw = dict(image=picture, mask_image=half, num_inference_steps=steps, seed=s, scheduler="ddim",
+                  output_type="np")
+        round_trip = sd.decode(sd.encode(preprocess_image(picture), Generator(s)))[0]
+        rows.append([change(sd(repaint, **kw).images[0]), change(sd(repaint, keep_unmasked=True, **kw).images[0]),
+                     change(round_trip)])
+    for s, (plain, kept, trip) in enumerate(rows):
+        print(f"seed {s}: inpainted {plain:6.2f}/255   keep_unmasked {kept:.4f}/255   VAE round trip {trip:5.2f}/255")
+    print("mean:   inpainted {:6.2f}/255   keep_unmasked {:.4f}/255   VAE round trip {:5.2f}/255".format(
+          *np.mean(rows, axis=0)))
+    """),
+    md("""
+    Without it the kept half moves by 9-10/255 on three seeds and by 103/255 on seed 0, where
+    the repainted half is dark and the decoder darkens the background of the whole picture; a
+    plain VAE round trip moves it by 6.4/255. With `keep_unmasked=True` the unmasked half is
+    the picture itself (0/255, up to float rounding). It is off by default in Python, where
+    `sd(...)` returns what diffusers' inpainting pipeline returns, and on by default on the
+    command line (`--no-keep-unmasked` turns it off).
+    """),
+    md("""
+    ## SD upscale
+
+    `sd.upscale(prompt, picture, scale=2)` is A1111's "SD upscale" script: Lanczos to twice the
+    size, then img2img tile by tile (a tile is the model's own size, here 64×64), each tile with
+    seed + k, and the tiles pasted back with their overlaps faded in linearly (A1111's
+    `combine_grid`). However large the picture, the model only ever sees one tile.
+    """),
+    code("""
+    from tinysd.upscale import split_grid, upscale_by
+
+    small = (lanczos_fix.images[0][::2, ::2] * 255).round().astype(np.uint8)      # a 64×64 picture
+    detail = demo.prompt("a detailed photograph, sharp focus", "")                 # one prompt for every tile
+    big = sd.upscale(detail, small, scale=2, tile_size=size, overlap=size // 4, strength=0.3, **base)
+    tiles = split_grid(upscale_by(Image.fromarray(small), 2), size, size, size // 4)
+    print(f"{sd.num_tiles} tiles at x = {[t.x for t in tiles[0]]}, y = {[row[0].y for row in tiles]}")
+    show([small, upscale_by(Image.fromarray(small), 2), big.images[0]],
+         ["picture", "Lanczos ×2", "SD upscale ×2"], size=3)
+    """),
+    md("""
+    The prompt is the same for every tile, so it should describe what any part of the picture
+    may hold: given "a red circle above a blue square", the shapes model draws a circle and a
+    square in every tile. Here it is empty. Each tile is repainted without seeing the picture
+    around it, and the shapes model, trained on whole scenes on a light background, gives the
+    tiles that are mostly one blue shape a grey background. This is the weakness of SD upscale
+    that a ControlNet "tile" model addresses (`tile_arguments`, the hook for it, passes the tile
+    to each call); with SD v1.5's 512-pixel tiles of a photograph it is much milder.
+    """),
+    md("""
+    ## The tiled VAE
+
+    `sd.enable_vae_tiling()` decodes (and encodes) in tiles of `vae.tile_latent_min_size`
+    latents a quarter overlapping, each tile's overlap faded into its neighbour's: diffusers'
+    rule, to the same numbers. By default tinysd tiles only where the untiled pass would need
+    more than `vae.tiling_budget` (4 GiB): the decoder's widest activations, estimated by
+    `vae.peak_bytes`, pass it above about 1180×1180 pixels for SD v1's VAE.
+    """),
+    code("""
+    import json
+    from pathlib import Path
+
+    import tinysd
+    from tinysd.vae import AutoencoderKL
+
+    z = sd(prompt, output_type="latent", enable_hr=True, hr_scale=2, hr_upscaler="Lanczos",
+           hr_second_pass_steps=steps // 2, denoising_strength=0.3, **base).images
+    sd.disable_vae_tiling()
+    untiled = sd.decode(z)[0]
+    sd.enable_vae_tiling()          # tiles of 8 latents (64 pixels) for this VAE, every 6 latents
+    tiled = sd.decode(z)[0]
+    sd.vae.use_tiling = None        # back to the default: tile above the memory budget
+    difference = np.abs(tiled - untiled)
+    show([untiled, tiled, difference.max(axis=2)], ["untiled", "tiled", "|difference|"], size=2.6, cmap="magma")
+    print(f"largest difference {difference.max() * 255:.1f}/255, mean {difference.mean() * 255:.2f}/255")
+
+    config = Path(tinysd.__file__).parent / "data" / "sd-v1-5" / "vae" / "config.json"
+    sd15 = AutoencoderKL(json.loads(config.read_text()))                       # the shapes only: no weights
+    for side in (512, 768, 1024, 1536, 2048):
+        gb = sd15.peak_bytes("decoder", 1, side, side) / 1e9
+        print(f"SD v1.5 decode {side}×{side}: about {gb:4.1f} GB untiled -> "
+              f"{'tiled' if sd15.tiles('decoder', (1, 4, side // 8, side // 8)) else 'untiled'} by default")
+    """),
+    md("""
+    On the shapes model the tiled decode is far from the untiled one: each tile's decoder sees
+    only its own 8×8 latents (its attention and its group norms too), and this small VAE,
+    trained on whole 64×64 scenes, picks the background colour from the whole latent: tiles that
+    hold mostly one shape come out dark. SD's VAE tiles at 512 pixels, a whole scene's worth of
+    context per tile, where the seams are faint; still, a tiled decode is not the untiled one,
+    which is why tinysd keeps the untiled decode wherever it fits in memory.
+    `benchmarks/bench_large.py` measures a 2048×2048 decode both ways on SD v1.5-sized weights.
+    """),
+]
+
+
+NOTEBOOKS["11_training.ipynb"] = [
+    md("""
+    # 11 · Training: the loss, the backward pass, a LoRA
+
+    Sampling runs the U-Net forward; training teaches it what to predict. Take a training picture's
+    latent z₀, pick a timestep t and a noise ε, noise the latent to
+
+        z_t = √ᾱ_t · z₀ + √(1 − ᾱ_t) · ε,
+
+    and ask the U-Net for ε back: the loss is L = ‖ε − ε_θ(z_t, t, c)‖², averaged, with c the
+    caption's context. Its gradient flows back through every layer by the chain rule. tinysd
+    writes that backward pass out by hand: each op in `tinysd/backend.py` has an `*_backward`
+    beside it, and each block a `backward(saved, grad)` beside its `__call__` that undoes the
+    forward's steps in reverse (no autograd engine; the tests check every gradient against
+    torch.autograd). `tinysd/train.py` adds the noise schedule, the loss, AdamW, and LoRA and
+    textual-inversion training.
+
+    This notebook always runs on the packaged "shapes" model with the plain NumPy backend:
+    training even a LoRA for SD v1.5 takes hours on a CPU, the shapes model's takes seconds.
+    """),
+    code("""
+    import sys
+
+    import numpy as np
+    import matplotlib.pyplot as plt
+    import tinysd
+    from _model import TRAINING, shapes_picture, show
+    from tinysd.pipeline import preprocess_image
+    from tinysd.rng import Generator
+    from tinysd.train import NoiseSchedule, diffusion_loss, named_modules
+
+    sys.path.insert(0, str(TRAINING))      # training/shapes_data.py draws the shapes model's pictures
+    import shapes_data
+
+    sd = tinysd.load("shapes", backend="numpy")
+    print('Running on the packaged "shapes" model (tinysd.load("shapes"), NumPy backend), whatever the other notebooks use.')
+    schedule = NoiseSchedule(sd.scheduler_config)
+    print(f"U-Net {sd.unet.num_parameters() / 1e6:.1f} M parameters, text encoder "
+          f"{sd.text_encoder.num_parameters() / 1e6:.1f} M; {schedule.num_train_timesteps} training timesteps")
+    """),
+    md("""
+    ## The forward diffusion as training data
+
+    A training example is a picture's latent noised to a random t: the further along, the
+    less of the picture is left (√ᾱ_t) and the more noise (√(1 − ᾱ_t)). Decoded, for one
+    picture of the training set's kind:
+    """),
+    code("""
+    pixels = shapes_picture()                                  # (64, 64, 3) uint8
+    z0 = sd.encode(preprocess_image(pixels), Generator(0))      # (1, 4, 8, 8), scaled by 0.18215
+    eps = np.random.default_rng(0).standard_normal(z0.shape).astype(np.float32)
+    ts = [0, 100, 300, 500, 700, 999]
+    noised = [schedule.add_noise(z0, eps, np.array([t])) for t in ts]
+    show([sd.decode(z)[0] for z in noised],
+         [f"t={t}: √ᾱ={np.sqrt(schedule.alphas_cumprod[t]):.2f}" for t in ts], size=1.8)
+    """),
+    md("""
+    ## One training step, taken apart
+
+    The caption through the text encoder, the noised latent through the U-Net (with `saved`, a
+    dict in which the forward keeps the activations its backward needs), the loss and its
+    gradient ∂L/∂ε̂ = 2(ε̂ − ε)/n, then `unet.backward`, which returns ∂L/∂z_t and ∂L/∂context
+    and leaves each parameter's gradient in its module's `.grads`.
+    """),
+    code("""
+    caption = "a blue square to the left of a green triangle"
+    ids = sd.tokenizer(caption)                                 # (1, 77) token ids
+    text_saved, unet_saved = {}, {}
+    context = sd.text_encoder(ids, saved=text_saved)            # (1, 77, 64)
+    t = np.array([500])
+    z_t = schedule.add_noise(z0, eps, t)
+    prediction = sd.unet(z_t, t, context, saved=unet_saved)     # ε̂, (1, 4, 8, 8)
+    loss, grad = diffusion_loss(prediction, eps, np.ones(1))    # L and ∂L/∂ε̂
+    dz, dcontext = sd.unet.backward(unet_saved, grad)
+    sd.text_encoder.backward(text_saved, dcontext)              # on into the text encoder's weights
+    print(f"loss {loss:.4f};  ∂L/∂z_t {dz.shape},  ∂L/∂context {dcontext.shape}")
+    """),
+    md("""
+    Where the gradient lands. The backward visits the blocks in the reverse order of the
+    forward: conv_out, the up path, the middle, the down path, conv_in. The up blocks took the
+    down blocks' outputs as skip connections, so each down block's gradient is the sum of what
+    came down the path and what came back along its skips. The text reaches the U-Net only
+    through the cross-attentions' keys and values (attn2.to_k, to_v): their gradients are the
+    ones that flow on into the text encoder. (On the shapes model's 8×8 latents the deepest
+    level is 1×1, and far less gradient reaches it than the outer levels.)
+    """),
+    code("""
+    def block_of(name):
+        parts = name.split(".")
+        return ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
+
+    norms, cross = {}, {}
+    for name, module in named_modules(sd.unet):
+        for key, g in getattr(module, "grads", {}).items():
+            if g is None:
+                continue
+            norms[block_of(name)] = norms.get(block_of(name), 0.0) + float(np.sum(np.square(g)))
+            if ".attn2.to_k" in name or ".attn2.to_v" in name:
+                cross[block_of(name)] = cross.get(block_of(name), 0.0) + float(np.sum(np.square(g)))
+    backward_order = list(reversed(list(norms)))
+    fig, ax = plt.subplots(figsize=(9, 2.8))
+    ax.bar(range(len(norms)), [np.sqrt(norms[b]) for b in backward_order], label="all parameters")
+    ax.bar(range(len(norms)), [np.sqrt(cross.get(b, 0.0)) for b in backward_order], label="cross-attention k, v")
+    ax.set_xticks(range(len(norms)), backward_order, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("‖∂L/∂θ‖")
+    ax.set_yscale("log")
+    ax.set_title("parameter gradients, in the order the backward reaches them")
+    ax.legend()
+    plt.show()
+    """),
+    md("""
+    The gradient with respect to the input latent, and with respect to each of the 77 context
+    vectors: the caption's words, the start and end tokens, and the padding after them (SD v1
+    cross-attends to all 77 positions, so the padding gets gradient too).
+    """),
+    code("""
+    n_words = int(np.argmax(ids[0] == ids[0, -1])) + 1      # start, the words, the end token (padding repeats it)
+    per_token = np.linalg.norm(dcontext[0], axis=-1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 2.8), gridspec_kw={"width_ratios": [1, 3]})
+    axes[0].imshow(np.linalg.norm(dz[0], axis=0), cmap="magma")
+    axes[0].set_title("‖∂L/∂z_t‖ per latent pixel", fontsize=9)
+    axes[0].set_axis_off()
+    axes[1].bar(range(77), per_token)
+    axes[1].axvline(n_words - 0.5, color="gray", ls=":")
+    axes[1].set_xlabel("context position (dotted: end of the caption, padding after it)")
+    axes[1].set_title("‖∂L/∂context‖ per token", fontsize=9)
+    plt.show()
+    sd.unet.zero_grad()
+    sd.text_encoder.zero_grad()
+    """),
+    md("""
+    ## A LoRA, trained live
+
+    A LoRA freezes the model and adds to chosen linear layers a low-rank update,
+    y = W x + (α/r) · B A x with A (r × in) and B (out × r), B starting at zero so that the
+    model starts unchanged (`tinysd.train.LoRALinear`). Here rank 4 on every attention
+    projection of the U-Net: 16 pictures of a large purple star, each captioned with a word the
+    model never saw, "a zorb in the center". Before training the word means nothing to the model:
+    """),
+    code("""
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+    from tinysd.train import TrainConfig, remove_lora, train_lora
+
+    folder = Path(tempfile.mkdtemp()) / "zorb"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):          # kohya's layout: NAME.png beside NAME.txt
+        background = str(rng.choice(list(shapes_data.BACKGROUNDS)))
+        star = shapes_data.make_thing(rng, "star", "purple", "center", "large")
+        Image.fromarray(shapes_data.render(shapes_data.Scene((star,), background))).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text("a zorb in the center")
+
+    prompt, seeds = "a zorb in the center", [0, 1, 2]
+    before = [sd(prompt, seed=s, num_inference_steps=20).images[0] for s in seeds]
+    show(before, [f"before, seed {s}" for s in seeds])
+    """),
+    md("""
+    `train_lora` encodes the pictures once with the VAE, then runs AdamW steps: each draws a
+    batch of pictures, timesteps and noise from the step's seed, runs the loss forward and
+    backward as above, and updates only the adapters' A and B.
+    """),
+    code("""
+    import time
+
+    start = time.perf_counter()
+    adapters, losses = train_lora(sd, folder, TrainConfig(steps=20, batch_size=8, learning_rate=1.2e-2, seed=0),
+                                  rank=4, progress=False)
+    trained = sum(a.lora_down.weight.size + a.lora_up.weight.size for a in adapters.values())
+    print(f"{len(adapters)} adapters, {trained} trained numbers; {len(losses)} steps in {time.perf_counter() - start:.0f} s")
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    ax.plot(losses, ".-")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    plt.show()
+    """),
+    md("""
+    The same prompt and seeds with the adapters in the model, and again after `remove_lora`
+    gives the layers back:
+    """),
+    code("""
+    after = [sd(prompt, seed=s, num_inference_steps=20).images[0] for s in seeds]
+    show(after, [f"with the LoRA, seed {s}" for s in seeds])
+    remove_lora(sd.unet, adapters)
+    again = sd(prompt, seed=0, num_inference_steps=20).images[0]
+    print("without it again, seed 0 is the picture from before:", np.array_equal(np.asarray(again), np.asarray(before[0])))
+    """),
+    md("""
+    `save_lora(path, adapters)` writes the adapters as a kohya `.safetensors` file, which
+    `tinysd --lora` and diffusers' `load_lora_weights` both read (the tests check that diffusers
+    draws the same picture from it). The command line does all of the above on a folder:
+
+        python -m tinysd train-lora DATA --model shapes --rank 4 --steps 200 -o zorb.safetensors
+
+    and `train-embedding` learns a new token's vector instead (textual inversion), with the
+    whole model frozen. `training/train_shapes_lora.py` and `training/train_shapes_embedding.py`
+    run longer versions with a pixel-level evaluation.
+    """),
+]
+
+
 def build(name):
     """The notebook `name` from NOTEBOOKS, without outputs."""
     import nbformat
@@ -851,8 +2051,9 @@ def execute(nb, cwd, timeout=600):
     """Run every cell in a fresh kernel with `cwd` as working directory; outputs stay in `nb`."""
     from nbclient import NotebookClient
 
+    # TINYSD_NOTEBOOK_STATIC: live controls (notebooks/_live.py) draw static grids, pictures a reader sees without a kernel
     NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}},
-                   record_timing=False).execute()
+                   record_timing=False).execute(env={**os.environ, "TINYSD_NOTEBOOK_STATIC": "1"})
     return nb
 
 

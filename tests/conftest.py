@@ -21,8 +21,8 @@ if not (os.path.exists("/dev/nvidiactl") or os.path.isdir("/proc/driver/nvidia/g
     # first imported, so it is set here, before any test module imports numba.
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
-# torch loads libgomp when imported, before tinysd's cpu backend can ask it not to spin
-# (kernels/cpu.py); libgomp reads this once, when it loads.
+# torch's OpenMP threads must not spin on the cores between its ops and the cpu backend's kernels
+# and BLAS calls in the same test; libgomp reads this once, when torch loads it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest

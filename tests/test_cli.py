@@ -140,8 +140,9 @@ def test_inpainting(tiny_sd, sd, tmp_path):
     assert main(args) == 0
     assert read_parameters(out)["Denoising strength"] == 1.0      # diffusers' inpainting default
     expected = sd("a hat", num_inference_steps=2, height=64, width=64, seed=3, image=str(init),
-                  mask_image=str(mask)).images[0]
+                  mask_image=str(mask), keep_unmasked=True).images[0]     # on by default in the CLI
     np.testing.assert_array_equal(pixels(out), np.asarray(expected))
+    np.testing.assert_array_equal(pixels(out)[m == 0], pixels(init)[m == 0])
 
 
 # -- A1111's prompts: syntax, long prompts, embeddings by file name, clip skip --------------------------

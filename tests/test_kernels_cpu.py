@@ -145,7 +145,12 @@ def test_conv2d_winograd_is_taken_for_big_images():
 
     tile_sides = []
     original = winograd.conv3x3_kernel
-    winograd.conv3x3_kernel = lambda x, U, *a: tile_sides.append(2 if len(U) == 16 else 4) or original(x, U, *a)
+    def recording(x, U, *args):              # called once per thread's share of the tiles
+        if args[-2] == 0:                     # the share that starts at task 0
+            tile_sides.append(2 if len(U) == 16 else 4)
+        original(x, U, *args)
+
+    winograd.conv3x3_kernel = recording
     try:
         x, w = randn(2, 4, 64, 64), randn(4, 4, 3, 3)
         for size in (64, 32, 8):      # 4×4 tiles: 512, 128 (2×2 tiles: 512), none: direct
@@ -288,15 +293,110 @@ def test_kernels_compile_once():
         assert len(kernel.signatures) <= 1, kernel.signatures
 
 
-@pytest.mark.parametrize("first, warns", [("import tinysd.kernels.cpu; import torch", False),
-                                          ("import torch; import tinysd.kernels.cpu", True)])
-def test_openmp_told_not_to_spin(first, warns):
-    """`import tinysd` sets OMP_WAIT_POLICY=PASSIVE before libgomp reads it; where torch loaded
-    libgomp first, the cpu backend says so. In a fresh process, without the tests' own setting."""
-    pytest.importorskip("torch")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    code = f"{first}; import os; print(os.environ.get('OMP_WAIT_POLICY'))"
-    run = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True)
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_no_openmp_threads():
+    """The kernels run on kernels/threads.py's threads: no OpenMP runtime is loaded (its idle
+    threads, Numba's prange pool, once spun and slowed OpenBLAS's). In a fresh process."""
+    code = ("import numpy as np; from tinysd.kernels.cpu import CpuBackend\n"
+            "be, x = CpuBackend(), np.ones((2, 64, 32, 32), np.float32)\n"
+            "be.conv2d(x, np.ones((64, 64, 3, 3), np.float32), None, 1, 1); be.group_norm(x, 32, x[0, :, 0, 0], "
+            "x[0, :, 0, 0], 1e-5, True); t = be.to_tokens(x); be.attention(t, t, t, 2)\n"
+            "print('libgomp' in open('/proc/self/maps').read())")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "PASSIVE"
-    assert ("libgomp was loaded before tinysd" in run.stderr) == warns
+    assert run.stdout.strip() == "False"
+
+
+def test_every_kernel_compiles_once_for_read_only_and_writable_weights():
+    """Weights that are views of a read-only memory-mapped file and weights in memory give every
+    kernel the same type signature, so a fresh install compiles each kernel once (and the cache
+    filled by one model serves the next)."""
+    from tinysd.kernels import attention, blas, conv, elementwise, norm, winograd
+    be = CpuBackend()
+    be.linear_geglu_min_bytes = 0
+    for writable in (True, False):
+        def weight(*shape):
+            w = randn(*shape)
+            w.flags.writeable = writable
+            return w
+        x, tokens = randn(2, 8, 6, 6), randn(2, 9, 8)
+        be.group_norm(x, 4, weight(8), weight(8), 1e-5, silu=writable)
+        be.layer_norm(tokens, weight(8), weight(8), 1e-5)
+        be.linear(tokens, weight(5, 8), weight(5))
+        be.linear_geglu(tokens, weight(10, 8), weight(10))
+        be.geglu(tokens)
+        be.attention(tokens, tokens, tokens, 2, causal=writable)
+        for path in ("f4", "f2", "im2col", "shifted"):
+            be.winograd_f4_min_tiles = 1 if path == "f4" else 1 << 30
+            be.winograd_f2_min_tiles = 1 if path == "f2" else 1 << 30
+            be.im2col_max_pixels = 1 << 30 if path == "im2col" else 0
+            be.conv2d(x, weight(8, 8, 3, 3), weight(8), 1, 1)
+            be.conv2d(x, be.asarray(weight(8, 8, 3, 3)), None, 1, 1)
+        be.conv2d(x, weight(4, 8, 1, 1), weight(4))
+        be.upsample_nearest2x(x)
+        be.to_image(be.to_tokens(x), 6, 6)
+        be.silu(x), be.gelu(x), be.quick_gelu(x)
+    kernels = [attention.attention_kernel, conv.conv2d_kernel, conv.im2col_conv2d_kernel, conv.conv1x1_kernel,
+               elementwise.silu_kernel, elementwise.gelu_kernel, elementwise.quick_gelu_kernel,
+               elementwise.geglu_kernel, elementwise.linear_geglu_kernel, elementwise.upsample_nearest2x_kernel,
+               elementwise.transpose_kernel, norm.group_norm_kernel, norm.layer_norm_kernel,
+               winograd.weight_transform_f2, winograd.weight_transform_f4, winograd.conv3x3_kernel, blas.gemm]
+    for kernel in kernels:
+        assert len(kernel.signatures) == 1, (kernel.__name__, kernel.signatures)
+
+
+def test_parallel_for_runs_every_task_once():
+    """A real kernel over 1, 2 and 3 threads: shares that end mid-array leave no value out."""
+    from tinysd.kernels import threads
+    from tinysd.kernels.elementwise import silu_kernel
+
+    before = threads.num_threads()
+    x = randn(100_003, scale=4.0)
+    try:
+        for n_threads in (1, 2, 3):
+            threads.set_num_threads(n_threads)
+            out = np.full_like(x, np.nan)
+            threads.parallel_for(silu_kernel, x.size, x, out)
+            close(out, ref.silu(x), rtol=2e-6)
+    finally:
+        threads.set_num_threads(before)
+
+
+def test_parallel_for_shares_and_errors(monkeypatch):
+    """One contiguous share per thread, every task once; small work stays on the calling thread;
+    a helper thread that never gets to run holds nothing up (the caller claims its share); an
+    exception in any share reaches the caller."""
+    import threading
+
+    from tinysd.kernels import threads
+
+    before, me = threads.num_threads(), threading.get_ident()
+    calls = []
+
+    def kernel(fail, start, stop):
+        calls.append((start, stop, threading.get_ident()))
+        if fail and start > 0:
+            raise ValueError("share failed")
+
+    try:
+        threads.set_num_threads(3)
+        threads.parallel_for(kernel, 10, False)
+        assert sorted(c[:2] for c in calls) == [(0, 3), (3, 6), (6, 10)]
+        calls.clear()
+        threads.parallel_for(kernel, 10, False, work=threads.min_work - 1)
+        assert calls == [(0, 10, me)]
+        with pytest.raises(ValueError, match="share failed"):
+            threads.parallel_for(kernel, 10, True)
+
+        class Asleep:                        # a pool whose threads never wake
+            def submit(self, fn, *args):
+                pass
+
+        monkeypatch.setattr(threads, "_executor", lambda workers: Asleep())
+        calls.clear()
+        threads.parallel_for(kernel, 10, False)
+        assert sorted(calls) == [(0, 3, me), (3, 6, me), (6, 10, me)]
+        with pytest.raises(ValueError, match="≥ 1"):
+            threads.set_num_threads(0)
+    finally:
+        threads.set_num_threads(before)

@@ -23,7 +23,7 @@ from reference_models import (Reference, build_models, diffusers_to_original, nu
                               sd15_config, text_model_keys, tokenizer_dir, write_checkpoints)
 from tinysd import unet as tiny_unet  # noqa: E402
 from tinysd.single_file import unet_sizes  # noqa: E402
-from torch_util import assert_close, state_dict_numpy  # noqa: E402
+from torch_util import assert_close, random_lora_, state_dict_numpy  # noqa: E402
 
 PROMPT, NEGATIVE = "a red circle on the left", "blurry"
 SIZE, STEPS, SEED = 64, 4, 1234
@@ -207,13 +207,7 @@ def lcm_lora(tiny_sd, tmp_path_factory):
     unet = copy.deepcopy(tiny_sd.unet)
     config = LoraConfig(r=8, lora_alpha=8, init_lora_weights=False, target_modules=LCM_LORA_TARGETS)
     unet.add_adapter(config)
-    g = torch.Generator().manual_seed(40)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if ".lora_A." in name:
-                p.copy_(torch.randn(p.shape, generator=g) / np.prod(p.shape[1:]) ** 0.5)
-            elif ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3 / p.shape[1] ** 0.5)
+    random_lora_(unet, 40)
     state = get_peft_model_state_dict(unet)
     diffusers.StableDiffusionPipeline.save_lora_weights(folder / "diffusers", unet_lora_layers=state,
                                                         unet_lora_adapter_metadata=config.to_dict())

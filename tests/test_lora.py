@@ -28,7 +28,7 @@ import tinysd  # noqa: E402
 from reference_models import UNET_RESNET, _swap, unet_prefixes  # noqa: E402
 from tinysd.lora import LoraError, lora_hash, prompt_lora_tags  # noqa: E402
 from tinysd.nn import Module  # noqa: E402
-from torch_util import assert_close  # noqa: E402
+from torch_util import assert_close, random_lora_  # noqa: E402
 
 PROMPT, NEGATIVE = "a red circle on the left", "blurry"
 SIZE, STEPS, SEED = 64, 4, 1234
@@ -40,17 +40,6 @@ PEFT_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 # -- writing LoRA files -----------------------------------------------------------------------------
 def torch_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-
-
-def random_lora_(model, seed):
-    """Give every lora_A/lora_B of a peft-injected model seeded values: both non-zero, so W changes."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_A." in name:
-                p.copy_(torch.randn(p.shape, generator=g) / np.prod(p.shape[1:]) ** 0.5)
-            elif ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3 / p.shape[1] ** 0.5)
 
 
 def write_peft(tiny, folder, seed=10, safe=True, text_model_prefix=False, rslora=False):

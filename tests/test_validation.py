@@ -88,7 +88,7 @@ BAD = {
     "output_type None": (dict(output_type=None), ValueError, ["output_type", "None"]),
     "callback not callable": (dict(callback="print"), TypeError, ["callback", "'print' (str)"]),
     "image int": (dict(image=123), TypeError, ["image", "123 (int)", "PIL image"]),
-    "image list": (dict(image=[IMAGE]), TypeError, ["image", "(list)"]),
+    "image empty list": (dict(image=[]), ValueError, ["image is an empty list"]),
     "image channel-first": (dict(image=np.zeros((3, SIZE, SIZE), np.uint8)), ValueError,
                             ["image", "(3, 64, 64)", "(H, W, 3)", "transpose(1, 2, 0)"]),
     "image batched": (dict(image=np.zeros((1, SIZE, SIZE, 3), np.float32)), ValueError, ["image", "(1, 64, 64, 3)"]),

@@ -21,6 +21,20 @@ def randomize_(module, seed, scale=0.2):
     return module.eval()
 
 
+def random_lora_(model, seed):
+    """Give every lora_A/lora_B of a peft-injected model seeded values: both non-zero, so W changes."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.copy_(torch.randn(p.shape, generator=g) / np.prod(p.shape[1:]) ** 0.5)
+            elif ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 / p.shape[1] ** 0.5)
+    return model
+
+
 def state_dict_numpy(module):
     return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
 

@@ -6,6 +6,13 @@ A model is a tree of `Module`s whose attribute names are the checkpoint's key na
 
 Every module computes through `self.ops`, the backend (see `tinysd.backend`): swapping the
 backend swaps the primitive ops and nothing else.
+
+Training (`tinysd.train`): a block's `__call__(..., saved=None)` given a dict keeps there what
+its `backward(saved, grad)` needs (inference passes None and keeps nothing), and each child
+block gets its own sub-dict under its checkpoint name (`child`). A leaf module (Linear, Conv2d,
+GroupNorm, LayerNorm, Embedding) has `backward(x, grad)`: its input x is saved by the block that
+calls it. Backwards add the parameters' gradients into `module.grads[name]` (allocated on first
+use, so micro-batches accumulate) unless the module is `frozen`, and return the input's gradient.
 """
 from __future__ import annotations
 
@@ -24,8 +31,18 @@ class Param:
         return f"Param{self.shape}"
 
 
+def child(saved, name):
+    """A fresh dict under `saved[name]` for a child block to keep its activations in (training),
+    or None when `saved` is None (inference)."""
+    if saved is None:
+        return None
+    saved[name] = {}
+    return saved[name]
+
+
 class Module:
     ops = NumpyBackend()
+    frozen = False          # training: True skips this module's parameter gradients
 
     def __setattr__(self, name, value):
         if isinstance(value, Param):
@@ -56,6 +73,35 @@ class Module:
 
     def num_parameters(self):
         return sum(int(np.prod(p.shape)) for _, p in self.named_parameters())
+
+    def freeze(self, frozen=True):
+        """Training: stop (or, with False, restart) parameter gradients in this whole subtree.
+        Gradients still flow through a frozen module to its input."""
+        for module in self.modules():
+            module.frozen = frozen
+        return self
+
+    def accumulate_grad(self, name, grad):
+        """Add ∂L/∂(parameter `name`) into self.grads[name]; the first one is stored as it is."""
+        if grad is None:
+            return
+        grads = self.__dict__.setdefault("grads", {})
+        if name in grads:
+            grads[name] += grad
+        else:
+            grads[name] = grad
+
+    def zero_grad(self):
+        """Drop every gradient in the subtree (the next backward allocates them afresh)."""
+        for module in self.modules():
+            module.__dict__.pop("grads", None)
+
+    def named_grads(self, prefix=""):
+        """(dotted key, gradient) for every parameter of the subtree that has one."""
+        for name, grad in self.__dict__.get("grads", {}).items():
+            yield prefix + name, grad
+        for name, child_module in self.children():
+            yield from child_module.named_grads(f"{prefix}{name}.")
 
     def set_backend(self, backend):
         """Run this tree on `backend`: every weight passes through `backend.asarray` once."""
@@ -134,6 +180,13 @@ class Linear(Module):
     def __call__(self, x):
         return self.ops.linear(x, self.weight, getattr(self, "bias", None))
 
+    def backward(self, x, grad):
+        dx, dweight, dbias = self.ops.linear_backward(grad, x, self.weight, getattr(self, "bias", None),
+                                                      frozen=self.frozen)
+        self.accumulate_grad("weight", dweight)
+        self.accumulate_grad("bias", dbias)
+        return dx
+
 
 class Conv2d(Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
@@ -145,6 +198,13 @@ class Conv2d(Module):
     def __call__(self, x):
         return self.ops.conv2d(x, self.weight, getattr(self, "bias", None), self.stride, self.padding)
 
+    def backward(self, x, grad):
+        dx, dweight, dbias = self.ops.conv2d_backward(grad, x, self.weight, getattr(self, "bias", None),
+                                                      self.stride, self.padding, frozen=self.frozen)
+        self.accumulate_grad("weight", dweight)
+        self.accumulate_grad("bias", dbias)
+        return dx
+
 
 class GroupNorm(Module):
     def __init__(self, num_groups, num_channels, eps):
@@ -154,6 +214,13 @@ class GroupNorm(Module):
 
     def __call__(self, x, silu=False):
         return self.ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu)
+
+    def backward(self, x, grad, silu=False):
+        dx, dweight, dbias = self.ops.group_norm_backward(grad, x, self.num_groups, self.weight, self.bias,
+                                                          self.eps, silu=silu, frozen=self.frozen)
+        self.accumulate_grad("weight", dweight)
+        self.accumulate_grad("bias", dbias)
+        return dx
 
 
 class LayerNorm(Module):
@@ -165,6 +232,13 @@ class LayerNorm(Module):
     def __call__(self, x):
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
 
+    def backward(self, x, grad):
+        dx, dweight, dbias = self.ops.layer_norm_backward(grad, x, self.weight, self.bias, self.eps,
+                                                          frozen=self.frozen)
+        self.accumulate_grad("weight", dweight)
+        self.accumulate_grad("bias", dbias)
+        return dx
+
 
 class Embedding(Module):
     def __init__(self, num_embeddings, dim):
@@ -172,3 +246,7 @@ class Embedding(Module):
 
     def __call__(self, ids):
         return self.ops.take(self.weight, ids)
+
+    def backward(self, ids, grad):
+        """The table's gradient (rows scatter-added); integer ids get none: returns None."""
+        self.accumulate_grad("weight", self.ops.take_backward(grad, self.weight, ids, frozen=self.frozen))

@@ -29,6 +29,8 @@ import numpy as np
 
 from tinysd import embeddings, prompt as a1111_prompt
 from tinysd.backend import get_backend
+from tinysd.controlnet import Control, build_controlnet, check_control, read_controlnet
+from tinysd.outpaint import check_outpaint, outpaint_canvas, overlay_mask, paste_unmasked
 from tinysd.rng import Generator
 from tinysd.pngmeta import sampler_fields
 from tinysd.schedulers import SCHEDULERS, LCMScheduler, canonical_name, make_scheduler
@@ -36,6 +38,7 @@ from tinysd.taesd import load_taesd
 from tinysd.text_encoder import CLIPTextModel
 from tinysd.tokenizer import CLIPTokenizer
 from tinysd.unet import UNet2DConditionModel, guidance_scale_embedding
+from tinysd.upscale import check_hires, hires_pass, hires_settings, sd_upscale
 from tinysd.vae import AutoencoderKL
 from tinysd.weights import load_checkpoint, load_vae
 
@@ -44,7 +47,8 @@ VAE_SCALE = 8   # the VAE shrinks H and W by 8
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}   # diffusers' pipelines' defaults
 
 
-def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=None, taesd=None):
+def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=None, taesd=None,
+         controlnet=None):
     """A ready pipeline from a model id, a diffusers folder or a single .safetensors/.ckpt file.
 
     backend: 'numpy' (reference), 'cpu' (Numba kernels) or 'cuda'; None picks 'cpu' if it runs.
@@ -55,10 +59,14 @@ def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=N
     a file in the original or diffusers layout, or a diffusers `vae/` folder (weights.load_vae).
     taesd: the tiny autoencoder (`tinysd.taesd.load_taesd`: a folder, hub id, taesd_decoder
     file or (encoder, decoder) pair) for `vae_decoder="taesd"` and previews; loaded first.
+    controlnet: a ControlNet (folder, single file or packaged name) or a list of them; each is
+    checked against the model's U-Net before anything is built (tinysd.controlnet).
     """
     backend = get_backend(backend)
     tiny = load_taesd(taesd, backend) if taesd is not None else None
     ckpt = load_checkpoint(source, variant=variant, config=config)
+    controlnets = [read_controlnet(c, ckpt.configs["unet"], model_name(source))
+                   for c in ([] if controlnet is None else controlnet if isinstance(controlnet, (list, tuple)) else [controlnet])]
     vae_fields = {}
     if vae is not None:
         ckpt.configs["vae"], ckpt.state_dicts["vae"], vae_file = load_vae(vae, ckpt.configs["vae"])
@@ -77,6 +85,7 @@ def load(source=DEFAULT_MODEL, backend=None, *, variant=None, config=None, vae=N
     sd.model_name = model_name(source)
     sd.vae_fields = vae_fields
     sd.taesd = tiny
+    sd.controlnets = [build_controlnet(c, backend) for c in controlnets]
     return sd
 
 
@@ -118,9 +127,11 @@ class StableDiffusion:
     taesd = None             # tinysd.taesd.AutoencoderTiny for vae_decoder="taesd" and previews
     vae_fields = {}          # "VAE", "VAE hash" in the PNG parameters for a swapped-in VAE; set by `load`
     num_timesteps = 0        # U-Net steps of the generation running (or last run), for progress bars
+    num_tiles = 0            # tiles of the SD upscale running (or last run), for progress bars
 
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler_config, backend):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
+        self.controlnets = []    # tinysd.controlnet.ControlNetModel, applied when a call passes control_image
         self.scheduler_config = dict(scheduler_config)
         self.scheduler = make_scheduler(self.default_sampler, self.scheduler_config)
         self.ops = backend
@@ -259,15 +270,19 @@ class StableDiffusion:
         z = np.stack([a1111_prompt.emphasis(zc, c.weights) for zc, c in zip(z, chunks)])
         return z.reshape(len(texts), -1, z.shape[-1]), [ti for _, used in lines for ti in used], counts
 
-    def predict_noise(self, latents, t, context, guidance_scale, timestep_cond=None, unet=None):
+    def predict_noise(self, latents, t, context, guidance_scale, timestep_cond=None, unet=None, control=None):
         """ε for `latents` at t; with guidance, ε_uncond + s·(ε_cond − ε_uncond) from one batch.
 
         timestep_cond: an LCM-distilled U-Net's guidance embedding, which replaces the CFG batch.
         unet: the U-Net as this generation calls it (DeepCache's per-step hook), else self.unet.
+        control: the ControlNets' per-step hook, control(x, t, context) -> the U-Net's extra residuals
+        (`down_block_additional_residuals`, `mid_block_additional_residual`; tinysd.controlnet).
         """
         guidance = guidance_scale > 1.0 and timestep_cond is None
         x = np.concatenate([latents, latents]) if guidance else latents
-        eps = self.ops.numpy((unet or self.unet)(self.ops.asarray(x), t, context, timestep_cond=timestep_cond))
+        residuals = control(x, t, context) if control is not None else {}
+        eps = self.ops.numpy((unet or self.unet)(self.ops.asarray(x), t, context, timestep_cond=timestep_cond,
+                                                 **residuals))
         if not guidance:
             return eps
         eps_uncond, eps_cond = np.split(eps, 2)
@@ -293,13 +308,26 @@ class StableDiffusion:
         dist = self.vae.encode(images)
         return self.vae.scaling_factor * dist.sample(generator.randn(dist.mean.shape))
 
+    def enable_vae_tiling(self):
+        """Encode and decode in overlapping tiles whenever a picture is larger than one tile
+        (diffusers' rule, tinysd.vae); the default tiles only above the VAE's memory budget."""
+        self.vae.use_tiling = True
+
+    def disable_vae_tiling(self):
+        """Never tile, however large the picture (the default tiles above the VAE's memory budget)."""
+        self.vae.use_tiling = False
+
     # -- generation -----------------------------------------------------------------------------------
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5,
                  height=None, width=None, seed=None, generator=None, latents=None, scheduler=None, eta=0.0,
                  output_type="pil", callback=None, image=None, strength=None, mask_image=None,
                  num_images_per_prompt=1, prompt_embeds=None, negative_prompt_embeds=None,
                  prompt_weighting=False, clip_skip=None, vae_decoder="vae", deepcache_interval=None,
-                 deepcache_branch=0):
+                 deepcache_branch=0, control_image=None, controlnet_conditioning_scale=None,
+                 control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False, control_preprocess=None,
+                 keep_unmasked=False, enable_hr=False, hr_scale=None, hr_upscaler=None, hr_second_pass_steps=None,
+                 hr_resize_x=None, hr_resize_y=None, denoising_strength=None, hr_sampler_name=None, hr_prompt=None,
+                 hr_negative_prompt=None):
         """Generate images; the arguments are diffusers' `StableDiffusionPipeline` ones.
 
         txt2img by default; img2img with `image=` (and `strength`, default 0.8); inpainting with
@@ -312,6 +340,11 @@ class StableDiffusion:
         the text encoder's last N layers (diffusers' meaning: A1111's "Clip skip" N + 1).
         `deepcache_interval=N`: DeepCache, the full U-Net every N-th step and between them only its
         shallow branch at `deepcache_branch` on the cached deep features (`DeepCache`).
+        With ControlNets loaded (`load_controlnet`): `control_image` (one per ControlNet), each with
+        its `controlnet_conditioning_scale` (default 1.0, 0.8 for img2img, 0.5 for inpainting) and
+        `control_guidance_start`/`_end` (fractions of the steps), and `guess_mode`, as diffusers'
+        StableDiffusionControlNet(Img2Img|Inpaint)Pipeline;
+        `control_preprocess` ("canny", "canny:50:150", ... see tinysd.hints) makes the hint first.
         Returns PipelineOutput with `.images` per `output_type`: "pil", "np" or "latent".
         `vae_decoder="taesd"` decodes with the tiny autoencoder (`load(..., taesd=PATH)`).
 
@@ -319,11 +352,28 @@ class StableDiffusion:
         SD v1.5 model; an LCM-distilled U-Net (`time_cond_proj_dim`) runs as diffusers'
         `LatentConsistencyModelPipeline`: guidance_scale enters as the embedding of w = s − 1,
         one U-Net pass per step, no negative prompt; its img2img takes strength·50 of LCM's grid.
+
+        `image` may also be a list of pictures (one batch), or latents (B, 4, h, w) to start
+        img2img from, as diffusers' img2img takes them. `keep_unmasked=True` pastes the image's
+        pixels back outside `mask_image` (blending where it is grey), as A1111 and diffusers'
+        `apply_overlay` do; False (the default) returns what diffusers' inpainting pipeline returns.
+
+        Hires fix (A1111's txt2img API names): `enable_hr=True` draws at height×width, upscales by
+        `hr_scale` (default 2) or to `hr_resize_x`×`hr_resize_y` with `hr_upscaler` ("Latent"
+        (default), "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+        "Latent (nearest)", "Latent (nearest-exact)" on the latents; "Lanczos", "Nearest" on the
+        decoded picture), then repaints at the new size by img2img from the same seed: A1111's
+        `hr_second_pass_steps` steps (0: num_inference_steps) of a schedule stretched to
+        steps/`denoising_strength` (default 0.75), with `hr_sampler_name`, `hr_prompt` and
+        `hr_negative_prompt` if given (tinysd.upscale.HiresFix).
         """
         self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
                           generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
                           num_images_per_prompt, prompt_embeds, negative_prompt_embeds, prompt_weighting, clip_skip,
-                          deepcache_interval, deepcache_branch)
+                          deepcache_interval, deepcache_branch, control_image, controlnet_conditioning_scale,
+                          control_guidance_start, control_guidance_end, guess_mode, control_preprocess,
+                          keep_unmasked, enable_hr, hr_scale, hr_upscaler, hr_second_pass_steps, hr_resize_x,
+                          hr_resize_y, denoising_strength, hr_sampler_name, hr_prompt, hr_negative_prompt)
         if output_type != "latent":
             self._decoder(vae_decoder)           # "vae", or "taesd" with a TAESD loaded
         height, width = (None if v is None else int(v) for v in (height, width))   # 512.0 -> 512, as diffusers
@@ -332,13 +382,23 @@ class StableDiffusion:
             generator = Generator(seed)
         else:
             seed = None
-        if image is not None:
-            image = preprocess_image(image, height, width)
+        control = None
+        if self.controlnets:                                    # the control images are read before any model work
+            default_scale = 1.0 if image is None else 0.8 if mask_image is None else 0.5   # as diffusers' pipelines
+            control = Control(self.controlnets, control_image, controlnet_conditioning_scale, control_guidance_start,
+                              control_guidance_end, guess_mode, control_preprocess, default_scale)
+        txt2img, init_latents = image is None, None
+        if is_latents(image):          # img2img from latents (B, 4, h, w), as diffusers' img2img takes them
+            init_latents, image = np.asarray(image, np.float32), None
+            height, width = (VAE_SCALE * side for side in init_latents.shape[2:])
+        elif image is not None:
+            image = preprocess_images(image, height, width)
             height, width = image.shape[2:]
+        elif control is not None:
+            height, width = control.default_size(height, width)
         default_size = self.unet.config.get("sample_size", 64) * VAE_SCALE
         height, width = height or default_size, width or default_size
         check_size(height, width)
-        txt2img = image is None
         if txt2img and self.unet.in_channels == 9:
             # txt2img on an inpainting model, as A1111 runs it: the whole picture is repainted and
             # the masked image the U-Net sees is mid-grey (0 in [-1, 1])
@@ -355,6 +415,8 @@ class StableDiffusion:
                               "has no effect", stacklevel=2)
             w = np.full(batch, guidance_scale - 1, dtype=np.float32)
             timestep_cond = guidance_scale_embedding(w, self.unet.config["time_cond_proj_dim"])
+        if control is not None:
+            control.prepare(self.ops, batch, num_images_per_prompt, guidance, height, width)
 
         sched, sched_name = self._scheduler(scheduler)
         sched.set_timesteps(num_inference_steps)
@@ -368,7 +430,7 @@ class StableDiffusion:
         elif image is not None:
             strength = DEFAULT_STRENGTH["img2img"] if strength is None else strength
 
-        if image is None:
+        if txt2img:
             if latents is None:
                 latents = generator.randn(shape)
             latents = np.asarray(latents, dtype=np.float32) * np.float32(sched.init_noise_sigma)
@@ -378,7 +440,8 @@ class StableDiffusion:
             pure_noise = mask is not None and strength >= 1.0      # inpainting from scratch
             nine_channel = self.unet.in_channels == 9
             if not (pure_noise and nine_channel):                   # the 9-channel U-Net sees the image
-                image_latents = repeat_to(self.encode(image, generator), batch)   # through its input
+                image_latents = repeat_to(self.encode(image, generator) if init_latents is None else init_latents,
+                                          batch)                      # through its input
             noise = generator.randn(shape)
             if pure_noise:
                 latents = noise * np.float32(sched.init_noise_sigma)
@@ -396,15 +459,35 @@ class StableDiffusion:
         deepcache = deepcache_interval and DeepCache(self.unet, deepcache_interval, deepcache_branch, sched.timesteps)
         latents = self._denoise(latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
                                 mask=mask, masked_latents=masked_latents, image_latents=image_latents, noise=noise,
-                                timestep_cond=timestep_cond, unet=deepcache)
+                                timestep_cond=timestep_cond, unet=deepcache,
+                                control=control and control.hook(len(timesteps)))
         parameters = {"Steps": num_inference_steps, **sampler_fields(sched_name), "CFG scale": float(guidance_scale),
                       "Seed": seed, "Size": f"{width}x{height}", "Model": self.model_name,
                       "Denoising strength": None if txt2img else float(strength), **self.vae_fields, **prompt_fields,
                       **self.loras.parameters(),
-                      **(deepcache.parameters() if deepcache else {})}
+                      **(deepcache.parameters() if deepcache else {}),
+                      **(control.parameters() if control else {})}
+        if enable_hr:
+            hires = hires_settings(hr_scale=hr_scale, hr_upscaler=hr_upscaler, hr_resize_x=hr_resize_x,
+                                   hr_second_pass_steps=hr_second_pass_steps, hr_resize_y=hr_resize_y,
+                                   denoising_strength=denoising_strength)
+            embeds = dict(prompt_embeds=None if hr_prompt else prompt_embeds,
+                          negative_prompt_embeds=None if hr_negative_prompt else negative_prompt_embeds)
+            return hires_pass(self, hires, latents, parameters, width, height, generator, (prompt, hr_prompt),
+                              (negative_prompt, hr_negative_prompt), scheduler=hr_sampler_name or scheduler,
+                              guidance_scale=guidance_scale, eta=eta, output_type=output_type, callback=callback,
+                              num_images_per_prompt=num_images_per_prompt, prompt_weighting=prompt_weighting,
+                              clip_skip=clip_skip, vae_decoder=vae_decoder, deepcache_interval=deepcache_interval,
+                              deepcache_branch=deepcache_branch, control_image=control_image,
+                              controlnet_conditioning_scale=controlnet_conditioning_scale,
+                              control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+                              guess_mode=guess_mode, control_preprocess=control_preprocess, **embeds)
         if output_type == "latent":
             return PipelineOutput(latents, seed, parameters=parameters)
         images = self.decode(latents, decoder=vae_decoder)
+        if keep_unmasked and mask_image is not None:
+            original = repeat_to((image.transpose(0, 2, 3, 1) + 1) / 2, len(images))   # (B, H, W, 3) in [0, 1]
+            images = paste_unmasked(images, original, overlay_mask(mask_image, height, width))
         if output_type == "pil":
             images = to_pil(images)
         return PipelineOutput(images, seed, parameters=parameters)
@@ -412,7 +495,11 @@ class StableDiffusion:
     def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
                      generator, latents, scheduler, eta, output_type, callback, image, strength, mask_image,
                      num_images_per_prompt, prompt_embeds=None, negative_prompt_embeds=None, prompt_weighting=False,
-                     clip_skip=None, deepcache_interval=None, deepcache_branch=0):
+                     clip_skip=None, deepcache_interval=None, deepcache_branch=0, control_image=None,
+                     controlnet_conditioning_scale=None, control_guidance_start=0.0, control_guidance_end=1.0,
+                     guess_mode=False, control_preprocess=None, keep_unmasked=False, enable_hr=False, hr_scale=None,
+                     hr_upscaler=None, hr_second_pass_steps=None, hr_resize_x=None, hr_resize_y=None,
+                     denoising_strength=None, hr_sampler_name=None, hr_prompt=None, hr_negative_prompt=None):
         """Check `__call__`'s arguments before any model work, in the order of its signature: a bad
         value raises a TypeError (wrong kind) or ValueError (wrong value) naming the argument, the
         value and what is allowed. Values diffusers takes and handles sensibly pass as they do there
@@ -463,7 +550,7 @@ class StableDiffusion:
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable as callback(step, timestep, latents), got {show(callback)}")
         if image is not None:
-            check_image("image", image)
+            check_init_image(image, mask_image, batch * num_images_per_prompt, self.unet.in_channels)
         if strength is not None:
             check_number("strength", strength, low=0.0, high=1.0)
             if image is None:
@@ -500,6 +587,49 @@ class StableDiffusion:
             if strength is None:
                 strength = DEFAULT_STRENGTH["inpaint" if mask_image is not None else "img2img"]
             strength_timesteps(sched, num_inference_steps, strength, within_grid=self.is_lcm_model)
+        check_control(self.controlnets, control_image, controlnet_conditioning_scale, control_guidance_start,
+                      control_guidance_end, guess_mode, control_preprocess, batch)
+        if not isinstance(keep_unmasked, bool):
+            raise TypeError(f"keep_unmasked must be True or False, got {show(keep_unmasked)}")
+        if keep_unmasked and mask_image is not None and output_type == "latent":
+            raise ValueError("keep_unmasked=True pastes pixels back, and output_type='latent' returns no pixels: "
+                             "pass output_type='pil' or 'np', or keep_unmasked=False")
+        check_hires(self, batch, num_inference_steps, height, width, scheduler, image, enable_hr,
+                    dict(hr_scale=hr_scale, hr_upscaler=hr_upscaler, hr_second_pass_steps=hr_second_pass_steps,
+                         hr_resize_x=hr_resize_x, hr_resize_y=hr_resize_y, denoising_strength=denoising_strength,
+                         hr_sampler_name=hr_sampler_name, hr_prompt=hr_prompt, hr_negative_prompt=hr_negative_prompt))
+
+    # -- bigger pictures ------------------------------------------------------------------------------
+    def outpaint(self, prompt, image, left=0, right=0, up=0, down=0, mask_blur=4, keep_unmasked=True, **kwargs):
+        """Extend the picture by left/right/up/down pixels and paint the new border (tinysd.outpaint):
+        the border starts as the picture's edge stretched outward plus noise, the mask is A1111's
+        outpainting mask (white border, feathered `mask_blur`·2 pixels into the picture), and the
+        canvas is inpainted (the 9-channel U-Net where loaded, else the blending inpainting) with
+        the original pixels pasted back outside the mask unless keep_unmasked=False. `kwargs` are
+        `__call__`'s (seed, num_inference_steps, strength, ...)."""
+        check_image("image", image)
+        picture = load_image(image)
+        check_outpaint(picture.size, left, right, up, down, mask_blur)
+        for name in ("mask_image", "height", "width", "latents", "enable_hr"):
+            value = kwargs.pop(name, None)             # None (enable_hr False) as the CLI passes them: fine
+            if value is not None and value is not False:
+                raise ValueError(f"outpaint sets {name} itself (the canvas is the picture plus its new border)")
+        seed, generator = kwargs.pop("seed", None), kwargs.get("generator")
+        if seed is not None:
+            check_int("seed", seed, 0, 2 ** 64 - 1, allowed="an integer in [0, 2**64) (None draws a random one)")
+        elif generator is None:
+            seed = secrets.randbits(63)
+        canvas, mask = outpaint_canvas(picture, left, right, up, down, mask_blur,
+                                       seed if generator is None else generator.initial_seed)
+        out = self(prompt, image=canvas, mask_image=mask, keep_unmasked=keep_unmasked, seed=seed, **kwargs)
+        out.parameters["Mask blur"] = mask_blur
+        return out
+
+    def upscale(self, prompt, image, scale=2, upscaler="Lanczos", tile_size=None, overlap=None, strength=0.3, **kwargs):
+        """A1111's "SD upscale": `image` upscaled by `scale` and repainted tile by tile by img2img at
+        `strength` (tinysd.upscale.sd_upscale); memory is one tile's whatever the picture's size."""
+        return sd_upscale(self, prompt, image, scale=scale, upscaler=upscaler, tile_size=tile_size, overlap=overlap,
+                          strength=strength, **kwargs)
 
     def check_latents(self, latents, image, height, width, batch):
         """`latents` replaces the txt2img start noise: (batch, 4, height/8, width/8), finite numbers."""
@@ -522,8 +652,10 @@ class StableDiffusion:
                              f"(nan or inf)")
 
     def _denoise(self, latents, timesteps, sched, context, guidance_scale, eta, generator, callback,
-                 mask=None, masked_latents=None, image_latents=None, noise=None, timestep_cond=None, unet=None):
-        """The reverse-diffusion loop: z_T -> z_0, one sampler step per timestep (`unet`: see predict_noise)."""
+                 mask=None, masked_latents=None, image_latents=None, noise=None, timestep_cond=None, unet=None,
+                 control=None):
+        """The reverse-diffusion loop: z_T -> z_0, one sampler step per timestep (`unet`, `control`: see
+        predict_noise; `control` here is the ControlNets' tinysd.controlnet.ControlHook)."""
         wants_x0 = callback is not None and "pred_original_sample" in inspect.signature(callback).parameters
         nine_channel = self.unet.in_channels == 9
         self.num_timesteps = len(timesteps)
@@ -531,7 +663,7 @@ class StableDiffusion:
             x = sched.scale_model_input(latents, t)
             if nine_channel:
                 x = np.concatenate([x, mask, masked_latents], axis=1)
-            eps = self.predict_noise(x, t, context, guidance_scale, timestep_cond, unet)
+            eps = self.predict_noise(x, t, context, guidance_scale, timestep_cond, unet, control and control.step(i))
             out = sched.step(eps, t, latents, generator=generator, eta=eta)
             latents = out.prev_sample
             if mask is not None and not nine_channel:
@@ -544,6 +676,20 @@ class StableDiffusion:
                 extra = {"pred_original_sample": out.pred_original_sample} if wants_x0 else {}
                 callback(i, t, latents, **extra)
         return latents
+
+    def load_controlnet(self, source, variant=None):
+        """Add a ControlNet (diffusers folder, control_*.safetensors/.pth file, packaged name, or a
+        list): checked against this U-Net, then used by every call that passes `control_image`."""
+        sources = source if isinstance(source, (list, tuple)) else [source]
+        checkpoints = [read_controlnet(s, self.unet.config, self.model_name or "the loaded model", variant)
+                       for s in sources]
+        self.controlnets += [build_controlnet(c, self.ops) for c in checkpoints]
+        return self
+
+    def unload_controlnet(self):
+        """Forget the loaded ControlNets: calls generate without control again."""
+        self.controlnets = []
+        return self
 
     def _scheduler(self, scheduler):
         """(a fresh sampler for one generation, its name): samplers keep per-run state."""
@@ -570,12 +716,12 @@ class DeepCache:
         self.timesteps = np.asarray(timesteps)
         self.first = self.features = None
 
-    def __call__(self, x, t, context, timestep_cond=None):
+    def __call__(self, x, t, context, timestep_cond=None, **control_residuals):
         step = int(np.flatnonzero(self.timesteps == t)[0])
         self.first = step if self.first is None else self.first
         full = (step - self.first) % self.interval == 0
         eps, self.features = self.unet(x, t, context, timestep_cond=timestep_cond, cache_branch=self.branch,
-                                       cached=None if full else self.features)
+                                       cached=None if full else self.features, **control_residuals)
         return eps
 
     def parameters(self):
@@ -601,6 +747,45 @@ def strength_timesteps(sched, num_inference_steps, strength, within_grid=False):
     if len(timesteps) == 0:
         raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no denoising step")
     return timesteps
+
+
+def is_latents(image):
+    """img2img's `image` given as latents (B, 4, h, w) rather than as pictures."""
+    return isinstance(image, np.ndarray) and image.ndim == 4
+
+
+def check_init_image(image, mask_image, batch, in_channels):
+    """img2img's `image`: a picture, a list of pictures (a batch), or latents (B, 4, h, w)."""
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise ValueError("image is an empty list: pass a picture, or a non-empty list of pictures")
+        for i, picture in enumerate(image):
+            check_image(f"image[{i}]", picture)
+        count = len(image)
+    elif is_latents(image):
+        if image.shape[1] != 4 or image.dtype.kind != "f" or 0 in image.shape:
+            raise ValueError(f"image: a 4-d array of shape {image.shape} ({image.dtype}) is taken as latents, which "
+                             f"must be floats of shape (B, 4, height/8, width/8)")
+        if not np.isfinite(image).all():
+            raise ValueError("image: the latents hold non-finite values (nan or inf)")
+        if mask_image is not None or in_channels == 9:
+            raise ValueError("image: latents start img2img only; inpainting (and a 9-channel U-Net) needs pictures")
+        count = image.shape[0]
+    else:
+        check_image("image", image)
+        count = 1
+    if batch % count:
+        raise ValueError(f"image holds {count} pictures for {batch} image(s) (prompts × num_images_per_prompt): "
+                         f"the batch must be a multiple of them")
+
+
+def preprocess_images(image, height=None, width=None):
+    """One picture or a list of them -> (B, 3, H, W) in [−1, 1], each at the first one's size (diffusers)."""
+    if not isinstance(image, (list, tuple)):
+        return preprocess_image(image, height, width)
+    first = preprocess_image(image[0], height, width)
+    height, width = first.shape[2:]
+    return np.concatenate([first] + [preprocess_image(picture, height, width) for picture in image[1:]])
 
 
 def repeat_to(x, batch):

@@ -36,8 +36,8 @@ A1111_SAMPLER_NAMES = {
 
 # One `Key: value` of the last line: the value is a JSON string or runs to the next comma.
 PARAM = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-INT_KEYS = ("Steps", "Seed", "Batch size", "Batch pos", "Clip skip")
-FLOAT_KEYS = ("CFG scale", "Denoising strength")
+INT_KEYS = ("Steps", "Seed", "Batch size", "Batch pos", "Clip skip", "Hires steps", "Mask blur", "SD upscale overlap")
+FLOAT_KEYS = ("CFG scale", "Denoising strength", "Hires upscale")
 
 
 def quote(value):
@@ -48,8 +48,12 @@ def quote(value):
 
 # The order A1111 writes its fields in; a generation's fields are written in this order, others after.
 A1111_ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
-               "VAE hash", "VAE", "Batch size", "Batch pos", "Denoising strength", "Clip skip", "Lora hashes",
-               "TI hashes", "Pad conds")
+               "VAE hash", "VAE", "Batch size", "Batch pos", "Denoising strength", "Clip skip",
+               # extra_generation_params, in the order A1111 adds them: img2img's, the hires fix's and SD
+               # upscale's before any prompt is read, then the networks' and the prompt's
+               "Mask blur", "Hires sampler", "Hires prompt", "Hires negative prompt", "Hires upscale",
+               "Hires resize", "Hires steps", "Hires upscaler", "SD upscale overlap", "SD upscale upscaler",
+               "Lora hashes", "TI hashes", "Pad conds")
 
 
 def infotext(prompt, negative_prompt, fields):
@@ -100,8 +104,8 @@ def batch_fields(fields, batch_size, batch_pos):
 def parse_parameters(text):
     """The `parameters` text -> dict: "Prompt", "Negative prompt" and every key of the last line.
 
-    Steps, Seed, Batch size/pos become ints, CFG scale and Denoising strength floats, Size a
-    (width, height) tuple; other values stay strings.
+    The keys of INT_KEYS become ints, those of FLOAT_KEYS floats, Size a (width, height) tuple;
+    other values stay strings.
     """
     *lines, last = text.strip().split("\n")
     if len(PARAM.findall(last)) < 3:          # no parameters line: all of it is prompt

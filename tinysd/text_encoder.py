@@ -13,12 +13,17 @@ Clip skip (diffusers' `clip_skip=N`) takes the hidden state N layers before the 
 hidden_states[-(N+1)], through the same final LayerNorm: the last N layers are not run.
 Textual inversion appends rows to the token table (ids 49408, 49409, ...); the checkpoint's
 rows stay as loaded (memory-mapped).
+
+Training: `text_encoder(ids, saved={})` keeps each layer's activations, and
+`text_encoder.backward(saved, grad)` takes ∂L/∂last_hidden_state back through the layers to the
+token and position tables, adding every parameter's gradient into `.grads` (see `tinysd.nn`);
+textual inversion trains only the added rows (`TokenEmbedding.train_added`).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from tinysd.nn import Embedding, LayerNorm, Linear, Module
+from tinysd.nn import Embedding, LayerNorm, Linear, Module, child
 
 
 class CLIPAttention(Module):
@@ -27,17 +32,34 @@ class CLIPAttention(Module):
         self.v_proj, self.out_proj = Linear(dim, dim), Linear(dim, dim)
         self.heads = heads
 
-    def __call__(self, x):
+    def __call__(self, x, saved=None):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.out_proj(self.ops.attention(q, k, v, self.heads, causal=True))
+        out = self.ops.attention(q, k, v, self.heads, causal=True)
+        if saved is not None:
+            saved.update(x=x, q=q, k=k, v=v, out=out)
+        return self.out_proj(out)
+
+    def backward(self, saved, grad):
+        """∂L/∂y -> ∂L/∂x: Q, K and V all came from x, so their three gradients add."""
+        x, q, k, v, out = (saved[key] for key in ("x", "q", "k", "v", "out"))
+        dq, dk, dv = self.ops.attention_backward(self.out_proj.backward(out, grad), q, k, v, self.heads,
+                                                 causal=True, out=out)
+        return self.q_proj.backward(x, dq) + self.k_proj.backward(x, dk) + self.v_proj.backward(x, dv)
 
 
 class CLIPMLP(Module):
     def __init__(self, dim, hidden):
         self.fc1, self.fc2 = Linear(dim, hidden), Linear(hidden, dim)
 
-    def __call__(self, x):
-        return self.fc2(self.ops.quick_gelu(self.fc1(x)))
+    def __call__(self, x, saved=None):
+        h = self.fc1(x)
+        if saved is not None:
+            saved.update(x=x, h=h)
+        return self.fc2(self.ops.quick_gelu(h))
+
+    def backward(self, saved, grad):
+        x, h = saved["x"], saved["h"]
+        return self.fc1.backward(x, self.ops.quick_gelu_backward(self.fc2.backward(self.ops.quick_gelu(h), grad), h))
 
 
 class CLIPEncoderLayer(Module):
@@ -47,20 +69,33 @@ class CLIPEncoderLayer(Module):
         self.mlp = CLIPMLP(dim, hidden)
         self.layer_norm2 = LayerNorm(dim, eps)
 
-    def __call__(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+    def __call__(self, x, saved=None):
+        x1 = x + self.self_attn(self.layer_norm1(x), saved=child(saved, "self_attn"))
+        if saved is not None:
+            saved.update(x=x, x1=x1)
+        return x1 + self.mlp(self.layer_norm2(x1), saved=child(saved, "mlp"))
+
+    def backward(self, saved, grad):
+        """∂L/∂out -> ∂L/∂x: each residual passes the gradient on and adds its branch's."""
+        x, x1 = saved["x"], saved["x1"]
+        dx1 = grad + self.layer_norm2.backward(x1, self.mlp.backward(saved["mlp"], grad))
+        return dx1 + self.layer_norm1.backward(x, self.self_attn.backward(saved["self_attn"], dx1))
 
 
 class CLIPEncoder(Module):
     def __init__(self, n_layers, dim, heads, hidden, eps):
         self.layers = [CLIPEncoderLayer(dim, heads, hidden, eps) for _ in range(n_layers)]
 
-    def __call__(self, x, n_layers=None):
+    def __call__(self, x, n_layers=None, saved=None):
         """x through the first `n_layers` layers (all by default): hidden_states[n_layers]."""
-        for layer in self.layers[:n_layers]:
-            x = layer(x)
+        for i, layer in enumerate(self.layers[:n_layers]):
+            x = layer(x, saved=child(saved, f"layers.{i}"))
         return x
+
+    def backward(self, saved, grad):
+        for i in reversed(range(len(saved))):          # the layers that ran, last first
+            grad = self.layers[i].backward(saved[f"layers.{i}"], grad)
+        return grad
 
 
 class TokenEmbedding(Embedding):
@@ -71,6 +106,7 @@ class TokenEmbedding(Embedding):
     """
 
     added = None     # (n, dim) float32 on the host, or None
+    train_added = False     # textual inversion: gradients for the added rows (grads["added"]), even if frozen
 
     @property
     def num_embeddings(self):
@@ -93,15 +129,36 @@ class TokenEmbedding(Embedding):
         pick = new[..., None].astype(np.float32)        # (B, N, 1): 1 where the id is an added row
         return loaded * self.ops.asarray(1 - pick) + added * self.ops.asarray(pick)   # exact: x·1 + y·0
 
+    def backward(self, ids, grad):
+        """Each looked-up row gets the gradient of its positions (`take_backward`): the loaded
+        table's unless frozen, the added rows' if `train_added`."""
+        if self.added is None:
+            return super().backward(ids, grad)
+        V = self.weight.shape[0]
+        pick = self.ops.asarray((ids >= V)[..., None].astype(np.float32))
+        self.accumulate_grad("weight", self.ops.take_backward(grad * (1 - pick), self.weight, np.where(ids >= V, 0, ids),
+                                                              frozen=self.frozen))
+        if self.train_added:
+            self.accumulate_grad("added", self.ops.take_backward(grad * pick, self.ops.asarray(self.added),
+                                                                 np.where(ids >= V, ids - V, 0)))
+
 
 class CLIPEmbeddings(Module):
     def __init__(self, vocab_size, max_positions, dim):
         self.token_embedding = TokenEmbedding(vocab_size, dim)
         self.position_embedding = Embedding(max_positions, dim)
 
-    def __call__(self, ids):
+    def __call__(self, ids, saved=None):
         positions = np.arange(ids.shape[1])[None]
+        if saved is not None:
+            saved["ids"] = ids
         return self.token_embedding(ids) + self.position_embedding(positions)
+
+    def backward(self, saved, grad):
+        """Both tables' gradients; the position rows were shared by the batch, so theirs sum over it."""
+        ids = saved["ids"]
+        self.token_embedding.backward(ids, grad)
+        self.position_embedding.backward(np.arange(ids.shape[1])[None], grad.sum(axis=0, keepdims=True))
 
 
 class CLIPTextTransformer(Module):
@@ -112,9 +169,17 @@ class CLIPTextTransformer(Module):
                                    cfg["intermediate_size"], cfg.get("layer_norm_eps", 1e-5))
         self.final_layer_norm = LayerNorm(dim, cfg.get("layer_norm_eps", 1e-5))
 
-    def __call__(self, ids, clip_skip=None):
+    def __call__(self, ids, clip_skip=None, saved=None):
         n_layers = len(self.encoder.layers) - (clip_skip or 0)
-        return self.final_layer_norm(self.encoder(self.embeddings(ids), n_layers))
+        h = self.encoder(self.embeddings(ids, saved=child(saved, "embeddings")), n_layers,
+                         saved=child(saved, "encoder"))
+        if saved is not None:
+            saved["h"] = h
+        return self.final_layer_norm(h)
+
+    def backward(self, saved, grad):
+        grad = self.encoder.backward(saved["encoder"], self.final_layer_norm.backward(saved["h"], grad))
+        self.embeddings.backward(saved["embeddings"], grad)
 
 
 class CLIPTextModel(Module):
@@ -130,7 +195,7 @@ class CLIPTextModel(Module):
         self.config = dict(config)
         self.text_model = CLIPTextTransformer(config)
 
-    def __call__(self, ids, clip_skip=None):
+    def __call__(self, ids, clip_skip=None, saved=None):
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None]
@@ -141,7 +206,12 @@ class CLIPTextModel(Module):
         vocab = self.num_tokens
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             raise ValueError(f"token ids must be in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}")
-        return self.text_model(ids, clip_skip)
+        return self.text_model(ids, clip_skip, saved=child(saved, "text_model"))
+
+    def backward(self, saved, grad):
+        """∂L/∂last_hidden_state (B, N, hidden_size) -> None: the ids get no gradient; every
+        parameter's is added into its module's `.grads` (unless frozen)."""
+        self.text_model.backward(saved["text_model"], grad)
 
     @property
     def hidden_size(self):

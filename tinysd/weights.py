@@ -267,8 +267,19 @@ def load_vae(source, base_config):
     raise CheckpointError(f"--vae {path}: not a VAE: {what}")
 
 
+def refuse_controlnet(source):
+    """A ControlNet folder or packaged name passed as the model: say what it is and which option
+    takes it (a ControlNet file is recognised by single_file.file_kind)."""
+    from tinysd import controlnet
+
+    if str(source) in controlnet.PACKAGED or controlnet.is_controlnet_folder(Path(str(source)).expanduser()):
+        raise CheckpointError(f"{source} is a ControlNet, not a Stable Diffusion model: pass it with --control-net "
+                              f"PATH (Python: tinysd.load(model, controlnet={str(source)!r}))")
+
+
 def load_checkpoint(source=DEFAULT_MODEL, *, variant=None, config=None, cache_dir=None, local_files_only=False):
     """Configs and state dicts from a model id, a diffusers folder, or a .safetensors/.ckpt file."""
+    refuse_controlnet(source)
     path = resolve(source, variant=variant, cache_dir=cache_dir, local_files_only=local_files_only)
     if path.is_dir():
         return load_diffusers_folder(path, variant)
