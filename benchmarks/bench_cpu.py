@@ -66,18 +66,18 @@ def parse_args(argv=None):
 
 
 # -- the shared model folder and inputs ---------------------------------------------------------------
-def model_folder(workdir):
-    """The random SD v1.5-sized diffusers folder, built on first use (in a subprocess, so its
-    torch memory is gone before anything is measured)."""
-    folder = workdir / "sd-v1-5-random"
+def model_folder(workdir, size="sd-v1-5"):
+    """The random SD v1.5-sized (or with size="tiny", the tests' tiny) diffusers folder, built on
+    first use (in a subprocess, so its torch memory is gone before anything is measured)."""
+    folder = workdir / f"{size}-random"
     if not (folder / "model_index.json").exists():
         code = ("import shutil, sys; sys.path.insert(0, %r)\n"
                 "from tests.reference_models import build_reference, tokenizer_dir\n"
-                "build_reference(size='sd-v1-5', write=False).pipe.save_pretrained(%r)\n"
+                "build_reference(size=%r, write=False).pipe.save_pretrained(%r)\n"
                 # transformers 5 saves tokenizer.json only; keep the published vocab.json/merges.txt too
                 "shutil.copytree(tokenizer_dir(), %r, dirs_exist_ok=True)\n") % (
-                    str(REPO), str(folder), str(folder / "tokenizer"))
-        print(f"building random SD v1.5-sized weights in {folder} ...", flush=True)
+                    str(REPO), size, str(folder), str(folder / "tokenizer"))
+        print(f"building random {size}-sized weights in {folder} ...", flush=True)
         subprocess.run([sys.executable, "-c", code], check=True)
     return folder
 
