@@ -430,7 +430,7 @@ class StableDiffusion:
         elif image is not None:
             strength = DEFAULT_STRENGTH["img2img"] if strength is None else strength
 
-        if txt2img:
+        if image is None and init_latents is None:     # txt2img (on a 9-channel model, image is the grey canvas)
             if latents is None:
                 latents = generator.randn(shape)
             latents = np.asarray(latents, dtype=np.float32) * np.float32(sched.init_noise_sigma)
