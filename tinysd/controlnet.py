@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -42,8 +41,7 @@ import numpy as np
 from tinysd import single_file
 from tinysd.hints import canny  # noqa: F401  (tinysd.controlnet.canny, the edge map most ControlNets use)
 from tinysd.nn import Conv2d, Module
-from tinysd.unet import (SUPPORTED, CrossAttnDownBlock2D, DownBlock2D, TimestepEmbedding, UNetMidBlock2DCrossAttn,
-                         timestep_embedding)
+from tinysd.unet import SUPPORTED, TimestepEmbedding, UNetMidBlock2DCrossAttn, down_path, timestep_embedding
 
 ORIGINAL_PREFIX = "control_model."
 # ControlNets shipped inside the package, by name (see training/train_shapes_controlnet.py).
@@ -107,7 +105,7 @@ class ControlNetModel(Module):
         cfg = self.config = dict(config)
         check_supported(cfg)
         widths = list(cfg["block_out_channels"])
-        n_levels, n_layers = len(widths), cfg.get("layers_per_block", 2)
+        n_levels = len(widths)
         heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
         heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * n_levels
         groups, eps, ctx_dim = cfg.get("norm_num_groups", 32), cfg.get("norm_eps", 1e-5), cfg["cross_attention_dim"]
@@ -120,16 +118,10 @@ class ControlNetModel(Module):
             cfg.get("conditioning_channels", 3), cfg.get("conditioning_embedding_out_channels", (16, 32, 96, 256)),
             widths[0])
 
-        self.down_blocks, self.controlnet_down_blocks = [], [Conv2d(widths[0], widths[0], 1)]
-        for i, kind in enumerate(cfg["down_block_types"]):
-            in_ch, out_ch, last = widths[max(i - 1, 0)], widths[i], i == n_levels - 1
-            pad = cfg.get("downsample_padding", 1)
-            if kind == "CrossAttnDownBlock2D":
-                block = CrossAttnDownBlock2D(in_ch, out_ch, temb_ch, n_layers, heads[i], ctx_dim, not last, groups, eps, pad)
-            else:
-                block = DownBlock2D(in_ch, out_ch, temb_ch, n_layers, not last, groups, eps, pad)
-            self.down_blocks.append(block)
-            self.controlnet_down_blocks += [Conv2d(out_ch, out_ch, 1) for _ in range(n_layers + (not last))]
+        self.down_blocks = down_path(cfg, widths, heads, temb_ch)
+        self.controlnet_down_blocks = [Conv2d(widths[0], widths[0], 1)]       # one per skip: conv_in's, then each layer's
+        for out_ch, block in zip(widths, self.down_blocks):
+            self.controlnet_down_blocks += [Conv2d(out_ch, out_ch, 1) for _ in block.resnets + block.downsamplers]
         self.mid_block = UNetMidBlock2DCrossAttn(widths[-1], temb_ch, heads[-1], ctx_dim, groups, eps)
         self.controlnet_mid_block = Conv2d(widths[-1], widths[-1], 1)
 

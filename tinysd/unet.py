@@ -225,6 +225,21 @@ SUPPORTED = {
 }
 
 
+def down_path(cfg, channels, heads, temb_ch):
+    """The down blocks a U-Net config describes (a ControlNet copies the same path)."""
+    groups, eps, pad = cfg.get("norm_num_groups", 32), cfg.get("norm_eps", 1e-5), cfg.get("downsample_padding", 1)
+    ctx_dim, n_layers = cfg["cross_attention_dim"], cfg.get("layers_per_block", 2)
+    blocks = []
+    for i, kind in enumerate(cfg["down_block_types"]):
+        in_ch, out_ch, last = channels[max(i - 1, 0)], channels[i], i == len(channels) - 1
+        if kind == "CrossAttnDownBlock2D":
+            blocks.append(CrossAttnDownBlock2D(in_ch, out_ch, temb_ch, n_layers, heads[i], ctx_dim, not last, groups,
+                                               eps, pad))
+        else:
+            blocks.append(DownBlock2D(in_ch, out_ch, temb_ch, n_layers, not last, groups, eps, pad))
+    return blocks
+
+
 class UNet2DConditionModel(Module):
     """`unet(latents, t, context)` -> ε̂, the noise predicted in `latents` at timestep t.
 
@@ -254,15 +269,7 @@ class UNet2DConditionModel(Module):
         self.conv_in = Conv2d(cfg["in_channels"], channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb_ch, cfg.get("time_cond_proj_dim"))
 
-        self.down_blocks = []
-        for i, kind in enumerate(cfg["down_block_types"]):
-            in_ch, out_ch, last = channels[max(i - 1, 0)], channels[i], i == n_levels - 1
-            pad = cfg.get("downsample_padding", 1)
-            if kind == "CrossAttnDownBlock2D":
-                block = CrossAttnDownBlock2D(in_ch, out_ch, temb_ch, n_layers, heads[i], ctx_dim, not last, groups, eps, pad)
-            else:
-                block = DownBlock2D(in_ch, out_ch, temb_ch, n_layers, not last, groups, eps, pad)
-            self.down_blocks.append(block)
+        self.down_blocks = down_path(cfg, channels, heads, temb_ch)
 
         self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], temb_ch, heads[-1], ctx_dim, groups, eps)
 
