@@ -51,7 +51,7 @@ class NumpyBackend:
         float64: the tight gradient checks against torch.autograd run this way."""
         self.dtype = np.dtype(dtype)
 
-    # -- moving data in and out ------------------------------------------------------------
+    # moving data in and out
     def asarray(self, x) -> np.ndarray:
         """Host array (any float dtype) -> this backend's array (float32 unless made with
         `dtype=np.float64`). Weights pass here once."""
@@ -61,7 +61,7 @@ class NumpyBackend:
         """This backend's array -> host NumPy array."""
         return np.asarray(x)
 
-    # -- dense layers --------------------------------------------------------------------------
+    # dense layers
     def linear(self, x, weight, bias=None):
         """y = x Wᵀ + b. x (..., in), weight (out, in) as stored by torch.nn.Linear."""
         y = x @ weight.T
@@ -139,7 +139,7 @@ class NumpyBackend:
         dbias = None if frozen or bias is None else g.sum(axis=(0, 2))
         return dx, dweight, dbias
 
-    # -- normalisation and activations ---------------------------------------------------------
+    # normalisation and activations
     def group_norm(self, x, num_groups, weight, bias, eps, silu=False):
         """GroupNorm over (C/G, H, W) of each group, then a per-channel affine; SiLU after if asked.
 
@@ -271,7 +271,7 @@ class NumpyBackend:
             proj = self.linear(x, weight, bias)
         return self.linear_backward(self.geglu_backward(grad, proj), x, weight, bias, frozen=frozen)
 
-    # -- attention -------------------------------------------------------------------------------
+    # attention
     def attention(self, q, k, v, heads, causal=False):
         """Multi-head scaled dot-product attention, softmax(Q Kᵀ/√d) V per head.
 
@@ -339,7 +339,7 @@ class NumpyBackend:
                 dk[b, :, h] = (ds.T @ qh[b, :, h]) * scale
         return dq.reshape(B, Nq, C), dk.reshape(B, Nk, C), dv.reshape(B, Nk, C)
 
-    # -- shape ops ------------------------------------------------------------------------------
+    # shape ops
     def upsample_nearest2x(self, x):
         """Nearest-neighbour 2× up-sampling of (B, C, H, W)."""
         return x.repeat(2, axis=2).repeat(2, axis=3)

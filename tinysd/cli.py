@@ -192,7 +192,7 @@ def build_parser():
     return p
 
 
-# -- ControlNet: repeatable groups of options --------------------------------------------------------
+# ControlNet: repeatable groups of options
 CONTROL_HELP = """Each --control-net starts a ControlNet unit; the --control-* options that follow it, up to the
 next --control-net, belong to that unit. Repeat the group for several ControlNets, e.g.
 --control-net a.safetensors --control-image edges.png --control-scale 0.8
@@ -297,7 +297,7 @@ def parse_args(argv=None):
     return args
 
 
-# -- output files ------------------------------------------------------------------------------------
+# output files
 def output_paths(output, seed, batch_size):
     """The PNG path of each image: tinysd-SEED.png by default, numbered NAME-i.png for a batch."""
     path = Path(output) if output else Path(f"tinysd-{seed}.png")
@@ -349,7 +349,7 @@ def umask():
     return mask
 
 
-# -- inputs ------------------------------------------------------------------------------------------
+# inputs
 def read_image(path, option, mode):
     from tinysd.pipeline import load_image
 
@@ -395,7 +395,7 @@ class Progress:
             self.bar.close()
 
 
-# -- bigger pictures: the hires fix, outpainting, VAE tiling, and `tinysd upscale` ----------------------
+# bigger pictures: the hires fix, outpainting, VAE tiling, and `tinysd upscale`
 HIRES_FLAGS = {"hr_scale": "hr_scale", "hr_upscaler": "hr_upscaler", "hr_steps": "hr_second_pass_steps",
                "hr_denoise": "denoising_strength", "hr_resize_x": "hr_resize_x", "hr_resize_y": "hr_resize_y",
                "hr_sampler": "hr_sampler_name", "hr_prompt": "hr_prompt", "hr_negative_prompt": "hr_negative_prompt"}
@@ -631,7 +631,7 @@ class Timings:
                                                   for k, (wall, cpu) in self.phases.items()), file=sys.stderr)
 
 
-# -- the run -----------------------------------------------------------------------------------------
+# the run
 def generate(args):
     timings = Timings()
     import tinysd
@@ -688,7 +688,7 @@ def generate(args):
     return 0
 
 
-# -- training subcommands (tinysd.train) --------------------------------------------------------------
+# training subcommands (tinysd.train)
 def training_parser(prog, description, lr):
     """The options train-lora and train-embedding share."""
     p = Parser(prog=f"tinysd {prog}", description=description)
