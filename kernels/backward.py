@@ -22,6 +22,7 @@ from numba import njit
 from tinysd.kernels.attention import _exp_and_sum, _row_max
 from tinysd.kernels.blas import _sgemm
 from tinysd.kernels.elementwise import erf, exp, sigmoid
+from tinysd.kernels.norm import _mean_rstd    # the forward's statistics, recomputed the same way
 
 F32 = np.float32
 INV_SQRT2 = F32(0.7071067811865476)
@@ -124,20 +125,6 @@ def conv2d_backward_kernel(x, w, grad, s, pt, pl, dw, dx, rows_per_chunk):
             gemm_t(w2, gc[:, :n], cols[:, :n], 1.0, 0.0, True, False)      # dcols = Wᵀ ∂L/∂y
             _col2im_add(cols, g0, g1, kh, kw, s, pt, pl, Ho, Wo, dx)
         first = False
-
-
-@njit(inline="always")
-def _mean_rstd(row, eps):
-    """μ and 1/√(σ² + eps) of a 1-D float32 array, accumulated in float64 (as kernels/norm.py)."""
-    s1 = 0.0
-    s2 = 0.0
-    for v in row:
-        v = np.float64(v)
-        s1 += v
-        s2 += v * v
-    mean = s1 / row.size
-    var = max(s2 / row.size - mean * mean, 0.0)
-    return mean, 1.0 / np.sqrt(var + eps)
 
 
 @njit(inline="always")
