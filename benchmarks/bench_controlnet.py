@@ -28,7 +28,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import model_folder  # noqa: E402
+from bench_cpu import model_folder, run_worker, worker_failed  # noqa: E402
 
 ROWS = {"unet": "U-Net step, CFG batch 2, 64×64", "controlnet": "ControlNet + U-Net step, same"}
 SIDES = ("diffusers", "cpu")
@@ -147,16 +147,10 @@ def worker(args):
 
 
 def spawn(args, side, row):
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        env[var] = str(args.threads)
-    cmd = [sys.executable, __file__, "--worker", side, row, "--repeat", str(args.repeat),
-           "--threads", str(args.threads), "--workdir", str(args.workdir)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        raise SystemExit(f"{side} {row} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[-1])
+    result, proc = run_worker(__file__, [side, row, "--repeat", args.repeat, "--threads", args.threads,
+                                         "--workdir", args.workdir], args.threads)
+    if result is None:
+        raise worker_failed(f"{side} {row}", proc)
     if result.get("disagrees"):
         raise SystemExit(f"{side} {row}: output differs from diffusers by {result['error']:.3g}; not timing it")
     return result

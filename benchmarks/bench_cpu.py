@@ -186,17 +186,30 @@ def worker(args):
     return 0
 
 
-def spawn(args, side, row):
+def run_worker(script, worker_args, threads):
+    """`python script --worker *worker_args` in a process of its own, every thread pool at `threads`.
+
+    -> (the last JSON line it printed, as a dict, or None if it printed none; the CompletedProcess).
+    The benchmarks' workers print their result as one JSON line.
+    """
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        env[var] = str(args.threads)
-    cmd = [sys.executable, __file__, "--worker", side, row, "--steps", str(args.steps),
-           "--repeat", str(args.repeat), "--threads", str(args.threads), "--workdir", str(args.workdir)]
+        env[var] = str(threads)
+    cmd = [sys.executable, str(script), "--worker", *map(str, worker_args)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        raise SystemExit(f"{side} {row} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[-1])
+    return (json.loads(lines[-1]) if lines else None), proc
+
+
+def worker_failed(label, proc):
+    return SystemExit(f"{label} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def spawn(args, side, row):
+    result, proc = run_worker(__file__, [side, row, "--steps", args.steps, "--repeat", args.repeat,
+                                         "--threads", args.threads, "--workdir", args.workdir], args.threads)
+    if result is None:
+        raise worker_failed(f"{side} {row}", proc)
     if result.get("disagrees"):
         raise SystemExit(f"{side} {row}: output differs from diffusers by {result['error']:.3g} "
                          f"(tolerance {TOLERANCE[row]}); not timing it")

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import PROMPT, model_folder  # noqa: E402
+from bench_cpu import PROMPT, model_folder, run_worker, worker_failed  # noqa: E402
 from bench_lora import lcm_shaped_lora_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,17 +198,12 @@ def output_file(args, side, name):
 
 
 def spawn(args, side, name):
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        env[var] = str(args.threads)
-    cmd = [sys.executable, __file__, "--worker", side, name, "--size", str(args.size), "--threads", str(args.threads),
-           "--workdir", str(args.workdir)] + (["--steps", str(args.steps)] if args.steps else []) + \
-          (["--tiny"] if args.tiny else [])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"{side} {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    result, proc = run_worker(__file__, [side, name, "--size", args.size, "--threads", args.threads,
+                                         "--workdir", args.workdir] + (["--steps", args.steps] if args.steps else [])
+                              + (["--tiny"] if args.tiny else []), args.threads)
+    if proc.returncode or result is None:
+        raise worker_failed(f"{side} {name}", proc)
+    return result
 
 
 # -- the table --------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_cpu import PROMPT, model_folder  # noqa: E402
+from bench_cpu import PROMPT, model_folder, run_worker  # noqa: E402
 
 ROWS = {"unet768": "U-Net step, CFG batch 2, 96×96 latents (768²)",
         "unet1024": "U-Net step, CFG batch 2, 128×128 latents (1024²)",
@@ -148,17 +147,12 @@ def worker(args):
 
 
 def spawn(args, row):
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        env[var] = str(args.threads)
-    cmd = [sys.executable, __file__, "--worker", row, "--threads", str(args.threads), "--workdir", str(args.workdir),
-           "--steps", str(args.steps), "--hires-steps", str(args.hires_steps)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
+    result, proc = run_worker(__file__, [row, "--threads", args.threads, "--workdir", args.workdir,
+                                         "--steps", args.steps, "--hires-steps", args.hires_steps], args.threads)
+    if result is None:
         return {"row": row, "seconds": None, "cpu_s": None, "peak_rss_mb": None,
                 "note": f"failed (exit {proc.returncode}): {(proc.stderr.strip().splitlines() or [''])[-1][:200]}"}
-    return json.loads(lines[-1])
+    return result
 
 
 def main(argv=None):
