@@ -44,6 +44,21 @@ def tiny_inpaint_sd(tmp_path_factory):
     return build_reference(tmp_path_factory.mktemp("tiny_inpaint_sd"), size="tiny", inpainting=True, seed=1)
 
 
+@pytest.fixture
+def forbid_model_work(monkeypatch):
+    """forbid_model_work(pipe): the pipeline with every piece of model work (tokenizer, text
+    encoder, VAE, denoising loop) replaced by a failure, for tests that a bad argument is
+    refused before any of it runs."""
+    def model_work(*args, **kwargs):
+        raise AssertionError("model work ran before the arguments were checked")
+
+    def forbid(pipe):
+        for part in ("tokenizer", "text_encoder", "encode", "decode", "_denoise"):
+            monkeypatch.setattr(pipe, part, model_work)
+        return pipe
+    return forbid
+
+
 # Skips that CI accepts: tests that need hardware the CI machine does not have.
 ALLOWED_SKIP_REASONS = ("needs a CUDA GPU",)
 

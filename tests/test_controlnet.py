@@ -378,17 +378,11 @@ def sd_by_count(sd, sd_one, sd_two):
 
 
 @pytest.mark.parametrize("case", list(BAD_CONTROL))
-def test_bad_control_arguments_before_any_model_work(sd_by_count, monkeypatch, case):
+def test_bad_control_arguments_before_any_model_work(sd_by_count, forbid_model_work, case):
     """check_inputs names the bad ControlNet argument before the text encoder, the VAE or the
     denoising loop (where the ControlNets run) is called: each is replaced by a failure."""
     count, kwargs, error, message = BAD_CONTROL[case]
-    pipe = sd_by_count[count]
-
-    def model_work(*args, **kw):
-        raise AssertionError("model work ran before the arguments were checked")
-
-    for part in ("tokenizer", "text_encoder", "encode", "decode", "_denoise"):
-        monkeypatch.setattr(pipe, part, model_work)
+    pipe = forbid_model_work(sd_by_count[count])
     with pytest.raises(error, match=message):
         pipe(PROMPT, num_inference_steps=1, seed=0, **kwargs)
 

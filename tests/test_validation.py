@@ -20,14 +20,9 @@ def sd(tiny_sd):
 
 
 @pytest.fixture
-def guarded(sd, monkeypatch):
+def guarded(sd, forbid_model_work):
     """The pipeline with every piece of model work replaced by a failure."""
-    def model_work(*args, **kwargs):
-        raise AssertionError("model work ran before the arguments were checked")
-
-    for part in ("tokenizer", "text_encoder", "encode", "decode", "_denoise"):
-        monkeypatch.setattr(sd, part, model_work)
-    return sd
+    return forbid_model_work(sd)
 
 
 # (argument overrides, exception type, fragments the message must hold: the argument and the value)
