@@ -64,16 +64,21 @@ class CpuBackend(NumpyBackend):
     attention_tiles = (256, 512)    # (queries, keys) per tile: the score tile is 512 KB, in L2
     conv_chunk_bytes = 16 << 20     # conv scratch per chunk of output rows (fits L3)
     # 3×3 stride-1 convs go by Winograd (the weights are transformed per call, cheap only when
-    # the tiles outnumber them): F(4×4, 3×3) (4× fewer multiplies) with at least this many 4×4
-    # output tiles (VAE decoder, U-Net 64×64 level), else F(2×2, 3×3) (2.25×) with at least this
-    # many 2×2 tiles (U-Net 32×32 and 16×16 levels with CFG: 1280 channels at 16×16 ×2, 111 →
-    # ~90 ms). Below both, e.g. the 8×8 level, the direct GEMMs are faster.
-    winograd_f4_min_tiles = 256
-    winograd_f2_min_tiles = 128
+    # the tiles outnumber them). F(4×4, 3×3) (4× fewer multiplies, but 2.25× the transform work
+    # per value of F(2×2, 3×3)) pays only with many tiles and wide channels: the VAE decoder's
+    # 256- and 512-channel convs at 128² and up. F(2×2, 3×3) (2.25×) takes the other convs with at
+    # least `winograd_f2_min_tiles` 2×2 tiles: the U-Net's 64×64 level and its 32×32 level.
+    # Measured per conv (benchmarks/conv_routes.py, AMD Zen 5, 2 threads; OpenBLAS's AVX-512 kernels /
+    # its AVX2 ones): 320 channels at 64×64 ×2: F4 30.9 / 37.9 ms, F2 20.8 / 34.2; 512 channels
+    # at 256×256: F4 369 / –, F2 464 / –; 256 channels at 256²: F4 126 / 150, F2 117 / 179.
+    winograd_f4_min_tiles = 1024
+    winograd_f4_min_channels = 256  # min(Cin, Cout)
+    winograd_f2_min_tiles = 256
     winograd_chunk_tiles = 128      # tiles per task (whole tile rows): 16 or 36 GEMMs with N = 128
     # Other convs with at most this many output pixels (batch included) go as one im2col GEMM:
-    # the U-Net's 8×8 level, where the shifted GEMMs are thin and 28 % wasted (1280 channels:
-    # 34 → 26 ms). At 16×16 ×2 (512 pixels) the two ways measured the same.
+    # the U-Net's 8×8 level and 16×16 at batch 1, where the shifted GEMMs are thin and wasted on
+    # wrap-around columns (28 % at 8×8; 1280 channels: 34 → 26 ms). The rest by shifted GEMMs:
+    # the 16×16 level with CFG (1280 channels, 512 tiles: 41 ms, F2 64 ms, AVX-512 BLAS).
     im2col_max_pixels = 256
     # linear + GEGLU fused when their (N, 2F) projection would take at least this much memory
     # (the U-Net's 64×64 blocks: 84 MB, 117 → 94 ms); smaller ones run faster as one GEMM.
@@ -127,7 +132,8 @@ class CpuBackend(NumpyBackend):
             return out
         w = _f32(weight.transpose(0, 2, 3, 1))            # (Cout, kh, kw, Cin); no copy for weights from asarray
         winograd = kh == kw == 3 and stride == 1
-        if winograd and B * -(-Ho // 4) * -(-Wo // 4) >= self.winograd_f4_min_tiles:
+        if (winograd and B * -(-Ho // 4) * -(-Wo // 4) >= self.winograd_f4_min_tiles
+                and min(Cin, Cout) >= self.winograd_f4_min_channels):
             self._conv3x3_winograd(4, x, w, bias, pt, pl, out)
         elif winograd and B * -(-Ho // 2) * -(-Wo // 2) >= self.winograd_f2_min_tiles:
             self._conv3x3_winograd(2, x, w, bias, pt, pl, out)

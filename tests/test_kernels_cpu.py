@@ -112,6 +112,7 @@ def winograd_backend(m, chunk_tiles):
     """A cpu backend that takes Winograd F(m×m, 3×3) for every 3×3 stride-1 conv."""
     be = CpuBackend()
     be.winograd_f4_min_tiles = 1 if m == 4 else 1 << 30
+    be.winograd_f4_min_channels = 1
     be.winograd_f2_min_tiles = 1
     be.winograd_chunk_tiles = chunk_tiles
     return be
@@ -152,10 +153,10 @@ def test_conv2d_winograd_is_taken_for_big_images():
 
     winograd.conv3x3_kernel = recording
     try:
+        wide = randn(1, 256, 128, 128), randn(256, 256, 3, 3) / 48      # 1024 4×4 tiles, 256 channels: F4
         x, w = randn(2, 4, 64, 64), randn(4, 4, 3, 3)
-        for size in (64, 32, 8):      # 4×4 tiles: 512, 128 (2×2 tiles: 512), none: direct
-            xs = x[:, :, :size, :size]
-            close(cpu.conv2d(xs, w, None, 1, 1), ref.conv2d(xs, w, None, 1, 1))
+        for xs, ws in (wide, (x, w), (x[:, :, :16, :16], w)):             # 2048 2×2 tiles: F2; 128: direct
+            close(cpu.conv2d(xs, ws, None, 1, 1), ref.conv2d(xs, ws, None, 1, 1), rtol=1e-4)   # F4's rounding
     finally:
         winograd.conv3x3_kernel = original
     assert tile_sides == [4, 2]
@@ -327,7 +328,7 @@ def test_every_kernel_compiles_once_for_read_only_and_writable_weights():
         be.geglu(tokens)
         be.attention(tokens, tokens, tokens, 2, causal=writable)
         for path in ("f4", "f2", "im2col", "shifted"):
-            be.winograd_f4_min_tiles = 1 if path == "f4" else 1 << 30
+            be.winograd_f4_min_tiles = be.winograd_f4_min_channels = 1 if path == "f4" else 1 << 30
             be.winograd_f2_min_tiles = 1 if path == "f2" else 1 << 30
             be.im2col_max_pixels = 1 << 30 if path == "im2col" else 0
             be.conv2d(x, weight(8, 8, 3, 3), weight(8), 1, 1)
