@@ -1,5 +1,5 @@
 """Where a backend spends its time: seconds and GFLOP/s per primitive op for the text encoder
-(batch 2), one U-Net step with CFG (batch 2, 64×64 latents) and one 512×512 VAE decode, on SD
+(batch 2), one U-Net step with CFG (batch 2, 64×64 latents; --batch 1 without) and one 512×512 VAE decode, on SD
 v1.5-sized random weights.
 
     python benchmarks/profile_ops.py [--backend cpu] [--model FOLDER] [--parts text,unet,vae] [--by-shape]
@@ -76,6 +76,7 @@ def main():
     parser.add_argument("--model", default="/tmp/tinysd-bench/sd-v1-5-random")
     parser.add_argument("--parts", default="text,unet,vae")
     parser.add_argument("--by-shape", action="store_true", help="one row per op and operand shapes")
+    parser.add_argument("--batch", type=int, default=2, help="the U-Net's batch (2: CFG; 1: guidance ≤ 1, LCM)")
     args = parser.parse_args()
 
     import tinysd
@@ -86,8 +87,8 @@ def main():
     rng = np.random.default_rng(0)
     runs = {
         "text": lambda: sd.encode_prompt("a photograph of an astronaut riding a horse"),
-        "unet": lambda: sd.unet(sd.ops.asarray(rng.standard_normal((2, 4, 64, 64), dtype=np.float32)), 999,
-                                sd.ops.asarray(rng.standard_normal((2, 77, 768), dtype=np.float32))),
+        "unet": lambda: sd.unet(sd.ops.asarray(rng.standard_normal((args.batch, 4, 64, 64), dtype=np.float32)),
+                                999, sd.ops.asarray(rng.standard_normal((args.batch, 77, 768), dtype=np.float32))),
         "vae": lambda: sd.vae.decode(rng.standard_normal((1, 4, 64, 64), dtype=np.float32)),
     }
     for part in args.parts.split(","):

@@ -241,6 +241,16 @@ def test_attention(case):
     close(cpu.attention(q, k, v, heads, causal=causal), expected)
 
 
+def test_attention_peaked_softmax():
+    """Scores spread over ±50: most weights e^(s − m) fall below the kernel's e^−60 cut-off
+    (which keeps subnormal numbers out of P V); the result is still the twin's."""
+    q, k, v = randn(2, 300, 4 * 16, scale=8.0), randn(2, 300, 4 * 16, scale=2.0), randn(2, 300, 4 * 16)
+    expected = ref.attention(q, k, v, 4)
+    scores = np.einsum("bqd,bkd->bqk", q[..., :16], k[..., :16]) / 4
+    assert (scores - scores.max(-1, keepdims=True) < -60).mean() > 0.1
+    close(cpu.attention(q, k, v, 4), expected)
+
+
 def test_attention_strided_inputs_and_torch():
     torch = pytest.importorskip("torch")
     qkv = randn(2, 200, 3 * 32)                                        # fused projection, then split
