@@ -1,6 +1,7 @@
 """Which way the cpu backend should run each 3×3 convolution: milliseconds per conv for every
-route it has (Winograd F(4×4, 3×3), F(2×2, 3×3), one im2col GEMM, shifted GEMMs) and for the
-route `CpuBackend.conv2d` picks by its thresholds ("picked").
+route it has (Winograd F(4×4, 3×3) and F(2×2, 3×3), each split between the cores by chunks of
+tiles or by blocks of output channels; one im2col GEMM; shifted GEMMs) and for the route
+`CpuBackend.conv2d` picks by its thresholds ("picked").
 
     python benchmarks/conv_routes.py                            # the U-Net's convs, CFG batch 2
     python benchmarks/conv_routes.py --batch 1                  # at batch 1 (LCM, guidance ≤ 1)
@@ -9,7 +10,7 @@ route `CpuBackend.conv2d` picks by its thresholds ("picked").
 
 Shapes are Cin,Cout,size (square images). Best of --repeat runs after a warm-up; random weights.
 The thresholds in kernels/cpu.py (winograd_f4_min_tiles, winograd_f4_min_channels,
-winograd_f2_min_tiles, im2col_max_pixels) were set from this table.
+winograd_f2_min_tiles, winograd_by_cout_max_tiles, im2col_max_pixels) were set from this table.
 """
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ import time
 import numpy as np
 
 UNET = "320,320,64 640,320,64 640,640,32 1280,640,32 1280,1280,16 1920,1280,16 2560,1280,16 1280,1280,8"
-ROUTES = {"f4": dict(winograd_f4_min_tiles=0, winograd_f4_min_channels=0),
-          "f2": dict(winograd_f4_min_tiles=1 << 30, winograd_f2_min_tiles=0),
+WINOGRAD_F4 = dict(winograd_f4_min_tiles=0, winograd_f4_min_channels=0)
+WINOGRAD_F2 = dict(winograd_f4_min_tiles=1 << 30, winograd_f2_min_tiles=0)
+BY_TILES, BY_COUT = dict(winograd_by_cout_max_tiles=0), dict(winograd_by_cout_max_tiles=1 << 30)
+ROUTES = {"f4 tiles": {**WINOGRAD_F4, **BY_TILES}, "f4 cout": {**WINOGRAD_F4, **BY_COUT},
+          "f2 tiles": {**WINOGRAD_F2, **BY_TILES}, "f2 cout": {**WINOGRAD_F2, **BY_COUT},
           "im2col": dict(winograd_f4_min_tiles=1 << 30, winograd_f2_min_tiles=1 << 30, im2col_max_pixels=1 << 30),
           "shifted": dict(winograd_f4_min_tiles=1 << 30, winograd_f2_min_tiles=1 << 30, im2col_max_pixels=0),
           "picked": {}}
@@ -35,7 +39,7 @@ def main(argv=None):
     from tinysd.kernels.cpu import CpuBackend
 
     rng = np.random.default_rng(0)
-    print(f"{'conv':>24}" + "".join(f"{r:>9}" for r in ROUTES) + "   (ms)")
+    print(f"{'conv':>24}" + "".join(f"{r:>10}" for r in ROUTES) + "   (ms)")
     for shape in args.shapes:
         cin, cout, size = map(int, shape.split(","))
         x = rng.standard_normal((args.batch, cin, size, size)).astype(np.float32)
@@ -58,7 +62,7 @@ def main(argv=None):
                 times.append(time.perf_counter() - t0)
             cells.append(f"{1000 * min(times):.1f}")
         label = f"{cin}→{cout} at {size}×{size} ×{args.batch}"
-        print(f"{label:>24}" + "".join(f"{c:>9}" for c in cells), flush=True)
+        print(f"{label:>24}" + "".join(f"{c:>10}" for c in cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,10 @@ class CpuBackend(NumpyBackend):
     winograd_f4_min_channels = 256  # min(Cin, Cout)
     winograd_f2_min_tiles = 256
     winograd_chunk_tiles = 128      # tiles per task (whole tile rows): 16 or 36 GEMMs with N = 128
+    # With at most this many tiles (batch included) the tasks split the output channels instead,
+    # `winograd_cout_block` at a time, each transforming its own weights (see winograd.py).
+    winograd_by_cout_max_tiles = 256
+    winograd_cout_block = 128
     # Other convs with at most this many output pixels (batch included) go as one im2col GEMM:
     # the U-Net's 8×8 level and 16×16 at batch 1, where the shifted GEMMs are thin and wasted on
     # wrap-around columns (28 % at 8×8; 1280 channels: 34 → 26 ms). The rest by shifted GEMMs:
@@ -147,18 +151,31 @@ class CpuBackend(NumpyBackend):
         return out
 
     def _conv3x3_winograd(self, m, x, w, bias, pt, pl, out):
-        """Winograd F(m×m, 3×3), m = 2 or 4 (kernels/winograd.py)."""
-        Cin, Cout = x.shape[1], out.shape[1]
+        """Winograd F(m×m, 3×3), m = 2 or 4 (kernels/winograd.py): by chunks of tiles, or with
+        few tiles by blocks of output channels."""
+        B, Cin, Cout = x.shape[0], x.shape[1], out.shape[1]
+        Ty, Tx = -(-out.shape[2] // m), -(-out.shape[3] // m)               # tiles per image
+        if B * Ty * Tx <= self.winograd_by_cout_max_tiles:
+            return self._conv3x3_winograd_by_cout(m, x, w, bias, pt, pl, out, Ty, Tx)
         U = np.empty(((m + 2) ** 2, Cout, Cin), np.float32)      # one (Cout, Cin) matrix per ξ
         parallel_for(_winograd.weight_transform_f2 if m == 2 else _winograd.weight_transform_f4, Cout, w, U,
                      work=U.size)
-        Tx = -(-out.shape[3] // m)                              # tiles per tile row
-        rows = x.shape[0] * -(-out.shape[2] // m)               # tile rows in the batch
+        rows = B * Ty                                           # tile rows in the batch
         per_task = max(1, round(self.winograd_chunk_tiles / Tx))            # in tile rows,
         per_task = min(per_task, -(-rows // (2 * num_threads())))           # 2+ tasks per core
         with blas_single_threaded():                        # one GEMM per core, chunks in parallel
             parallel_for(_winograd.conv3x3_kernel, -(-rows // per_task), x, _f32(U), bias, int(pt), int(pl), out,
                          per_task)
+
+    def _conv3x3_winograd_by_cout(self, m, x, w, bias, pt, pl, out, Ty, Tx):
+        """All tiles' input transform V first (in parallel over input channels), then blocks of
+        output channels in parallel, each transforming its own weights: no task reads all of U."""
+        B, Cin, Cout = x.shape[0], x.shape[1], out.shape[1]
+        V = np.empty(((m + 2) ** 2, Cin, B * Ty * Tx), np.float32)
+        parallel_for(_winograd.input_transform_kernel, Cin, x, int(pt), int(pl), Ty, Tx, V, work=2 * V.size)
+        block = max(16, min(self.winograd_cout_block, -(-Cout // (2 * num_threads()))))      # 2+ tasks per core
+        with blas_single_threaded():
+            parallel_for(_winograd.conv3x3_by_cout_kernel, -(-Cout // block), w, V, bias, out, block)
 
     def group_norm(self, x, num_groups, weight, bias, eps, silu=False):
         x = _f32(x)

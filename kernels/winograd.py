@@ -98,10 +98,10 @@ def weight_transform_f2(w, U, start, stop):
 
 
 @njit(inline="always")
-def input_transform_f2(x, pt, pl, Ty, Tx, r0, V):
-    """V[ξ, c, i] = (Bᵀ d B)[ξ] for the tiles of tile rows r0, r0 + 1, ... (tile row r = b·Ty + ty,
-    tile i = (r − r0)·Tx + tx), where d is the 4×4 patch of x (B, Cin, H, W) whose top-left is
-    (2ty − pt, 2tx − pl), zero outside x.
+def input_transform_f2(x, pt, pl, Ty, Tx, r0, V, c0, c1):
+    """V[ξ, c, i] = (Bᵀ d B)[ξ] for the channels c0 … c1 − 1 and the tiles of tile rows r0, r0 + 1,
+    ... (tile row r = b·Ty + ty, tile i = (r − r0)·Tx + tx), where d is the 4×4 patch of x
+    (B, Cin, H, W) whose top-left is (2ty − pt, 2tx − pl), zero outside x.
 
     A tile row at a time, so that every inner loop runs over the tiles of the row (SIMD lanes):
     the row's 4 input rows are copied zero-padded into d (4, 2·Tx + 2), Bᵀ combines them into e
@@ -113,7 +113,7 @@ def input_transform_f2(x, pt, pl, Ty, Tx, r0, V):
     d = np.zeros((4, L), np.float32)
     e = np.empty((4, L), np.float32)
     width = min(W, L - pl)
-    for c in range(Cin):
+    for c in range(c0, c1):
         for k in range(rows):
             r = r0 + k
             b, y0, i0 = r // Ty, 2 * (r % Ty) - pt, k * Tx
@@ -206,9 +206,9 @@ def _bt6(d0, d1, d2, d3, d4, d5):
 
 
 @njit(inline="always")
-def input_transform_f4(x, pt, pl, Ty, Tx, r0, V):
-    """V[ξ, c, i] = (Bᵀ d B)[ξ] for the tiles of tile rows r0, r0 + 1, ... (tile row r = b·Ty + ty,
-    tile i = (r − r0)·Tx + tx), d the 6×6 patch of x (B, Cin, H, W) at (4ty − pt, 4tx − pl), zero
+def input_transform_f4(x, pt, pl, Ty, Tx, r0, V, c0, c1):
+    """V[ξ, c, i] = (Bᵀ d B)[ξ] for the channels c0 … c1 − 1 and the tiles of tile rows r0, r0 + 1,
+    ... (tile row r = b·Ty + ty, tile i = (r − r0)·Tx + tx), d the 6×6 patch of x (B, Cin, H, W) at (4ty − pt, 4tx − pl), zero
     outside x. A tile row at a time, the tiles as SIMD lanes, as in `input_transform_f2`."""
     B, Cin, H, W = x.shape
     rows = V.shape[2] // Tx
@@ -216,7 +216,7 @@ def input_transform_f4(x, pt, pl, Ty, Tx, r0, V):
     d = np.zeros((6, L), np.float32)
     e = np.empty((6, L), np.float32)
     width = min(W, L - pl)
-    for c in range(Cin):
+    for c in range(c0, c1):
         for k in range(rows):
             r = r0 + k
             b, y0, i0 = r // Ty, 4 * (r % Ty) - pt, k * Tx
@@ -290,12 +290,52 @@ def conv3x3_kernel(x, U, bias, pt, pl, out, chunk, start, stop):
         V = np.empty((U.shape[0], Cin, n), np.float32)
         M = np.empty((U.shape[0], Cout, n), np.float32)
         if m == 2:
-            input_transform_f2(x, pt, pl, Ty, Tx, r0, V)
+            input_transform_f2(x, pt, pl, Ty, Tx, r0, V, 0, Cin)
         else:
-            input_transform_f4(x, pt, pl, Ty, Tx, r0, V)
+            input_transform_f4(x, pt, pl, Ty, Tx, r0, V, 0, Cin)
         for xi in range(U.shape[0]):
             gemm(U[xi], V[xi], M[xi], 1.0, 0.0, False)
         if m == 2:
             output_transform_f2(M, bias, Ty, Tx, r0, out)
         else:
             output_transform_f4(M, bias, Ty, Tx, r0, out)
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def input_transform_kernel(x, pt, pl, Ty, Tx, V, start, stop):
+    """V (ξ, Cin, B·Ty·Tx) for every tile of the batch (Ty × Tx tiles per image), channels
+    start … stop − 1: the first half of a conv by output channels (`conv3x3_by_cout_kernel`);
+    ξ = 16 for F(2×2, 3×3), 36 for F(4×4, 3×3)."""
+    if V.shape[0] == 16:
+        input_transform_f2(x, pt, pl, Ty, Tx, 0, V, start, stop)
+    else:
+        input_transform_f4(x, pt, pl, Ty, Tx, 0, V, start, stop)
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def conv3x3_by_cout_kernel(w, V, bias, out, block, start, stop):
+    """The second half of a Winograd conv whose input transform V (ξ, Cin, tiles) is done for the
+    whole batch: task k makes output channels k·block … (k+1)·block − 1. It transforms their
+    weights (U, ξ × block × Cin, a few MB), multiplies U[ξ] @ V[ξ] for every ξ and turns the
+    products into out[:, channels]. For convs with few tiles and many weights (the U-Net's
+    16×16 and 32×32 levels): the weights are read once, split between the cores, instead of the
+    whole U once per chunk of tiles."""
+    B, Cout, Ho, Wo = out.shape
+    Cin, n = V.shape[1], V.shape[2]
+    xi_n = V.shape[0]
+    m = 2 if xi_n == 16 else 4
+    Ty, Tx = (Ho + m - 1) // m, (Wo + m - 1) // m
+    for k in range(start, stop):
+        o0, o1 = k * block, min(Cout, (k + 1) * block)
+        U = np.empty((xi_n, o1 - o0, Cin), np.float32)
+        M = np.empty((xi_n, o1 - o0, n), np.float32)
+        if m == 2:
+            weight_transform_f2(w[o0:o1], U, 0, o1 - o0)
+        else:
+            weight_transform_f4(w[o0:o1], U, 0, o1 - o0)
+        for xi in range(xi_n):
+            gemm(U[xi], V[xi], M[xi], 1.0, 0.0, False)
+        if m == 2:
+            output_transform_f2(M, bias[o0:o1], Ty, Tx, 0, out[:, o0:o1])
+        else:
+            output_transform_f4(M, bias[o0:o1], Ty, Tx, 0, out[:, o0:o1])

@@ -108,24 +108,28 @@ WINOGRAD_CASES = [   # (B, Cin, Cout, H, W, padding): odd sizes (a half tile at 
 ]
 
 
-def winograd_backend(m, chunk_tiles):
-    """A cpu backend that takes Winograd F(m×m, 3×3) for every 3×3 stride-1 conv."""
+def winograd_backend(m, chunk_tiles, by_cout=False):
+    """A cpu backend that takes Winograd F(m×m, 3×3) for every 3×3 stride-1 conv, split between
+    the cores by chunks of tiles or (by_cout) by blocks of output channels."""
     be = CpuBackend()
     be.winograd_f4_min_tiles = 1 if m == 4 else 1 << 30
     be.winograd_f4_min_channels = 1
     be.winograd_f2_min_tiles = 1
     be.winograd_chunk_tiles = chunk_tiles
+    be.winograd_by_cout_max_tiles = 1 << 30 if by_cout else 0
     return be
 
 
+@pytest.mark.parametrize("by_cout", [False, True], ids=["tiles", "cout"])
 @pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("case", WINOGRAD_CASES)
-def test_conv2d_winograd(case, m):
+def test_conv2d_winograd(case, m, by_cout):
     """3×3 stride-1 convs by Winograd F(2×2, 3×3) and F(4×4, 3×3), equal to the direct
     convolution. Chunks of ~5 tiles, i.e. one or two tile rows, so that chunk edges fall inside
-    pictures and across picture boundaries."""
+    pictures and across picture boundaries; by output channels, blocks of 16 (the smallest), so
+    that 17 and 32 channels end a block inside the last one."""
     B, Cin, Cout, H, W, p = case
-    wino = winograd_backend(m, chunk_tiles=5)
+    wino = winograd_backend(m, chunk_tiles=5, by_cout=by_cout)
     x, w, b = randn(B, Cin, H, W, scale=2.0), randn(Cout, Cin, 3, 3), randn(Cout)
     expected = ref.conv2d(x, w, b, 1, p)
     close(wino.conv2d(x, wino.asarray(w), b, 1, p), expected)
@@ -141,25 +145,35 @@ def test_conv2d_winograd_f4_accuracy_at_sd_widths():
     assert np.abs(got - expected).max() <= 3e-5 * np.abs(expected).max()
 
 
-def test_conv2d_winograd_is_taken_for_big_images():
+def test_conv2d_routes():
+    """Which way CpuBackend.conv2d takes a 3×3 conv: (F(m×m) Winograd, split by tiles or by
+    output channels) or a direct GEMM path."""
     from tinysd.kernels import winograd
 
-    tile_sides = []
-    original = winograd.conv3x3_kernel
-    def recording(x, U, *args):              # called once per thread's share of the tiles
-        if args[-2] == 0:                     # the share that starts at task 0
-            tile_sides.append(2 if len(U) == 16 else 4)
-        original(x, U, *args)
+    taken = []
+    originals = winograd.conv3x3_kernel, winograd.conv3x3_by_cout_kernel
 
-    winograd.conv3x3_kernel = recording
+    def recording(split, original):
+        def kernel(*args):                    # called once per thread's share of the tasks
+            if args[-2] == 0:                 # the share that starts at task 0
+                taken.append((2 if len(args[1]) == 16 else 4, split))
+            original(*args)
+        return kernel
+
+    winograd.conv3x3_kernel = recording("tiles", originals[0])
+    winograd.conv3x3_by_cout_kernel = recording("cout", originals[1])
     try:
-        wide = randn(1, 256, 128, 128), randn(256, 256, 3, 3) / 48      # 1024 4×4 tiles, 256 channels: F4
-        x, w = randn(2, 4, 64, 64), randn(4, 4, 3, 3)
-        for xs, ws in (wide, (x, w), (x[:, :, :16, :16], w)):             # 2048 2×2 tiles: F2; 128: direct
-            close(cpu.conv2d(xs, ws, None, 1, 1), ref.conv2d(xs, ws, None, 1, 1), rtol=1e-4)   # F4's rounding
+        cases = [((1, 256, 128, 128), 256, (4, "tiles")),   # 1024 4×4 tiles, 256 channels: F4
+                 ((2, 4, 64, 64), 4, (2, "tiles")),         # 2048 2×2 tiles, few channels: F2
+                 ((1, 8, 32, 32), 8, (2, "cout")),          # 256 2×2 tiles: F2 by output channels
+                 ((2, 4, 16, 16), 4, None)]                 # 128: shifted GEMMs
+        for shape, cout, route in cases:
+            x, w = randn(*shape), randn(cout, shape[1], 3, 3) / np.sqrt(9 * shape[1])
+            taken.clear()
+            close(cpu.conv2d(x, w, None, 1, 1), ref.conv2d(x, w, None, 1, 1), rtol=1e-4)   # F4's rounding
+            assert taken == ([route] if route else []), (shape, taken)
     finally:
-        winograd.conv3x3_kernel = original
-    assert tile_sides == [4, 2]
+        winograd.conv3x3_kernel, winograd.conv3x3_by_cout_kernel = originals
 
 
 def test_conv2d_rejects_channel_mismatch():
@@ -337,9 +351,10 @@ def test_every_kernel_compiles_once_for_read_only_and_writable_weights():
         be.linear_geglu(tokens, weight(10, 8), weight(10))
         be.geglu(tokens)
         be.attention(tokens, tokens, tokens, 2, causal=writable)
-        for path in ("f4", "f2", "im2col", "shifted"):
-            be.winograd_f4_min_tiles = be.winograd_f4_min_channels = 1 if path == "f4" else 1 << 30
-            be.winograd_f2_min_tiles = 1 if path == "f2" else 1 << 30
+        for path in ("f4", "f2", "f4 by cout", "f2 by cout", "im2col", "shifted"):
+            be.winograd_f4_min_tiles = be.winograd_f4_min_channels = 1 if path.startswith("f4") else 1 << 30
+            be.winograd_f2_min_tiles = 1 if path.startswith("f2") else 1 << 30
+            be.winograd_by_cout_max_tiles = 1 << 30 if path.endswith("cout") else 0
             be.im2col_max_pixels = 1 << 30 if path == "im2col" else 0
             be.conv2d(x, weight(8, 8, 3, 3), weight(8), 1, 1)
             be.conv2d(x, be.asarray(weight(8, 8, 3, 3)), None, 1, 1)
@@ -351,7 +366,8 @@ def test_every_kernel_compiles_once_for_read_only_and_writable_weights():
                elementwise.silu_kernel, elementwise.gelu_kernel, elementwise.quick_gelu_kernel,
                elementwise.geglu_kernel, elementwise.linear_geglu_kernel, elementwise.upsample_nearest2x_kernel,
                elementwise.transpose_kernel, norm.group_norm_kernel, norm.layer_norm_kernel,
-               winograd.weight_transform_f2, winograd.weight_transform_f4, winograd.conv3x3_kernel, blas.gemm]
+               winograd.weight_transform_f2, winograd.weight_transform_f4, winograd.conv3x3_kernel,
+               winograd.input_transform_kernel, winograd.conv3x3_by_cout_kernel, blas.gemm]
     for kernel in kernels:
         assert len(kernel.signatures) == 1, (kernel.__name__, kernel.signatures)
 
