@@ -11,6 +11,7 @@ import ctypes
 import importlib
 import importlib.machinery
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,18 @@ def _cython_blas():
 
 
 _loaded_here = _CYTHON_BLAS not in sys.modules
+
+# After a multi-threaded GEMM, OpenBLAS's helper threads spin for 2^28 cycles (~0.1 s) before they
+# sleep, waiting for the next one. Between GEMMs tinysd runs its own kernels on its own threads
+# (attention, Winograd, norms: kernels/threads.py), and a spinning helper holds one of their cores:
+# the U-Net step took 5.7 s instead of 4.8 (CFG), 3.0 instead of 2.5 (batch 1) on 2 cores. 2^4
+# cycles makes them sleep at once; waking them costs microseconds, against GEMMs of milliseconds.
+# OpenBLAS reads it from the environment when it loads: set for that moment only (further down
+# it is taken out again), and a value the user set is kept.
+THREAD_TIMEOUT = "4"
+_timeout_set_here = "OPENBLAS_THREAD_TIMEOUT" not in os.environ
+if _timeout_set_here:
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = THREAD_TIMEOUT
 
 
 def _capsule_address(capsule):
@@ -108,6 +121,23 @@ def _openblas(*names):
 
 _get_threads = _openblas("scipy_openblas_get_num_threads", "openblas_get_num_threads")
 _set_threads = _openblas("scipy_openblas_set_num_threads", "openblas_set_num_threads")
+
+
+def _apply_thread_timeout():
+    """If SciPy's OpenBLAS was loaded before tinysd (the user imported scipy.linalg first), it read
+    its settings without OPENBLAS_THREAD_TIMEOUT: have it read them again and restart its threads,
+    which take the timeout when they start."""
+    timeout, read_env, shutdown = (_openblas(name) for name in (
+        "openblas_thread_timeout", "openblas_read_env", "blas_thread_shutdown_"))
+    if None in (timeout, read_env, shutdown) or str(timeout()) == os.environ["OPENBLAS_THREAD_TIMEOUT"]:
+        return
+    read_env()
+    shutdown()                      # the next multi-threaded GEMM starts them again
+
+
+_apply_thread_timeout()
+if _timeout_set_here:
+    del os.environ["OPENBLAS_THREAD_TIMEOUT"]
 
 
 @contextlib.contextmanager

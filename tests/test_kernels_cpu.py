@@ -332,6 +332,29 @@ def test_no_openmp_threads():
     assert run.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize("first, user_value, expected", [
+    ("", None, "4"),                           # the usual order: tinysd loads SciPy's OpenBLAS
+    ("import scipy.linalg; ", None, "4"),      # loaded before tinysd: told to read it again
+    ("", "10", "10"),                          # the user's own setting wins
+])
+def test_openblas_helpers_sleep_at_once(first, user_value, expected):
+    """OpenBLAS's helper threads run with OPENBLAS_THREAD_TIMEOUT = 4 (they sleep at once after a
+    GEMM instead of spinning on the cores tinysd's kernels need), and tinysd leaves the process's
+    environment as it found it."""
+    from tinysd.kernels import blas
+    if blas._openblas("openblas_thread_timeout") is None:
+        pytest.skip("this BLAS is not OpenBLAS")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if user_value:
+        env["OPENBLAS_THREAD_TIMEOUT"] = user_value
+    code = (f"{first}import os, numpy as np; from tinysd.kernels import blas\n"
+            "a = np.ones((300, 300), np.float32); c = np.empty_like(a); blas.gemm(a, a, c, 1.0, 0.0, False)\n"
+            "print(blas._openblas('openblas_thread_timeout')(), os.environ.get('OPENBLAS_THREAD_TIMEOUT'), c[0, 0])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [expected, str(user_value), "300.0"]
+
+
 def test_every_kernel_compiles_once_for_read_only_and_writable_weights():
     """Weights that are views of a read-only memory-mapped file and weights in memory give every
     kernel the same type signature, so a fresh install compiles each kernel once (and the cache
