@@ -20,12 +20,15 @@ calls for the row, the same count for every column.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +43,20 @@ ROWS = {"text": "text encoder, batch 2", "unet": "U-Net step, CFG batch 2, 64×6
 SIDES = ("diffusers", "numpy", "cpu")
 TOLERANCE = {"text": 1e-3, "unet": 1e-3, "vae": 1e-3, "image": 0.5}   # image: mean |Δ|·255
 
+# The variables through which each library is pinned to an instruction set (ISA). --isa native
+# removes them all from a worker's environment, so every library picks its kernels for this CPU.
+ISA_PINS = ("OPENBLAS_CORETYPE", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "ATEN_CPU_CAPABILITY",
+            "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE")
+# --isa avx2: every side limited to AVX2 + FMA (a laptop-class x86 CPU).
+AVX2_PINS = {
+    "OPENBLAS_CORETYPE": "Haswell",     # numpy's and SciPy's OpenBLAS: their Haswell (AVX2) kernels
+    "NUMBA_CPU_NAME": "haswell",        # Numba compiles for Haswell, with Haswell's features only:
+    "NUMBA_CPU_FEATURES": "",           #   unset, Numba would add this host's (avx512f, ...) to it
+    "ATEN_CPU_CAPABILITY": "avx2",      # torch's vectorised ATen kernels
+    "ONEDNN_MAX_CPU_ISA": "AVX2",       # oneDNN: torch's convolutions, OpenVINO's CPU plugin
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # torch's MKL sgemm (MKL honours it on Intel CPUs only)
+}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -49,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--sides", default=",".join(SIDES), help="comma-separated: diffusers, numpy, cpu")
     p.add_argument("--repeat", type=int, default=2, help="timed runs after one warm-up (default 2; 0: time the first run)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every side")
+    p.add_argument("--isa", choices=("native", "avx2", "env"), default="native",
+                   help="instruction sets of every side's kernels: native (each library picks for this CPU; "
+                        "default), avx2 (all limited to AVX2+FMA), env (the environment as it is)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/tinysd-bench"),
                    help="where the random SD v1.5-sized model folder is kept (about 4 GB)")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -92,6 +112,62 @@ def inputs(folder):
             "latents": rng.standard_normal((2, 4, 64, 64)).astype(np.float32),
             "context": rng.standard_normal((2, 77, 768)).astype(np.float32),
             "z": rng.standard_normal((1, 4, 64, 64)).astype(np.float32)}
+
+
+# -- the instruction sets each library picked, read in the worker ------------------------------------
+def openblas_cores():
+    """{"numpy" or "scipy": core name} of each OpenBLAS loaded in this process, asked of the library
+    itself (`*_get_corename`): the kernels OPENBLAS_CORETYPE, or else the CPU, made it pick."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:                                     # not Linux
+        return {}
+    cores = {}
+    for path in sorted({ln.split()[-1] for ln in maps.splitlines() if "openblas" in ln.split()[-1].lower()}):
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_get_corename", "scipy_openblas_get_corename64_",
+                     "openblas_get_corename", "openblas_get_corename64_"):
+            if hasattr(lib, name):
+                getattr(lib, name).restype = ctypes.c_char_p
+                owner = next((k for k in ("numpy", "scipy") if f"{k}.libs" in path), Path(path).name)
+                cores[owner] = getattr(lib, name)().decode()
+                break
+    return cores
+
+
+def numba_target():
+    """The CPU Numba compiles for (the name in its cache key), "+avx512" if its features allow AVX-512."""
+    from numba.core.registry import cpu_target
+    _, name, features = cpu_target.target_context.codegen().magic_tuple()
+    return name + (" +avx512" if "+avx512f" in features.split(",") else "")
+
+
+def tinysd_isa():
+    return {"openblas": openblas_cores(), "numba": numba_target()}
+
+
+def onednn_isa():
+    """oneDNN's ISA as torch's oneDNN prints it in its verbose header ("Intel AVX2"), from one
+    convolution big enough for torch to hand to oneDNN, with the verbose output caught on fd 1."""
+    import torch
+    with tempfile.TemporaryFile("w+") as caught:
+        sys.stdout.flush()
+        stdout = os.dup(1)
+        os.dup2(caught.fileno(), 1)
+        try:
+            with torch.no_grad(), torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                torch.nn.functional.conv2d(torch.zeros(1, 128, 32, 32), torch.zeros(128, 128, 3, 3), padding=1)
+        finally:
+            os.dup2(stdout, 1)
+            os.close(stdout)
+        caught.seek(0)
+        found = re.search(r"isa:([^\n]+)", caught.read())
+    return found.group(1).strip() if found else "unknown"
+
+
+def torch_isa():
+    import torch
+    return {"aten": torch.backends.cpu.get_cpu_capability(), "onednn": onednn_isa()}
 
 
 # -- one (side, row) in a subprocess --------------------------------------------------------------------
@@ -154,10 +230,12 @@ def worker(args):
     x = inputs(folder)
     if side == "diffusers":
         run, load_s, ops = diffusers_runner(folder, row, x, args.steps, args.threads)
+        isa = torch_isa
     else:
         from tinysd.kernels.threads import set_num_threads
         set_num_threads(args.threads)
         run, load_s, ops = tinysd_runner(folder, row, x, args.steps, side)
+        isa = tinysd_isa
     t0 = time.perf_counter()
     if ops is not None and row != "image":
         out, flops = count_flops(ops, run)
@@ -165,7 +243,7 @@ def worker(args):
         out, flops = run(), None
     first_s = time.perf_counter() - t0
     ref_file = args.workdir / f"diffusers-{row}-{args.steps}.npy"
-    result = {"side": side, "row": row, "load_s": load_s, "first_s": first_s, "flops": flops}
+    result = {"side": side, "row": row, "load_s": load_s, "first_s": first_s, "flops": flops, "isa": isa()}
     if side == "diffusers":
         np.save(ref_file, out)
     elif ref_file.exists():
@@ -186,13 +264,25 @@ def worker(args):
     return 0
 
 
-def run_worker(script, worker_args, threads):
-    """`python script --worker *worker_args` in a process of its own, every thread pool at `threads`.
+def isa_environment(isa, environ):
+    """`environ` with the ISA pins of --isa `isa` (native: none; avx2: AVX2_PINS; env: as it is)."""
+    env = dict(environ)
+    if isa != "env":
+        for var in ISA_PINS:
+            env.pop(var, None)
+    if isa == "avx2":
+        env.update(AVX2_PINS)
+    return env
+
+
+def run_worker(script, worker_args, threads, isa="native"):
+    """`python script --worker *worker_args` in a process of its own, every thread pool at `threads`,
+    its libraries' instruction sets set by `isa` (see isa_environment).
 
     -> (the last JSON line it printed, as a dict, or None if it printed none; the CompletedProcess).
     The benchmarks' workers print their result as one JSON line.
     """
-    env = dict(os.environ)
+    env = isa_environment(isa, os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env[var] = str(threads)
     cmd = [sys.executable, str(script), "--worker", *map(str, worker_args)]
@@ -207,7 +297,8 @@ def worker_failed(label, proc):
 
 def spawn(args, side, row):
     result, proc = run_worker(__file__, [side, row, "--steps", args.steps, "--repeat", args.repeat,
-                                         "--threads", args.threads, "--workdir", args.workdir], args.threads)
+                                         "--threads", args.threads, "--workdir", args.workdir],
+                                 args.threads, args.isa)
     if result is None:
         raise worker_failed(f"{side} {row}", proc)
     if result.get("disagrees"):
@@ -238,6 +329,16 @@ def print_table(results, rows, sides):
             print(f"{ROWS[row]}: {flops[row] / 1e12:.3f} TFLOP")
 
 
+def print_isa(results, sides, isa):
+    """Per side, the instruction sets its libraries used, as its worker read them."""
+    print(f"instruction sets (--isa {isa}):")
+    for side in sides:
+        for r in list(results[side].values())[:1]:
+            print(f"{side:>12s}: " + "; ".join(
+                f"{lib} " + (found if isinstance(found, str) else ", ".join(f"{k} {v}" for k, v in found.items()))
+                for lib, found in r["isa"].items()))
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -256,8 +357,10 @@ def main(argv=None):
           f"load average {os.getloadavg()[0]:.1f}, "
           + (f"median of {args.repeat}" if args.repeat else "first run timed") + f", image: {args.steps} steps")
     print_table(results, args.row_list, sides)
+    print_isa(results, sides, args.isa)
     if args.json:
         args.json.write_text(json.dumps({"threads": args.threads, "steps": args.steps, "repeat": args.repeat,
+                                         "isa": args.isa,
                                          "load_average": os.getloadavg(), "results": results}, indent=2))
         print(f"wrote {args.json}")
     return 0
