@@ -28,12 +28,13 @@ some follow environment variables that pin them (this machine's environment sets
 OPENBLAS_CORETYPE=Haswell, which holds OpenBLAS, and so tinysd's GEMMs, to AVX2 while torch's oneDNN
 uses AVX-512). `native` (default) removes every such pin from the workers' environment (ISA_PINS),
 `avx2` limits every side to AVX2+FMA (AVX2_PINS: OpenBLAS Haswell, Numba haswell, torch's ATen and
-oneDNN, OpenVINO's oneDNN-based kernels), `env` leaves the environment as it is. Each worker reads
-back what its libraries picked (OpenBLAS's core name, Numba's target CPU, torch's ATen capability
-and oneDNN's ISA, the ISA of each OpenVINO kernel) and the table's footer prints it. Not covered by
-any setting: torch's fp32 matmuls go to MKL and OpenVINO's to MLAS, which choose by CPUID
-(avx2 sets MKL_ENABLE_INSTRUCTIONS too, which MKL follows on Intel CPUs; on an AMD CPU it did not
-change MKL's sgemm speed, AVX2-class either way).
+oneDNN, and through ONEDNN_MAX_CPU_ISA most of OpenVINO's kernels), `env` leaves the environment as
+it is. Each worker reads back what its libraries picked (OpenBLAS's core name, Numba's target CPU,
+torch's ATen capability and oneDNN's ISA, the ISA named by each OpenVINO kernel) and the table's
+footer prints it. Not reached by any setting: torch's fp32 matmuls go to MKL and many of OpenVINO's
+to MLAS, which choose by CPUID (avx2 sets MKL_ENABLE_INSTRUCTIONS too, which MKL follows on Intel
+CPUs; on an AMD CPU it did not change MKL's sgemm speed, AVX2-class either way), and OpenVINO's
+MVN (group/layer norm) and Interpolate kernels stay AVX-512 under ONEDNN_MAX_CPU_ISA=AVX2.
 """
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ TOLERANCE = {"text": 1e-3, "unet": 1e-3, "vae": 1e-3, "image": 0.5}   # image: m
 # removes them all from a worker's environment, so every library picks its kernels for this CPU.
 ISA_PINS = ("OPENBLAS_CORETYPE", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "ATEN_CPU_CAPABILITY",
             "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE")
-# --isa avx2: every side limited to AVX2 + FMA (a laptop-class x86 CPU).
+# --isa avx2: every side limited to AVX2 + FMA (a laptop-class x86 CPU), as far as a setting reaches
+# (not: MKL on AMD CPUs, OpenVINO's MLAS matmuls and its MVN and Interpolate kernels).
 AVX2_PINS = {
     "OPENBLAS_CORETYPE": "Haswell",     # numpy's and SciPy's OpenBLAS: their Haswell (AVX2) kernels
     "NUMBA_CPU_NAME": "haswell",        # Numba compiles for Haswell, with Haswell's features only:
@@ -433,8 +435,9 @@ def print_table(results, rows, sides):
 
 def describe_isa(isa):
     """{"openblas": {"scipy": "SkylakeX"}, "numba": "znver5"} -> "openblas scipy SkylakeX; numba znver5"."""
-    return "; ".join(f"{lib} " + (found if isinstance(found, str) else ", ".join(f"{k} {v}" for k, v in found.items()))
-                     for lib, found in isa.items())
+    def text(found):
+        return found if isinstance(found, str) else ", ".join(f"{k} {v}" for k, v in found.items())
+    return "; ".join(f"{lib} {text(found)}" for lib, found in isa.items())
 
 
 def print_isa(results, sides, isa):
