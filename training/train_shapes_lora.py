@@ -8,9 +8,13 @@ but never appeared in a caption, so its token vector is the untrained initial on
 set: captioned orange shapes in every size, background and position (a few shape x position
 pairs held out), plus a quarter of ordinary scenes so the adapters do not turn everything
 orange. `tinysd.train.train_lora` trains rank-4 adapters on every attention projection of the
-U-Net (to_q, to_k, to_v, to_out.0; text encoder frozen), the same as
+U-Net (to_q, to_k, to_v, to_out.0) and of the text encoder (`--no-text-encoder`: the U-Net's
+only), as
 
-    python -m tinysd train-lora DATA --model shapes --rank 4 --steps 800 --batch-size 16 --lr 1e-3 -o shapes_orange.safetensors
+    python -m tinysd train-lora DATA --model shapes --rank 4 --steps 1600 --batch-size 16 --lr 2e-3 --text-encoder -o shapes_orange.safetensors
+
+does, except that this script first fits each picture's latent through the decoder
+(`--fit-steps`), which the command line does not.
 
 The evaluation draws held-out prompts ("an orange star at the bottom": shape x position pairs
 no training picture had) and reads each picture's colour with evaluate_shapes.measure, orange
@@ -70,10 +74,12 @@ def main(argv=None):
     p.add_argument("--out", default=str(HERE), help="where the LoRA, the tables and the pictures go")
     p.add_argument("--data", default="/tmp/tinysd-shapes-orange", help="the generated training folder")
     p.add_argument("--pictures", type=int, default=200)
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=1600)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--min-snr-gamma", type=float, default=None,
+                   help="min-SNR-γ loss weighting (e.g. 5); default: none, plain ε-loss")
     p.add_argument("--text-encoder", action=argparse.BooleanOptionalAction, default=True,
                    help="also adapt the text encoder's attention (default: yes)")
     p.add_argument("--fit-steps", type=int, default=40,
@@ -97,7 +103,8 @@ def main(argv=None):
     sd = tinysd.load("shapes", backend=args.backend)
     before, pictures_before, acc_before = score(sd, held, args.seeds)
     clock = Clock()
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+                         min_snr_gamma=args.min_snr_gamma)
     adapters, losses = train_lora(sd, args.data, config, rank=args.rank, text_encoder=args.text_encoder,
                                   state_path=out / "shapes_orange.state.safetensors", resume=args.resume, save_every=50,
                                   fit_steps=args.fit_steps)
