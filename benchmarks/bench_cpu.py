@@ -8,7 +8,8 @@
 Weights: random, SD v1.5-sized (860M-parameter U-Net), built once by the reference libraries
 (tests/reference_models.py) and saved as a diffusers folder under --workdir; every side loads that
 folder (diffusers `from_pretrained`, tinysd `tinysd.load`). Rows: the CLIP text encoder on
-["", prompt]; one U-Net forward with classifier-free guidance (batch 2, 64×64 latents); the VAE
+["", prompt]; one U-Net forward with classifier-free guidance (batch 2, 64×64 latents), or
+(unet1) on the first latent alone, as LCM and guidance ≤ 1 run it; the VAE
 decode of one 64×64 latent to 512×512; with --image, the whole 512×512 image in --steps PNDM
 steps. Each (side, row) runs in its own subprocess, so its peak RSS (getrusage) is its own; all
 use --threads threads (torch, OpenBLAS, Numba, OpenVINO). diffusers runs first and saves its output;
@@ -59,9 +60,10 @@ from flops import count_flops
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a photograph of an astronaut riding a horse"
 ROWS = {"text": "text encoder, batch 2", "unet": "U-Net step, CFG batch 2, 64×64",
+        "unet1": "U-Net step, batch 1 (no CFG)",
         "vae": "VAE decode 512×512", "image": "512×512 image"}
 SIDES = ("diffusers", "numpy", "cpu", "openvino")
-TOLERANCE = {"text": 1e-3, "unet": 1e-3, "vae": 1e-3, "image": 0.5}   # image: mean |Δ|·255
+TOLERANCE = {"text": 1e-3, "unet": 1e-3, "unet1": 1e-3, "vae": 1e-3, "image": 0.5}   # image: mean |Δ|·255
 
 # The variables through which each library is pinned to an instruction set (ISA). --isa native
 # removes them all from a worker's environment, so every library picks its kernels for this CPU.
@@ -81,7 +83,7 @@ AVX2_PINS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", default="text,unet,vae", help="comma-separated: text, unet, vae, image")
+    p.add_argument("--rows", default="text,unet,vae", help="comma-separated: text, unet, unet1, vae, image")
     p.add_argument("--image", action="store_true", help="add the whole-image row (minutes per side)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps of the image row (default 20)")
     p.add_argument("--sides", default="diffusers,numpy,cpu",
@@ -332,14 +334,17 @@ def worker(args):
     side, row = args.worker
     folder = model_folder(args.workdir)
     x = inputs(folder)
+    model_row = row
+    if row == "unet1":                  # the same U-Net on the first latent alone, as with guidance ≤ 1
+        x, model_row = dict(x, latents=x["latents"][:1], context=x["context"][:1]), "unet"
     if side == "diffusers":
-        run, load_s, ops, facts = diffusers_runner(folder, row, x, args.steps, args.threads)
+        run, load_s, ops, facts = diffusers_runner(folder, model_row, x, args.steps, args.threads)
     elif side == "openvino":
-        run, load_s, ops, facts = openvino_runner(folder, row, x, args.threads)
+        run, load_s, ops, facts = openvino_runner(folder, model_row, x, args.threads)
     else:
         from tinysd.kernels.threads import set_num_threads
         set_num_threads(args.threads)
-        run, load_s, ops, facts = tinysd_runner(folder, row, x, args.steps, side)
+        run, load_s, ops, facts = tinysd_runner(folder, model_row, x, args.steps, side)
     t0 = time.perf_counter()
     if ops is not None and row != "image":
         out, flops = count_flops(ops, run)
