@@ -21,7 +21,8 @@ adds per value, run a tile row at a time so that the tiles are the SIMD lanes. T
 the whole batch are cut into chunks; each chunk (transform in, 16
 GEMMs, transform out) runs on one core, the chunks in parallel (`kernels/threads.py`), so there
 is one set of threads and BLAS runs single-threaded inside it (the caller wraps the call in
-`blas_single_threaded()`). The weights are transformed on every call (no second copy kept in
+`blas_single_threaded()`). With few tiles and wide channels the split goes the other way
+(`conv3x3_by_cout_kernel`): all tiles' V first, then blocks of output channels in parallel. The weights are transformed on every call (no second copy kept in
 memory): worth it only when the tiles outnumber the output channels by far, which
 `CpuBackend.conv2d` checks before it picks a Winograd path.
 
@@ -208,8 +209,9 @@ def _bt6(d0, d1, d2, d3, d4, d5):
 @njit(inline="always")
 def input_transform_f4(x, pt, pl, Ty, Tx, r0, V, c0, c1):
     """V[ξ, c, i] = (Bᵀ d B)[ξ] for the channels c0 … c1 − 1 and the tiles of tile rows r0, r0 + 1,
-    ... (tile row r = b·Ty + ty, tile i = (r − r0)·Tx + tx), d the 6×6 patch of x (B, Cin, H, W) at (4ty − pt, 4tx − pl), zero
-    outside x. A tile row at a time, the tiles as SIMD lanes, as in `input_transform_f2`."""
+    ... (tile row r = b·Ty + ty, tile i = (r − r0)·Tx + tx), d the 6×6 patch of x (B, Cin, H, W)
+    at (4ty − pt, 4tx − pl), zero outside x. A tile row at a time, the tiles as SIMD lanes, as in
+    `input_transform_f2`."""
     B, Cin, H, W = x.shape
     rows = V.shape[2] // Tx
     L = 4 * Tx + 2                                   # input columns −pl … 4Tx + 1 − pl
@@ -318,7 +320,7 @@ def conv3x3_by_cout_kernel(w, V, bias, out, block, start, stop):
     whole batch: task k makes output channels k·block … (k+1)·block − 1. It transforms their
     weights (U, ξ × block × Cin, a few MB), multiplies U[ξ] @ V[ξ] for every ξ and turns the
     products into out[:, channels]. For convs with few tiles and many weights (the U-Net's
-    16×16 and 32×32 levels): the weights are read once, split between the cores, instead of the
+    32×32 level at batch 1): the weights are read once, split between the cores, instead of the
     whole U once per chunk of tiles."""
     B, Cout, Ho, Wo = out.shape
     Cin, n = V.shape[1], V.shape[2]
