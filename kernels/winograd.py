@@ -76,8 +76,8 @@ def _store_rows(y, out, b, o, y0):
             out[b, o, y0 + u, j] = y[u, j]
 
 
-@njit(nogil=True, error_model="numpy", cache=True)
-def weight_transform_f2(w, U, start, stop):
+@njit(inline="always")
+def _weight_transform_f2(w, U, start, stop):
     """w (Cout, 3, 3, Cin) tap-major -> U (16, Cout, Cin), U[4a + b] = (G g Gᵀ)[a, b], for the
     output channels start … stop − 1."""
     Cin = w.shape[3]
@@ -96,6 +96,12 @@ def weight_transform_f2(w, U, start, stop):
                 U[4 * a + 1, o, c] = 0.5 * (g0 + g1 + g2)
                 U[4 * a + 2, o, c] = 0.5 * (g0 - g1 + g2)
                 U[4 * a + 3, o, c] = g2
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def weight_transform_f2(w, U, start, stop):
+    """The parallel kernel of `_weight_transform_f2`: output channels start … stop − 1."""
+    _weight_transform_f2(w, U, start, stop)
 
 
 @njit(inline="always")
@@ -175,8 +181,8 @@ def _g6(g0, g1, g2):
             g2)
 
 
-@njit(nogil=True, error_model="numpy", cache=True)
-def weight_transform_f4(w, U, start, stop):
+@njit(inline="always")
+def _weight_transform_f4(w, U, start, stop):
     """w (Cout, 3, 3, Cin) tap-major -> U (36, Cout, Cin), U[6a + b] = (G g Gᵀ)[a, b], for the
     output channels start … stop − 1."""
     Cin = w.shape[3]
@@ -193,6 +199,12 @@ def weight_transform_f4(w, U, start, stop):
                 U[6 * a + 3, o, c] = u3
                 U[6 * a + 4, o, c] = u4
                 U[6 * a + 5, o, c] = u5
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def weight_transform_f4(w, U, start, stop):
+    """The parallel kernel of `_weight_transform_f4`: output channels start … stop − 1."""
+    _weight_transform_f4(w, U, start, stop)
 
 
 @njit(inline="always")
@@ -332,9 +344,9 @@ def conv3x3_by_cout_kernel(w, V, bias, out, block, start, stop):
         U = np.empty((xi_n, o1 - o0, Cin), np.float32)
         M = np.empty((xi_n, o1 - o0, n), np.float32)
         if m == 2:
-            weight_transform_f2(w[o0:o1], U, 0, o1 - o0)
+            _weight_transform_f2(w[o0:o1], U, 0, o1 - o0)
         else:
-            weight_transform_f4(w[o0:o1], U, 0, o1 - o0)
+            _weight_transform_f4(w[o0:o1], U, 0, o1 - o0)
         for xi in range(xi_n):
             gemm(U[xi], V[xi], M[xi], 1.0, 0.0, False)
         if m == 2:
