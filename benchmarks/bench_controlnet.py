@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -28,7 +26,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import model_folder, run_worker, worker_failed  # noqa: E402
+from bench_cpu import model_folder, run_worker, time_runs, worker_failed  # noqa: E402
 
 ROWS = {"unet": "U-Net step, CFG batch 2, 64×64", "controlnet": "ControlNet + U-Net step, same"}
 SIDES = ("diffusers", "cpu")
@@ -135,13 +133,7 @@ def worker(args):
             result["disagrees"] = True
             print(json.dumps(result))
             return 1
-    times = []
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    result.update(seconds=statistics.median(times), times=times,
-                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result.update(time_runs(run, args.repeat)[1])
     print(json.dumps(result))
     return 0
 

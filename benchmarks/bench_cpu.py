@@ -330,6 +330,19 @@ def agreement(row, out, ref):
     return float(np.abs(out - ref).max() / np.abs(ref).max())
 
 
+def time_runs(run, repeat):
+    """Call run() `repeat` times -> (its last output, {"times": wall seconds of each call,
+    "seconds": their median (None for no calls), "peak_rss_mb": this process's peak RSS so far}).
+    The benchmarks' workers time their rows with it, after a warm-up."""
+    out, times = None, []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - t0)
+    return out, {"times": times, "seconds": statistics.median(times) if times else None,
+                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def worker(args):
     side, row = args.worker
     folder = model_folder(args.workdir)
@@ -361,14 +374,9 @@ def worker(args):
             result["disagrees"] = True
             print(json.dumps(result))
             return 1
-    times = []
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    result["seconds"] = statistics.median(times) if times else first_s
-    result["times"] = times
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.update(time_runs(run, args.repeat)[1])
+    if not result["times"]:
+        result["seconds"] = first_s                     # --repeat 0: the checked run itself
     print(json.dumps(result))
     return 0
 

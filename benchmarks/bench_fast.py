@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import PROMPT, model_folder, run_worker, worker_failed  # noqa: E402
+from bench_cpu import PROMPT, model_folder, run_worker, time_runs, worker_failed  # noqa: E402
 from bench_lora import lcm_shaped_lora_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,14 +181,10 @@ def worker(args):
     run = (tinysd_side if side == "tinysd" else diffusers_side)(recipe, files)
     load_s = time.perf_counter() - t0
     run(max(64, args.size // 32 * 8), min(steps, 2))                 # warm-up
-    times = []
-    for _ in range(3 if name == "taesd" else 1):
-        t0 = time.perf_counter()
-        images = run(args.size, steps)
-        times.append(time.perf_counter() - t0)
+    images, timing = time_runs(lambda: run(args.size, steps), 3 if name == "taesd" else 1)
     np.save(output_file(args, side, name), np.asarray(images, np.float32))
-    print(json.dumps({"side": side, "recipe": name, "load_s": load_s, "seconds": statistics.median(times),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"side": side, "recipe": name, "load_s": load_s, "seconds": timing["seconds"],
+                      "peak_rss_mb": timing["peak_rss_mb"]}))
 
 
 def output_file(args, side, name):
