@@ -6,6 +6,7 @@ A1111's size and step rules), SD upscale (A1111's grid, diffusers' img2img per t
 stable-diffusion-webui (modules/processing.py, modules/images.py, modules/upscaler.py,
 modules/sd_samplers_common.py, scripts/poor_mans_outpainting.py), as the comments cite.
 """
+import contextlib
 import math
 from collections import namedtuple
 
@@ -83,41 +84,40 @@ LATENTS = {"default (64 px, 8 latents)": (2, 4, 20, 13), "small (32 px, 4 latent
            "wide overlap": (1, 4, 9, 7)}
 
 
-@pytest.mark.parametrize("knobs", list(KNOBS))
-def test_tiled_decode_matches_diffusers(vae_pair, knobs):
+@contextlib.contextmanager
+def tiled(vae_pair, knobs):
+    """Both VAEs tiling with the same tile sizes and overlap, for the block only."""
     ref, ours = vae_pair
     ref.enable_tiling()
     set_tiles(ref, *KNOBS[knobs])
     set_tiles(ours, *KNOBS[knobs])
     ours.use_tiling = True
-    z = np.random.default_rng(0).standard_normal(LATENTS[knobs]).astype(np.float32)
     try:
-        with torch.no_grad():
-            expected = ref.decode(torch.from_numpy(z)).sample.numpy()
-        assert_close(ours.decode(z), expected)
+        yield ref, ours
     finally:
         ref.disable_tiling()
         ours.use_tiling = None
 
 
 @pytest.mark.parametrize("knobs", list(KNOBS))
+def test_tiled_decode_matches_diffusers(vae_pair, knobs):
+    z = np.random.default_rng(0).standard_normal(LATENTS[knobs]).astype(np.float32)
+    with tiled(vae_pair, knobs) as (ref, ours):
+        with torch.no_grad():
+            expected = ref.decode(torch.from_numpy(z)).sample.numpy()
+        assert_close(ours.decode(z), expected)
+
+
+@pytest.mark.parametrize("knobs", list(KNOBS))
 def test_tiled_encode_matches_diffusers(vae_pair, knobs):
-    ref, ours = vae_pair
-    ref.enable_tiling()
-    set_tiles(ref, *KNOBS[knobs])
-    set_tiles(ours, *KNOBS[knobs])
-    ours.use_tiling = True
     b, _, h, w = LATENTS[knobs]
     x = np.tanh(np.random.default_rng(1).standard_normal((b, 3, 8 * h, 8 * w))).astype(np.float32)
-    try:
+    with tiled(vae_pair, knobs) as (ref, ours):
         with torch.no_grad():
             dist = ref.encode(torch.from_numpy(x)).latent_dist
         ours_dist = ours.encode(x)
         assert_close(ours_dist.mean, dist.mean.numpy(), name="mean")
         assert_close(ours_dist.logvar, dist.logvar.numpy(), name="logvar")
-    finally:
-        ref.disable_tiling()
-        ours.use_tiling = None
 
 
 def test_automatic_tiling_follows_the_memory_budget(vae_pair, monkeypatch):
