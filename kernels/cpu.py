@@ -63,26 +63,28 @@ class CpuBackend(NumpyBackend):
     name = "cpu"
     attention_tiles = (256, 512)    # (queries, keys) per tile: the score tile is 512 KB, in L2
     conv_chunk_bytes = 16 << 20     # conv scratch per chunk of output rows (fits L3)
-    # 3×3 stride-1 convs go by Winograd (the weights are transformed per call, cheap only when
-    # the tiles outnumber them). F(4×4, 3×3) (4× fewer multiplies, but 2.25× the transform work
-    # per value of F(2×2, 3×3)) pays only with many tiles and wide channels: the VAE decoder's
-    # 256- and 512-channel convs at 128² and up. F(2×2, 3×3) (2.25×) takes the other convs with at
-    # least `winograd_f2_min_tiles` 2×2 tiles: the U-Net's 64×64 level and its 32×32 level.
-    # Measured per conv (benchmarks/conv_routes.py, AMD Zen 5, 2 threads; OpenBLAS's AVX-512 kernels /
-    # its AVX2 ones): 320 channels at 64×64 ×2: F4 30.9 / 37.9 ms, F2 20.8 / 34.2; 512 channels
-    # at 256×256: F4 369 / –, F2 464 / –; 256 channels at 256²: F4 126 / 150, F2 117 / 179.
-    winograd_f4_min_tiles = 1024
+    # 3×3 stride-1 convs go by Winograd (the weights are transformed per call: one pass over
+    # them, ~8 ms for 1280×1280 channels). F(4×4, 3×3) (4× fewer multiplies, but bigger
+    # transforms and 36 GEMMs) takes those with at least `winograd_f4_min_tiles` 4×4 tiles and
+    # wide channels: the U-Net's 64×64 level and the VAE decoder's 256- and 512-channel convs.
+    # F(2×2, 3×3) (2.25×) the others with at least `winograd_f2_min_tiles` 2×2 tiles: the
+    # U-Net's 32×32 and 16×16 levels, the VAE's 128-channel convs. Measured per conv, ms
+    # (benchmarks/conv_routes.py, AMD Zen 5, 2 threads, OpenBLAS's AVX-512 kernels), CFG batch 2:
+    # 320 channels at 64×64: F4 20.9, F2 23.9; 640 at 32×32: F4 25.1, F2 23.6; 1280 at 16×16: F2
+    # 29.5, shifted GEMMs 44.6, im2col 42.6; 1280 at 8×8: F2 12.7, im2col 11.4. VAE, 128 channels
+    # at 512×512: F4 150, F2 132; 512 at 64×64: F4 23.1, F2 28.1.
+    winograd_f4_min_tiles = 256
     winograd_f4_min_channels = 256  # min(Cin, Cout)
-    winograd_f2_min_tiles = 256
+    winograd_f2_min_tiles = 64
     winograd_chunk_tiles = 128      # tiles per task (whole tile rows): 16 or 36 GEMMs with N = 128
     # With at most this many tiles (batch included) the tasks split the output channels instead,
     # `winograd_cout_block` at a time, each transforming its own weights (see winograd.py).
     winograd_by_cout_max_tiles = 256
     winograd_cout_block = 128
     # Other convs with at most this many output pixels (batch included) go as one im2col GEMM:
-    # the U-Net's 8×8 level and 16×16 at batch 1, where the shifted GEMMs are thin and wasted on
-    # wrap-around columns (28 % at 8×8; 1280 channels: 34 → 26 ms). The rest by shifted GEMMs:
-    # the 16×16 level with CFG (1280 channels, 512 tiles: 41 ms, F2 64 ms, AVX-512 BLAS).
+    # the U-Net's 8×8 level, where the shifted GEMMs are thin and wasted on wrap-around columns
+    # (28 % at 8×8; 1280 channels: 34 → 26 ms). The rest (stride 2, 1×1-wide images) by
+    # shifted GEMMs.
     im2col_max_pixels = 256
     # linear + GEGLU fused when their (N, 2F) projection would take at least this much memory
     # (the U-Net's 64×64 blocks: 84 MB, 117 → 94 ms); smaller ones run faster as one GEMM.
@@ -158,8 +160,8 @@ class CpuBackend(NumpyBackend):
         if B * Ty * Tx <= self.winograd_by_cout_max_tiles:
             return self._conv3x3_winograd_by_cout(m, x, w, bias, pt, pl, out, Ty, Tx)
         U = np.empty(((m + 2) ** 2, Cout, Cin), np.float32)      # one (Cout, Cin) matrix per ξ
-        parallel_for(_winograd.weight_transform_f2 if m == 2 else _winograd.weight_transform_f4, Cout, w, U,
-                     work=U.size)
+        with blas_single_threaded():
+            parallel_for(_winograd.weight_transform, Cout, w, U, work=U.size)
         rows = B * Ty                                           # tile rows in the batch
         per_task = max(1, round(self.winograd_chunk_tiles / Tx))            # in tile rows,
         per_task = min(per_task, -(-rows // (2 * num_threads())))           # 2+ tasks per core

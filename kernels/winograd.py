@@ -22,8 +22,10 @@ the whole batch are cut into chunks; each chunk (transform in, 16
 GEMMs, transform out) runs on one core, the chunks in parallel (`kernels/threads.py`), so there
 is one set of threads and BLAS runs single-threaded inside it (the caller wraps the call in
 `blas_single_threaded()`). With few tiles and wide channels the split goes the other way
-(`conv3x3_by_cout_kernel`): all tiles' V first, then blocks of output channels in parallel. The weights are transformed on every call (no second copy kept in
-memory): worth it only when the tiles outnumber the output channels by far, which
+(`conv3x3_by_cout_kernel`): all tiles' V first, then blocks of output channels in parallel.
+The weights are transformed on every call (no second copy kept in memory), each output
+channel's by one small GEMM: memory-bound, it reads the weights and writes U once (~8 ms for
+1280×1280 channels in F(2×2, 3×3)), which pays when the tiles are many enough to amortise it;
 `CpuBackend.conv2d` checks before it picks a Winograd path.
 
 In float32 the transforms only add and halve, so the result stays within ~1e-6 of the direct
@@ -51,6 +53,11 @@ from numba import njit
 from tinysd.kernels.blas import gemm
 
 F32 = np.float32
+G_F2 = np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]])
+G_F4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                 [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+G_KRON_G_F2 = np.kron(G_F2, G_F2).astype(F32)           # (16, 9): vec(G g Gᵀ) = (G ⊗ G) vec(g)
+G_KRON_G_F4 = np.kron(G_F4, G_F4).astype(F32)           # (36, 9)
 
 
 @njit(inline="always")
@@ -77,31 +84,24 @@ def _store_rows(y, out, b, o, y0):
 
 
 @njit(inline="always")
-def _weight_transform_f2(w, U, start, stop):
-    """w (Cout, 3, 3, Cin) tap-major -> U (16, Cout, Cin), U[4a + b] = (G g Gᵀ)[a, b], for the
-    output channels start … stop − 1."""
+def _weight_transform(w, U, start, stop):
+    """w (Cout, 3, 3, Cin) tap-major -> U (ξ, Cout, Cin) = G g Gᵀ for the output channels
+    start … stop − 1; ξ = 16 (F(2×2, 3×3)) or 36 (F(4×4, 3×3)), as U's shape says.
+
+    G g Gᵀ is linear in the 9 taps of g: flattened row-major, vec(G g Gᵀ) = (G ⊗ G) vec(g). So
+    one output channel's U[:, o, :] (ξ, Cin) is one small GEMM, (G ⊗ G) (ξ, 9) @ w[o] (9, Cin),
+    vectorised over the input channels by BLAS (a scalar loop over (o, c) ran 4× (F2) to 16×
+    (F4) slower: 25 arrays were too many for LLVM to prove apart and vectorise)."""
+    T = G_KRON_G_F2 if U.shape[0] == 16 else G_KRON_G_F4
     Cin = w.shape[3]
-    t = np.empty((4, 3), np.float32)                         # G g: 4 rows of 3
     for o in range(start, stop):
-        for c in range(Cin):
-            for j in range(3):
-                g0, g1, g2 = w[o, 0, j, c], w[o, 1, j, c], w[o, 2, j, c]
-                t[0, j] = g0
-                t[1, j] = 0.5 * (g0 + g1 + g2)
-                t[2, j] = 0.5 * (g0 - g1 + g2)
-                t[3, j] = g2
-            for a in range(4):                               # (G g) Gᵀ
-                g0, g1, g2 = t[a, 0], t[a, 1], t[a, 2]
-                U[4 * a + 0, o, c] = g0
-                U[4 * a + 1, o, c] = 0.5 * (g0 + g1 + g2)
-                U[4 * a + 2, o, c] = 0.5 * (g0 - g1 + g2)
-                U[4 * a + 3, o, c] = g2
+        gemm(T, w[o].reshape(9, Cin), U[:, o, :], 1.0, 0.0, False)
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
-def weight_transform_f2(w, U, start, stop):
-    """The parallel kernel of `_weight_transform_f2`: output channels start … stop − 1."""
-    _weight_transform_f2(w, U, start, stop)
+def weight_transform(w, U, start, stop):
+    """The parallel kernel of `_weight_transform`: output channels start … stop − 1."""
+    _weight_transform(w, U, start, stop)
 
 
 @njit(inline="always")
@@ -168,43 +168,6 @@ def output_transform_f2(M, bias, Ty, Tx, r0, out):
                 y[1, 2 * t] = q0 + q1 + q2 + bias[o]
                 y[1, 2 * t + 1] = q1 - q2 - q3 + bias[o]
             _store_rows(y, out, b, o, y0)
-
-
-@njit(inline="always")
-def _g6(g0, g1, g2):
-    """G applied to one column (or row) of 3: 6 values."""
-    return (F32(0.25) * g0,
-            F32(-1 / 6) * (g0 + g1 + g2),
-            F32(-1 / 6) * (g0 - g1 + g2),
-            F32(1 / 24) * g0 + F32(1 / 12) * g1 + F32(1 / 6) * g2,
-            F32(1 / 24) * g0 - F32(1 / 12) * g1 + F32(1 / 6) * g2,
-            g2)
-
-
-@njit(inline="always")
-def _weight_transform_f4(w, U, start, stop):
-    """w (Cout, 3, 3, Cin) tap-major -> U (36, Cout, Cin), U[6a + b] = (G g Gᵀ)[a, b], for the
-    output channels start … stop − 1."""
-    Cin = w.shape[3]
-    t = np.empty((6, 3), np.float32)                         # G g: 6 rows of 3
-    for o in range(start, stop):
-        for c in range(Cin):
-            for j in range(3):
-                t[0, j], t[1, j], t[2, j], t[3, j], t[4, j], t[5, j] = _g6(w[o, 0, j, c], w[o, 1, j, c], w[o, 2, j, c])
-            for a in range(6):                               # (G g) Gᵀ
-                u0, u1, u2, u3, u4, u5 = _g6(t[a, 0], t[a, 1], t[a, 2])
-                U[6 * a + 0, o, c] = u0
-                U[6 * a + 1, o, c] = u1
-                U[6 * a + 2, o, c] = u2
-                U[6 * a + 3, o, c] = u3
-                U[6 * a + 4, o, c] = u4
-                U[6 * a + 5, o, c] = u5
-
-
-@njit(nogil=True, error_model="numpy", cache=True)
-def weight_transform_f4(w, U, start, stop):
-    """The parallel kernel of `_weight_transform_f4`: output channels start … stop − 1."""
-    _weight_transform_f4(w, U, start, stop)
 
 
 @njit(inline="always")
@@ -288,8 +251,8 @@ def output_transform_f4(M, bias, Ty, Tx, r0, out):
 
 @njit(nogil=True, error_model="numpy", cache=True)
 def conv3x3_kernel(x, U, bias, pt, pl, out, chunk, start, stop):
-    """x (B, Cin, H, W), U from `weight_transform_f2` (16, Cout, Cin) or `weight_transform_f4`
-    (36, Cout, Cin), out (B, Cout, Ho, Wo): stride-1 3×3 convolution with padding (pt, pl) at the
+    """x (B, Cin, H, W), U from `weight_transform` ((16, Cout, Cin) or
+    (36, Cout, Cin)), out (B, Cout, Ho, Wo): stride-1 3×3 convolution with padding (pt, pl) at the
     top and left (the bottom and right padding are implied by Ho, Wo), by F(2×2, 3×3) or
     F(4×4, 3×3) as U says. Tiles go `chunk` tile rows at a time, one chunk per task: tasks
     start … stop − 1 of the ⌈B·⌈Ho/m⌉ / chunk⌉."""
@@ -343,10 +306,7 @@ def conv3x3_by_cout_kernel(w, V, bias, out, block, start, stop):
         o0, o1 = k * block, min(Cout, (k + 1) * block)
         U = np.empty((xi_n, o1 - o0, Cin), np.float32)
         M = np.empty((xi_n, o1 - o0, n), np.float32)
-        if m == 2:
-            _weight_transform_f2(w[o0:o1], U, 0, o1 - o0)
-        else:
-            _weight_transform_f4(w[o0:o1], U, 0, o1 - o0)
+        _weight_transform(w[o0:o1], U, 0, o1 - o0)
         for xi in range(xi_n):
             gemm(U[xi], V[xi], M[xi], 1.0, 0.0, False)
         if m == 2:

@@ -164,9 +164,11 @@ def test_conv2d_routes():
     winograd.conv3x3_by_cout_kernel = recording("cout", originals[1])
     try:
         cases = [((1, 256, 128, 128), 256, (4, "tiles")),   # 1024 4×4 tiles, 256 channels: F4
+                 ((1, 256, 64, 64), 256, (4, "cout")),      # 256 4×4 tiles: F4 by output channels
                  ((2, 4, 64, 64), 4, (2, "tiles")),         # 2048 2×2 tiles, few channels: F2
                  ((1, 8, 32, 32), 8, (2, "cout")),          # 256 2×2 tiles: F2 by output channels
-                 ((2, 4, 16, 16), 4, None)]                 # 128: shifted GEMMs
+                 ((1, 8, 16, 16), 8, (2, "cout")),          # 64
+                 ((2, 4, 8, 8), 4, None)]                   # 32: one im2col GEMM
         for shape, cout, route in cases:
             x, w = randn(*shape), randn(cout, shape[1], 3, 3) / np.sqrt(9 * shape[1])
             taken.clear()
@@ -389,7 +391,7 @@ def test_every_kernel_compiles_once_for_read_only_and_writable_weights():
                elementwise.silu_kernel, elementwise.gelu_kernel, elementwise.quick_gelu_kernel,
                elementwise.geglu_kernel, elementwise.linear_geglu_kernel, elementwise.upsample_nearest2x_kernel,
                elementwise.transpose_kernel, norm.group_norm_kernel, norm.layer_norm_kernel,
-               winograd.weight_transform_f2, winograd.weight_transform_f4, winograd.conv3x3_kernel,
+               winograd.weight_transform, winograd.conv3x3_kernel,
                winograd.input_transform_kernel, winograd.conv3x3_by_cout_kernel, blas.gemm]
     for kernel in kernels:
         assert len(kernel.signatures) == 1, (kernel.__name__, kernel.signatures)
