@@ -18,6 +18,7 @@ from tinysd.backend import NumpyBackend, conv_output_size
 from tinysd.kernels import attention as _attention
 from tinysd.kernels import conv as _conv
 from tinysd.kernels import elementwise as _el
+from tinysd.kernels import malloc as _malloc
 from tinysd.kernels import norm as _norm
 from tinysd.kernels import winograd as _winograd
 from tinysd.kernels.blas import blas_single_threaded, gemm
@@ -95,6 +96,10 @@ class CpuBackend(NumpyBackend):
     # GEMM waits for a helper thread to get one: the shipped model's picture took 80 s instead of
     # 1.7 s on this machine with other jobs running (load average 15).
     blas_parallel_min_macs = 1 << 24
+
+    def __init__(self, dtype=np.float32):
+        super().__init__(dtype)
+        _malloc.keep_freed_memory()                  # reuse freed memory, not fresh zeroed pages
 
     def asarray(self, x):
         """As NumpyBackend. 4-D arrays (conv weights (Cout, Cin, kh, kw)) keep their shape and
