@@ -359,9 +359,10 @@ def test_openblas_helpers_sleep_at_once(first, user_value, expected):
 
 @pytest.mark.parametrize("user_setting", [None, "MALLOC_TRIM_THRESHOLD_"])
 def test_freed_memory_is_kept_for_the_next_op(user_setting):
-    """With a CpuBackend made, a 16 MB block comes from glibc's heap (not its own mmap) and
-    freeing it leaves the heap as big as it was, for the next op to reuse without the kernel
-    zeroing new pages (kernels/malloc.py); a user's own malloc setting is left alone."""
+    """With a CpuBackend made, a 300 MB block (a VAE activation at 512×512 is 268 MB) comes from
+    glibc's heap, not its own mmap, and freeing it leaves the heap as big as it was, for the next
+    op to reuse without the kernel zeroing new pages (kernels/malloc.py); a user's own malloc
+    setting is left alone (and the block is then mmap'd: the assertion can fail)."""
     from tinysd.kernels import malloc
     if malloc.glibc() is None or not hasattr(malloc.glibc(), "mallinfo2"):
         pytest.skip("not glibc ≥ 2.33")
@@ -373,14 +374,13 @@ def test_freed_memory_is_kept_for_the_next_op(user_setting):
             "('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
             "libc = malloc.glibc(); libc.mallinfo2.restype = Info; libc.malloc.restype = ctypes.c_void_p\n"
             "CpuBackend(); before = libc.mallinfo2()\n"
-            "p = libc.malloc(16 << 20); during = libc.mallinfo2(); libc.free(ctypes.c_void_p(p)); after = libc.mallinfo2()\n"
+            "p = libc.malloc(300 << 20); during = libc.mallinfo2(); libc.free(ctypes.c_void_p(p)); after = libc.mallinfo2()\n"
             "print(malloc.keep_freed_memory(), during.hblkhd == before.hblkhd, after.arena >= during.arena)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     applied, from_heap, kept = run.stdout.split()
     assert applied == str(user_setting is None)
-    if user_setting is None:
-        assert (from_heap, kept) == ("True", "True")
+    assert (from_heap, kept) == (("True", "True") if user_setting is None else ("False", "True"))
 
 
 def test_every_kernel_compiles_once_for_read_only_and_writable_weights():
