@@ -10,11 +10,11 @@ type signature whether a weight is a view of a read-only memory-mapped file or a
 memory, and whatever layout or dtype the caller passed.
 """
 import contextlib
-import mmap
 
 import numpy as np
 
 from tinysd.backend import NumpyBackend, conv_output_size
+from tinysd.readers import release_file_pages
 from tinysd.kernels import attention as _attention
 from tinysd.kernels import conv as _conv
 from tinysd.kernels import elementwise as _el
@@ -32,25 +32,6 @@ def _f32(x):
         x = x.view()
         x.flags.writeable = False
     return x
-
-
-def _release_file_pages(x):
-    """If x is a view of a read-only np.memmap, tell the OS this process no longer needs its
-    pages (madvise DONTNEED): reading x to make the tap-major copy faulted them in, and they
-    would otherwise count in the resident set next to the copy for as long as the file stays
-    mapped. Nothing is lost: the pages are re-read from the file if x is touched again."""
-    root = x
-    while isinstance(root.base, np.ndarray):
-        root = root.base
-    mm = getattr(root, "_mmap", None)
-    if not isinstance(root, np.memmap) or mm is None or root.flags.writeable or not x.flags.c_contiguous:
-        return
-    start = x.__array_interface__["data"][0] - root.__array_interface__["data"][0]
-    start += root.offset % mmap.ALLOCATIONGRANULARITY           # the map starts at a granule
-    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE           # whole pages inside x only
-    last = (start + x.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first:
-        mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def _unary(kernel, x):
@@ -111,7 +92,7 @@ class CpuBackend(NumpyBackend):
             return np.ascontiguousarray(x, dtype=np.float32)
         tap_major = np.empty((x.shape[0], x.shape[2], x.shape[3], x.shape[1]), np.float32)
         tap_major[:] = x.transpose(0, 2, 3, 1)
-        _release_file_pages(x)
+        release_file_pages(x)
         return tap_major.transpose(0, 3, 1, 2)
 
     def linear(self, x, weight, bias=None):

@@ -14,6 +14,7 @@ patched weights against the reference's fused ones within 1e-6 relative, and unl
 back every weight bit for bit.
 """
 import copy
+import os
 import hashlib
 import struct
 
@@ -649,3 +650,43 @@ def test_cli_errors_are_one_line(case, tiny_sd, loras, bad, tmp_path, capsys, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tinysd: error: ") and message in err[0], err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def _resident_bytes_of_mapping(address):
+    """Rss of the /proc/self/smaps mapping that holds `address`."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(v, 16) for v in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "Rss:":
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no mapping holds the address")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_patched_weight_lets_its_file_pages_go(tmp_path, backend):
+    """A patched weight is a copy in memory: the memory-mapped file pages the sum read are let
+    go (with the LCM-LoRA's shapes fused, peak RSS 8.3 → 5.3 GB), and unpatching reads them again."""
+    if not os.path.exists("/proc/self/smaps"):
+        pytest.skip("needs Linux's /proc/self/smaps")
+    from safetensors.numpy import save_file
+    from tinysd.backend import get_backend
+    from tinysd.nn import Linear
+    from tinysd.readers import read_safetensors
+    w = np.random.default_rng(0).standard_normal((1024, 2048)).astype(np.float32)     # 8 MB
+    save_file({"weight": w, "bias": np.zeros(1024, np.float32)}, tmp_path / "w.safetensors")
+    layer = Linear(2048, 1024)
+    layer.set_backend(get_backend(backend))
+    layer.load_state_dict(read_safetensors(tmp_path / "w.safetensors"))
+    host = layer.host_array("weight")
+    address = host.__array_interface__["data"][0]
+    assert float(np.abs(np.asarray(host)).sum()) > 0                                # touch every page
+    assert _resident_bytes_of_mapping(address) >= w.nbytes
+    delta = np.full(w.shape, 0.5, np.float32)
+    layer.patch_parameter("weight", delta)
+    assert _resident_bytes_of_mapping(address) < w.nbytes // 8
+    assert np.array_equal(layer.ops.numpy(layer.weight), w + np.float32(0.5))
+    layer.patch_parameter("weight")
+    assert np.array_equal(layer.ops.numpy(layer.weight), w)

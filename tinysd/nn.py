@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from tinysd.backend import NumpyBackend
+from tinysd.readers import release_file_pages
 
 
 class Param:
@@ -160,14 +161,18 @@ class Module:
         """Set parameter `key` to asarray(host + delta), the sum in float32 (`delta`: a float32
         array of the parameter's shape, used as the sum's buffer), or back to asarray(host) itself,
         the loaded weight, when delta is None. The backend redoes its layout (tap-major convs,
-        device copies) for this tensor only."""
+        device copies) for this tensor only. The file pages the sum read are let go: the patched
+        copy replaces them (with a LoRA fused into most of the U-Net, both counted ~2 GB)."""
         module, name = self._owner(key)
         host = module.__dict__["_hosts"][name]
         if delta is not None:
             if tuple(delta.shape) != tuple(host.shape) or delta.dtype != np.float32:
                 raise ValueError(f"patch for {key!r} is {delta.dtype} {tuple(delta.shape)}, "
                                  f"the weight float32 {tuple(host.shape)}")
-            host = np.add(np.asarray(host, dtype=np.float32), delta, out=delta)
+            patched = np.add(np.asarray(host, dtype=np.float32), delta, out=delta)
+            object.__setattr__(module, name, module.ops.asarray(patched))
+            release_file_pages(host)
+            return
         object.__setattr__(module, name, module.ops.asarray(host))
 
 

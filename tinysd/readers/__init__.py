@@ -16,12 +16,33 @@ Finding a model and mapping its keys onto tinysd's modules is `tinysd.weights`' 
 from __future__ import annotations
 
 import math
+import mmap
 import reprlib
 
 import numpy as np
 
 MAX_DIMS = 64                          # NumPy's limit on an array's number of dimensions
 MAX_BYTES = 1 << 62                    # no array, not even an empty or a broadcast one, claims more
+
+
+def release_file_pages(x):
+    """If x is a view of a read-only np.memmap (a tensor these readers returned), tell the OS this
+    process no longer needs its pages (madvise DONTNEED): reading x to make a copy (the cpu
+    backend's tap-major convs, a LoRA-patched weight) faulted them in, and they would otherwise
+    count in the resident set next to the copy for as long as the file stays mapped. Nothing is
+    lost: the pages are re-read from the file if x is touched again."""
+    root = x
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    mm = getattr(root, "_mmap", None)
+    if not isinstance(root, np.memmap) or mm is None or root.flags.writeable or not x.flags.c_contiguous:
+        return
+    start = x.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    start += root.offset % mmap.ALLOCATIONGRANULARITY           # the map starts at a granule
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE           # whole pages inside x only
+    last = (start + x.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 class CheckpointError(ValueError):
