@@ -14,7 +14,6 @@ import contextlib
 import numpy as np
 
 from tinysd.backend import NumpyBackend, conv_output_size
-from tinysd.readers import release_file_pages
 from tinysd.kernels import attention as _attention
 from tinysd.kernels import conv as _conv
 from tinysd.kernels import elementwise as _el
@@ -23,6 +22,7 @@ from tinysd.kernels import norm as _norm
 from tinysd.kernels import winograd as _winograd
 from tinysd.kernels.blas import blas_single_threaded, gemm
 from tinysd.kernels.threads import num_threads, parallel_for
+from tinysd.readers import release_file_pages
 
 
 def _f32(x):

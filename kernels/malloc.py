@@ -5,9 +5,9 @@ Every op returns a fresh array and drops its inputs (a conv's output at the U-Ne
 10 MB, at the VAE decoder's 512×512 up to 268 MB). With glibc's defaults a block over
 M_MMAP_THRESHOLD (128 KB, adjusted up to 32 MB) gets its own mmap, unmapped when freed, and memory
 freed at the top of the heap beyond M_TRIM_THRESHOLD goes back to the kernel: the next op's arrays
-are then new pages that the kernel zeroes on first touch (numpy asks for huge pages for big arrays,
-and on this machine's VM the kernel often compacts memory to find them). One VAE decode at
-512×512 touched 2.9 GB of new pages: 1.5 s of system time, the decode 4.7–5.3 s; one U-Net step
+are then new pages that the kernel zeroes on first touch (numpy asks for huge pages for big
+arrays; here each fault cost ~60 µs). One VAE decode at 512×512 touched 2.9 GB of new pages
+(25,000 faults): 1.5 s of system time, the decode 4.7–5.3 s; one U-Net step
 (CFG) 0.3 s. With no mmap'd blocks (M_MMAP_MAX = 0) and no trimming below 2 GB, the heap keeps
 what it has for the next op: system time 0.02 s, the decode 3.8–3.9 s, the U-Net step 4.05 → 3.85 s;
 peak RSS +3 % (4.93 GB instead of 4.77 for a process that ran both). The price: the process keeps

