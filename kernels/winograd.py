@@ -249,6 +249,28 @@ def output_transform_f4(M, bias, Ty, Tx, r0, out):
             _store_rows(y, out, b, o, y0)
 
 
+@njit(inline="always")
+def _input_transform(x, pt, pl, Ty, Tx, r0, V, c0, c1):
+    """`input_transform_f2` or `input_transform_f4`, as V's ξ (16 or 36) says."""
+    if V.shape[0] == 16:
+        input_transform_f2(x, pt, pl, Ty, Tx, r0, V, c0, c1)
+    else:
+        input_transform_f4(x, pt, pl, Ty, Tx, r0, V, c0, c1)
+
+
+@njit(inline="always")
+def _multiply_and_output(U, V, bias, Ty, Tx, r0, out):
+    """M[ξ] = U[ξ] @ V[ξ] for every ξ (the GEMMs), then out = Aᵀ M A + bias for the tiles of tile
+    rows r0, r0 + 1, ... (`output_transform_f2` or `_f4`, as ξ says); out's channels are U's."""
+    M = np.empty((U.shape[0], U.shape[1], V.shape[2]), np.float32)
+    for xi in range(U.shape[0]):
+        gemm(U[xi], V[xi], M[xi], 1.0, 0.0, False)
+    if U.shape[0] == 16:
+        output_transform_f2(M, bias, Ty, Tx, r0, out)
+    else:
+        output_transform_f4(M, bias, Ty, Tx, r0, out)
+
+
 @njit(nogil=True, error_model="numpy", cache=True)
 def conv3x3_kernel(x, U, bias, pt, pl, out, chunk, start, stop):
     """x (B, Cin, H, W), U from `weight_transform` ((16, Cout, Cin) or
@@ -263,19 +285,9 @@ def conv3x3_kernel(x, U, bias, pt, pl, out, chunk, start, stop):
     R = B * Ty                                       # tile rows of the whole batch
     for k in range(start, stop):
         r0 = k * chunk
-        n = min(chunk, R - r0) * Tx
-        V = np.empty((U.shape[0], Cin, n), np.float32)
-        M = np.empty((U.shape[0], Cout, n), np.float32)
-        if m == 2:
-            input_transform_f2(x, pt, pl, Ty, Tx, r0, V, 0, Cin)
-        else:
-            input_transform_f4(x, pt, pl, Ty, Tx, r0, V, 0, Cin)
-        for xi in range(U.shape[0]):
-            gemm(U[xi], V[xi], M[xi], 1.0, 0.0, False)
-        if m == 2:
-            output_transform_f2(M, bias, Ty, Tx, r0, out)
-        else:
-            output_transform_f4(M, bias, Ty, Tx, r0, out)
+        V = np.empty((U.shape[0], Cin, min(chunk, R - r0) * Tx), np.float32)
+        _input_transform(x, pt, pl, Ty, Tx, r0, V, 0, Cin)
+        _multiply_and_output(U, V, bias, Ty, Tx, r0, out)
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
@@ -283,33 +295,23 @@ def input_transform_kernel(x, pt, pl, Ty, Tx, V, start, stop):
     """V (ξ, Cin, B·Ty·Tx) for every tile of the batch (Ty × Tx tiles per image), channels
     start … stop − 1: the first half of a conv by output channels (`conv3x3_by_cout_kernel`);
     ξ = 16 for F(2×2, 3×3), 36 for F(4×4, 3×3)."""
-    if V.shape[0] == 16:
-        input_transform_f2(x, pt, pl, Ty, Tx, 0, V, start, stop)
-    else:
-        input_transform_f4(x, pt, pl, Ty, Tx, 0, V, start, stop)
+    _input_transform(x, pt, pl, Ty, Tx, 0, V, start, stop)
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
 def conv3x3_by_cout_kernel(w, V, bias, out, block, start, stop):
     """The second half of a Winograd conv whose input transform V (ξ, Cin, tiles) is done for the
     whole batch: task k makes output channels k·block … (k+1)·block − 1. It transforms their
-    weights (U, ξ × block × Cin, a few MB), multiplies U[ξ] @ V[ξ] for every ξ and turns the
-    products into out[:, channels]. For convs with few tiles and many weights (the U-Net's
-    32×32 level at batch 1): the weights are read once, split between the cores, instead of the
-    whole U once per chunk of tiles."""
+    weights (U, ξ × block × Cin: 21 MB for F(2×2) with 128 × 2560 channels), multiplies U[ξ] @ V[ξ]
+    for every ξ and turns the products into out[:, channels]. For convs with few tiles and many
+    weights (the U-Net's 16×16 level, its 32×32 level at batch 1): the weights are read once,
+    split between the cores, instead of the whole U once per chunk of tiles."""
     B, Cout, Ho, Wo = out.shape
-    Cin, n = V.shape[1], V.shape[2]
-    xi_n = V.shape[0]
-    m = 2 if xi_n == 16 else 4
+    Cin = V.shape[1]
+    m = 2 if V.shape[0] == 16 else 4
     Ty, Tx = (Ho + m - 1) // m, (Wo + m - 1) // m
     for k in range(start, stop):
         o0, o1 = k * block, min(Cout, (k + 1) * block)
-        U = np.empty((xi_n, o1 - o0, Cin), np.float32)
-        M = np.empty((xi_n, o1 - o0, n), np.float32)
+        U = np.empty((V.shape[0], o1 - o0, Cin), np.float32)
         _weight_transform(w[o0:o1], U, 0, o1 - o0)
-        for xi in range(xi_n):
-            gemm(U[xi], V[xi], M[xi], 1.0, 0.0, False)
-        if m == 2:
-            output_transform_f2(M, bias[o0:o1], Ty, Tx, 0, out[:, o0:o1])
-        else:
-            output_transform_f4(M, bias[o0:o1], Ty, Tx, 0, out[:, o0:o1])
+        _multiply_and_output(U, V, bias[o0:o1], Ty, Tx, 0, out[:, o0:o1])
