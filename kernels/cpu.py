@@ -51,18 +51,26 @@ class CpuBackend(NumpyBackend):
     # wide channels: the U-Net's 64×64 level and the VAE decoder's 256- and 512-channel convs.
     # F(2×2, 3×3) (2.25×) the others with at least `winograd_f2_min_tiles` 2×2 tiles: the
     # U-Net's 32×32 and 16×16 levels, the VAE's 128-channel convs. Measured per conv, ms
-    # (benchmarks/conv_routes.py, AMD Zen 5, 2 threads, OpenBLAS's AVX-512 kernels), CFG batch 2:
-    # 320 channels at 64×64: F4 20.9, F2 23.9; 640 at 32×32: F4 25.1, F2 23.6; 1280 at 16×16: F2
-    # 29.5, shifted GEMMs 44.6, im2col 42.6; 1280 at 8×8: F2 12.7, im2col 11.4. VAE, 128 channels
-    # at 512×512: F4 150, F2 132; 512 at 64×64: F4 23.1, F2 28.1.
+    # (benchmarks/conv_routes.py, AMD Zen 5, 2 threads, OpenBLAS's AVX-512 kernels), CFG batch 2,
+    # best split of each: 320 channels at 64×64: F4 19.7, F2 22.2; 640 at 32×32: F4 19.7, F2 20.5
+    # (F2 kept: closer to the direct conv); 1280 at 16×16: F2 24.8, shifted GEMMs 43.9, im2col
+    # 41.1; 1280 at 8×8: F2 13.4, im2col 11.6. VAE, 128 channels at 512×512: F4 150, F2 132; 512
+    # at 64×64: F4 21.2, F2 25.3.
     winograd_f4_min_tiles = 256
     winograd_f4_min_channels = 256  # min(Cin, Cout)
     winograd_f2_min_tiles = 64
     winograd_chunk_tiles = 128      # tiles per task (whole tile rows): 16 or 36 GEMMs with N = 128
     # With at most this many tiles (batch included) the tasks split the output channels instead,
-    # `winograd_cout_block` at a time, each transforming its own weights (see winograd.py).
-    winograd_by_cout_max_tiles = 256
-    winograd_cout_block = 128
+    # each transforming its own weights (see winograd.py): one block of channels per thread, or
+    # as many per thread as keep each block's U under `winograd_u_block_bytes`. Fewer, larger
+    # blocks pack each V[ξ] fewer times (OpenBLAS packs it on every GEMM): 640 channels at 32×32,
+    # batch 1, 14.8 → 11.9 ms with 1 block per thread instead of 128 channels a block; 1280 at
+    # 16×16, batch 2, 29.4 → 25.8. But with 2560 input channels one block's U would be 105 MB
+    # and the conv ran 88 ms instead of 50 with two blocks per thread. Up to 1024 tiles this
+    # split wins (the U-Net's 64×64 level at batch 2: 20.8 → 19.7 ms; the VAE's 512 channels at
+    # 128×128: 84 → 75 ms); with more (VAE at 256×256) the chunks of tiles do (193 against 210).
+    winograd_by_cout_max_tiles = 1024
+    winograd_u_block_bytes = 64 << 20
     # Other convs with at most this many output pixels (batch included) go as one im2col GEMM:
     # the U-Net's 8×8 level, where the shifted GEMMs are thin and wasted on wrap-around columns
     # (28 % at 8×8; 1280 channels: 34 → 26 ms). The rest (stride 2, 1×1-wide images) by
@@ -161,7 +169,9 @@ class CpuBackend(NumpyBackend):
         B, Cin, Cout = x.shape[0], x.shape[1], out.shape[1]
         V = np.empty(((m + 2) ** 2, Cin, B * Ty * Tx), np.float32)
         parallel_for(_winograd.input_transform_kernel, Cin, x, int(pt), int(pl), Ty, Tx, V, work=2 * V.size)
-        block = max(16, min(self.winograd_cout_block, -(-Cout // (2 * num_threads()))))      # 2+ tasks per core
+        u_bytes = V.shape[0] * Cout * Cin * 4                       # all of U, float32
+        tasks = num_threads() * -(-u_bytes // (num_threads() * self.winograd_u_block_bytes))
+        block = -(-Cout // tasks)
         with blas_single_threaded():
             parallel_for(_winograd.conv3x3_by_cout_kernel, -(-Cout // block), w, V, bias, out, block)
 

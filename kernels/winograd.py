@@ -302,10 +302,10 @@ def input_transform_kernel(x, pt, pl, Ty, Tx, V, start, stop):
 def conv3x3_by_cout_kernel(w, V, bias, out, block, start, stop):
     """The second half of a Winograd conv whose input transform V (ξ, Cin, tiles) is done for the
     whole batch: task k makes output channels k·block … (k+1)·block − 1. It transforms their
-    weights (U, ξ × block × Cin: 21 MB for F(2×2) with 128 × 2560 channels), multiplies U[ξ] @ V[ξ]
+    weights (U, ξ × block × Cin: 52 MB for F(2×2) with 640 × 1280 channels), multiplies U[ξ] @ V[ξ]
     for every ξ and turns the products into out[:, channels]. For convs with few tiles and many
-    weights (the U-Net's 16×16 level, its 32×32 level at batch 1): the weights are read once,
-    split between the cores, instead of the whole U once per chunk of tiles."""
+    weights (the U-Net's 64×64 … 16×16 levels): the weights are read once, split between the
+    cores, instead of the whole U once per chunk of tiles."""
     B, Cout, Ho, Wo = out.shape
     Cin = V.shape[1]
     m = 2 if V.shape[0] == 16 else 4

@@ -126,10 +126,11 @@ def winograd_backend(m, chunk_tiles, by_cout=False):
 def test_conv2d_winograd(case, m, by_cout):
     """3×3 stride-1 convs by Winograd F(2×2, 3×3) and F(4×4, 3×3), equal to the direct
     convolution. Chunks of ~5 tiles, i.e. one or two tile rows, so that chunk edges fall inside
-    pictures and across picture boundaries; by output channels, blocks of 16 (the smallest), so
-    that 17 and 32 channels end a block inside the last one."""
+    pictures and across picture boundaries; by output channels, blocks of 5 (U held to 5
+    channels' worth), so that 17 channels end a block inside the last one."""
     B, Cin, Cout, H, W, p = case
     wino = winograd_backend(m, chunk_tiles=5, by_cout=by_cout)
+    wino.winograd_u_block_bytes = (m + 2) ** 2 * 5 * Cin * 4
     x, w, b = randn(B, Cin, H, W, scale=2.0), randn(Cout, Cin, 3, 3), randn(Cout)
     expected = ref.conv2d(x, w, b, 1, p)
     close(wino.conv2d(x, wino.asarray(w), b, 1, p), expected)
@@ -163,8 +164,8 @@ def test_conv2d_routes():
     winograd.conv3x3_kernel = recording("tiles", originals[0])
     winograd.conv3x3_by_cout_kernel = recording("cout", originals[1])
     try:
-        cases = [((1, 256, 128, 128), 256, (4, "tiles")),   # 1024 4×4 tiles, 256 channels: F4
-                 ((1, 256, 64, 64), 256, (4, "cout")),      # 256 4×4 tiles: F4 by output channels
+        cases = [((1, 256, 136, 136), 256, (4, "tiles")),   # 1156 4×4 tiles, 256 channels: F4
+                 ((2, 256, 64, 64), 256, (4, "cout")),      # 512 4×4 tiles: F4 by output channels
                  ((2, 4, 64, 64), 4, (2, "tiles")),         # 2048 2×2 tiles, few channels: F2
                  ((1, 8, 32, 32), 8, (2, "cout")),          # 256 2×2 tiles: F2 by output channels
                  ((1, 8, 16, 16), 8, (2, "cout")),          # 64
