@@ -387,6 +387,24 @@ def test_hires_second_pass_reads_the_prompt_as_the_first(sd):
     assert out.parameters["Clip skip"] == 2 and out.parameters["Hires upscale"] == 2
 
 
+def test_hires_second_pass_keeps_the_fast_recipes(sd):
+    """The LCM sampler at guidance 1 and DeepCache reach the second pass too: the hires fix equals
+    the first pass, the latent upscale and an img2img call made by hand with the same settings."""
+    settings = dict(num_inference_steps=3, seed=SEED, scheduler="lcm", guidance_scale=1.0, deepcache_interval=2,
+                    output_type="latent")
+    out = sd(PROMPT, enable_hr=True, hr_second_pass_steps=3, denoising_strength=0.6, **settings)
+    hires = HiresFix(hr_second_pass_steps=3, denoising_strength=0.6)
+    total, strength = hires.steps(3)
+    first = sd(PROMPT, **settings).images
+    by_hand = sd(PROMPT, image=hires.upscale_latents(first, 64, 64), strength=strength,
+                 **dict(settings, num_inference_steps=total)).images
+    np.testing.assert_array_equal(out.images, by_hand)
+    plain = sd(PROMPT, enable_hr=True, hr_second_pass_steps=3, denoising_strength=0.6,
+               **dict(settings, deepcache_interval=None)).images
+    assert np.abs(plain - by_hand).max() > 1e-3 * np.abs(by_hand).max()      # DeepCache changes the result
+    assert (out.parameters["Sampler"], out.parameters["DeepCache interval"]) == ("LCM", 2)
+
+
 # -- SD upscale ----------------------------------------------------------------------------------------------
 Grid = namedtuple("Grid", ["tiles", "tile_w", "tile_h", "image_w", "image_h", "overlap"])
 

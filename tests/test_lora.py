@@ -612,6 +612,30 @@ def test_cli_prompt_tags_with_lora_dir(tiny_sd, clean_sd, loras, tmp_path):
     assert p["Lora hashes"] == f"style: {addnet_hash(folder / 'style.safetensors')[:12]}, other: {whole_file[:12]}"
 
 
+def test_cli_upscale_with_lora_and_clip_skip(tiny_sd, clean_sd, loras, tmp_path):
+    """`tinysd upscale` takes the prompt-side options of a generation (LoRA, clip skip): its tiles
+    equal sd.upscale with the LoRA applied, and the PNG records both as A1111 does."""
+    from PIL import Image
+
+    from tinysd.cli import main
+    from tinysd.pngmeta import read_parameters
+
+    small, out = tmp_path / "small.png", tmp_path / "big.png"
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(small)
+    assert main(["upscale", str(small), "--prompt", "a cat", "--model", str(tiny_sd.folder), "-o", str(out),
+                 "--lora", f"{loras['kohya']}:0.5", "--clip-skip", "2", "--tile-size", "64", "--overlap", "16", "--strength", "0.5",
+                 "--backend", "numpy", "--steps", "2", "--seed", "9", "--sampler", "euler"]) == 0
+    clean_sd.load_lora_weights(loras["kohya"], adapter_name="kohya")
+    clean_sd.set_adapters("kohya", 0.5)
+    expected = clean_sd.upscale("a cat", str(small), tile_size=64, overlap=16, strength=0.5, num_inference_steps=2, seed=9,
+                                scheduler="euler", clip_skip=1, prompt_weighting=True)
+    np.testing.assert_array_equal(pixels(out), np.asarray(expected.images[0]))
+    p = read_parameters(out)
+    assert (p["Prompt"], p["Clip skip"]) == ("a cat<lora:kohya:0.5>", 2)
+    assert p["Lora hashes"] == f"kohya: {addnet_hash(loras['kohya'])[:12]}"
+
+
 def test_cli_lora_weight_split_on_the_last_colon_only_before_a_number():
     from tinysd.cli import lora_file
 

@@ -507,7 +507,7 @@ def set_vae_tiling(sd, tiling):
 
 
 UPSCALE_SHARED = ("negative_prompt", "steps", "guidance_scale", "seed", "sampler", "output", "model", "vae", "backend",
-                  "vae_tiling")
+                  "vae_tiling", "embeddings_dir", "clip_skip", "prompt_weighting", "lora", "lora_dir")
 
 
 def build_upscale_parser():
@@ -552,6 +552,7 @@ class TileProgress(Progress):
 
 def upscale(args):
     import tinysd
+    from tinysd import embeddings
     from tinysd.backend import get_backend
     from tinysd.pngmeta import infotext
 
@@ -559,17 +560,24 @@ def upscale(args):
     paths = output_paths(args.output, seed, 1)
     check_writable(paths)
     image = read_image(args.image, "IMAGE", "RGB")
+    if args.embeddings_dir is not None and not Path(args.embeddings_dir).is_dir():
+        raise UsageError(f"--embeddings-dir {args.embeddings_dir}: no such folder")
+    prompt, written_prompt, loras = lora_requests(args)
     sd = tinysd.load(args.model, backend=get_backend(args.backend), vae=args.vae)
+    apply_loras(sd, loras)
+    if args.embeddings_dir is not None:
+        embeddings.load_dir(sd, args.embeddings_dir)
     set_vae_tiling(sd, args.vae_tiling)
     progress = TileProgress(sd)
     try:
-        out = sd.upscale(args.prompt, image, scale=args.scale, upscaler=args.upscaler, tile_size=args.tile_size,
+        out = sd.upscale(prompt, image, scale=args.scale, upscaler=args.upscaler, tile_size=args.tile_size,
                          overlap=args.overlap, strength=args.strength, negative_prompt=args.negative_prompt or None,
                          num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=seed,
-                         scheduler=args.sampler, callback=progress, tile_callback=progress.tile_done)
+                         scheduler=args.sampler, callback=progress, tile_callback=progress.tile_done,
+                         prompt_weighting=args.prompt_weighting, clip_skip=args.clip_skip - 1)
     finally:
         progress.close()
-    save_pngs(out.images, paths, [infotext(args.prompt, args.negative_prompt, out.parameters)])
+    save_pngs(out.images, paths, [infotext(written_prompt, args.negative_prompt, out.parameters)])
     print(f"{paths[0]} ({out.images[0].width}x{out.images[0].height}, seed {seed})")
     return 0
 
