@@ -9,8 +9,8 @@ tiles or by blocks of output channels; one im2col GEMM; shifted GEMMs) and for t
     OPENBLAS_CORETYPE=Haswell python benchmarks/conv_routes.py  # OpenBLAS's AVX2 kernels
 
 Shapes are Cin,Cout,size (square images). Best of --repeat runs after a warm-up; random weights.
-The thresholds in kernels/cpu.py (winograd_f4_min_tiles, winograd_f4_min_channels,
-winograd_f2_min_tiles, winograd_by_cout_max_tiles, im2col_max_pixels) were set from this table.
+The thresholds in kernels/cpu.py (winograd_f4_min_tiles, winograd_f2_min_tiles,
+winograd_by_cout_max_tiles, winograd_by_cout_min_channels, im2col_max_pixels) were set from this table.
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ import time
 import numpy as np
 
 UNET = "320,320,64 640,320,64 640,640,32 1280,640,32 1280,1280,16 1920,1280,16 2560,1280,16 1280,1280,8"
-WINOGRAD_F4 = dict(winograd_f4_min_tiles=0, winograd_f4_min_channels=0)
+WINOGRAD_F4 = dict(winograd_f4_min_tiles=0)
 WINOGRAD_F2 = dict(winograd_f4_min_tiles=1 << 30, winograd_f2_min_tiles=0)
-BY_TILES, BY_COUT = dict(winograd_by_cout_max_tiles=0), dict(winograd_by_cout_max_tiles=1 << 30)
+BY_TILES, BY_COUT = dict(winograd_by_cout_max_tiles=0), dict(winograd_by_cout_max_tiles=1 << 30,
+                                                                  winograd_by_cout_min_channels=0)
 ROUTES = {"f4 tiles": {**WINOGRAD_F4, **BY_TILES}, "f4 cout": {**WINOGRAD_F4, **BY_COUT},
           "f2 tiles": {**WINOGRAD_F2, **BY_TILES}, "f2 cout": {**WINOGRAD_F2, **BY_COUT},
           "im2col": dict(winograd_f4_min_tiles=1 << 30, winograd_f2_min_tiles=1 << 30, im2col_max_pixels=1 << 30),

@@ -47,17 +47,15 @@ class CpuBackend(NumpyBackend):
     conv_chunk_bytes = 16 << 20     # conv scratch per chunk of output rows (fits L3)
     # 3×3 stride-1 convs go by Winograd (the weights are transformed per call: one pass over
     # them, ~8 ms for 1280×1280 channels). F(4×4, 3×3) (4× fewer multiplies, but bigger
-    # transforms and 36 GEMMs) takes those with at least `winograd_f4_min_tiles` 4×4 tiles and
-    # wide channels: the U-Net's 64×64 level and the VAE decoder's 256- and 512-channel convs.
-    # F(2×2, 3×3) (2.25×) the others with at least `winograd_f2_min_tiles` 2×2 tiles: the
-    # U-Net's 32×32 and 16×16 levels, the VAE's 128-channel convs. Measured per conv, ms
-    # (benchmarks/conv_routes.py, AMD Zen 5, 2 threads, OpenBLAS's AVX-512 kernels), CFG batch 2,
-    # best split of each: 320 channels at 64×64: F4 19.7, F2 22.2; 640 at 32×32: F4 19.7, F2 20.5
-    # (F2 kept: closer to the direct conv); 1280 at 16×16: F2 24.8, shifted GEMMs 43.9, im2col
-    # 41.1; 1280 at 8×8: F2 13.4, im2col 11.6. VAE, 128 channels at 512×512: F4 150, F2 132; 512
-    # at 64×64: F4 21.2, F2 25.3.
-    winograd_f4_min_tiles = 256
-    winograd_f4_min_channels = 256  # min(Cin, Cout)
+    # transforms and 36 GEMMs) takes those with at least `winograd_f4_min_tiles` 4×4 tiles: the
+    # U-Net's 64×64 and 32×32 levels, every VAE and TAESD conv. F(2×2, 3×3) (2.25×) the others
+    # with at least `winograd_f2_min_tiles` 2×2 tiles: the U-Net's 16×16 level. Measured per conv,
+    # ms (benchmarks/conv_routes.py, AMD Zen 5, 2 threads, OpenBLAS's AVX-512 kernels), best split
+    # of each; CFG batch 2: 320 channels at 64×64: F4 15.8, F2 22.1; 640 at 32×32: F4 16.7, F2
+    # 21.9; 1280 at 16×16: F4 29.3, F2 25.8, shifted GEMMs 44.3, im2col 41.4; 1280 at 8×8: F2
+    # 14.0, im2col 11.6. Batch 1: 640 at 32×32: F4 12.1, F2 13.1. VAE, 128 channels at 512×512:
+    # F4 74.5, F2 117; TAESD's 64 at 512×512: F4 19.8, F2 40.6.
+    winograd_f4_min_tiles = 64
     winograd_f2_min_tiles = 64
     winograd_chunk_tiles = 128      # tiles per task (whole tile rows): 16 or 36 GEMMs with N = 128
     # With at most this many tiles (batch included) the tasks split the output channels instead,
@@ -69,7 +67,10 @@ class CpuBackend(NumpyBackend):
     # and the conv ran 88 ms instead of 50 with two blocks per thread. Up to 1024 tiles this
     # split wins (the U-Net's 64×64 level at batch 2: 20.8 → 19.7 ms; the VAE's 512 channels at
     # 128×128: 84 → 75 ms); with more (VAE at 256×256) the chunks of tiles do (193 against 210).
+    # And only with wide channels, where the weights are the bigger read: 64 channels at 64×64
+    # (TAESD) took 0.9 ms by output channels and 0.6 by tiles; 4 → 512 (VAE conv_in) 1.2 against 0.9.
     winograd_by_cout_max_tiles = 1024
+    winograd_by_cout_min_channels = 256     # min(Cin, Cout)
     winograd_u_block_bytes = 64 << 20
     # Other convs with at most this many output pixels (batch included) go as one im2col GEMM:
     # the U-Net's 8×8 level, where the shifted GEMMs are thin and wasted on wrap-around columns
@@ -132,8 +133,7 @@ class CpuBackend(NumpyBackend):
             return out
         w = _f32(weight.transpose(0, 2, 3, 1))            # (Cout, kh, kw, Cin); no copy for weights from asarray
         winograd = kh == kw == 3 and stride == 1
-        if (winograd and B * -(-Ho // 4) * -(-Wo // 4) >= self.winograd_f4_min_tiles
-                and min(Cin, Cout) >= self.winograd_f4_min_channels):
+        if winograd and B * -(-Ho // 4) * -(-Wo // 4) >= self.winograd_f4_min_tiles:
             self._conv3x3_winograd(4, x, w, bias, pt, pl, out)
         elif winograd and B * -(-Ho // 2) * -(-Wo // 2) >= self.winograd_f2_min_tiles:
             self._conv3x3_winograd(2, x, w, bias, pt, pl, out)
@@ -151,7 +151,7 @@ class CpuBackend(NumpyBackend):
         few tiles by blocks of output channels."""
         B, Cin, Cout = x.shape[0], x.shape[1], out.shape[1]
         Ty, Tx = -(-out.shape[2] // m), -(-out.shape[3] // m)               # tiles per image
-        if B * Ty * Tx <= self.winograd_by_cout_max_tiles:
+        if B * Ty * Tx <= self.winograd_by_cout_max_tiles and min(Cin, Cout) >= self.winograd_by_cout_min_channels:
             return self._conv3x3_winograd_by_cout(m, x, w, bias, pt, pl, out, Ty, Tx)
         U = np.empty(((m + 2) ** 2, Cout, Cin), np.float32)      # one (Cout, Cin) matrix per ξ
         with blas_single_threaded():

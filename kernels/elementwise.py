@@ -5,6 +5,11 @@ tasks start … stop − 1 of its outer loop; `kernels/threads.py` spreads them 
 Their NumPy twins are the methods of `tinysd.backend.NumpyBackend`. Numba calls libm's scalar
 `expf`/`erff` (no SVML here), ~10× slower than a vector loop, so `exp` and `erf` below are
 written as range reduction + polynomial in plain float32 arithmetic, which LLVM vectorises.
+
+Inner loops index from 0 (a view `x[start:stop]`, then `xs[i]` for i in range(n)), never as
+`x[start + i]`: Numba wraps negative indices around, and where it cannot see that an index is
+≥ 0 each access carries that check, which keeps LLVM from vectorising the loop (ReLU 0.53 →
+0.04 ns per value, GELU 1.0 → 0.21, in L2, one core).
 """
 import numpy as np
 from numba import njit
@@ -83,20 +88,23 @@ def quick_gelu(x):
 @njit(nogil=True, error_model="numpy", cache=True)
 def silu_kernel(x, out, start, stop):
     """out[i] = silu(x[i]) for i in start … stop − 1 of the flat x, out."""
-    for i in range(start, stop):
-        out[i] = silu(x[i])
+    xs, outs = x[start:stop], out[start:stop]
+    for i in range(xs.size):
+        outs[i] = silu(xs[i])
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
 def gelu_kernel(x, out, start, stop):
-    for i in range(start, stop):
-        out[i] = gelu(x[i])
+    xs, outs = x[start:stop], out[start:stop]
+    for i in range(xs.size):
+        outs[i] = gelu(xs[i])
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
 def quick_gelu_kernel(x, out, start, stop):
-    for i in range(start, stop):
-        out[i] = quick_gelu(x[i])
+    xs, outs = x[start:stop], out[start:stop]
+    for i in range(xs.size):
+        outs[i] = quick_gelu(xs[i])
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
@@ -104,8 +112,9 @@ def geglu_kernel(x, out, start, stop):
     """x (M, 2F) -> out (M, F) = h·GELU(gate), h = x[:, :F], gate = x[:, F:]; rows start … stop − 1."""
     F = out.shape[1]
     for m in range(start, stop):
+        h, gate, o = x[m, :F], x[m, F:], out[m]
         for f in range(F):
-            out[m, f] = x[m, f] * gelu(x[m, F + f])
+            o[f] = h[f] * gelu(gate[f])
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
@@ -122,21 +131,24 @@ def linear_geglu_kernel(x, w, bias, out, tile, start, stop):
         r1, f1 = min(N, r0 + tile), min(F, f0 + tile)
         h = np.empty((r1 - r0, f1 - f0), np.float32)
         gate = np.empty((r1 - r0, f1 - f0), np.float32)
+        bias_h, bias_gate = bias[f0:f1], bias[F + f0:F + f1]
         for i in range(r1 - r0):
             for j in range(f1 - f0):
-                h[i, j] = bias[f0 + j]
-                gate[i, j] = bias[F + f0 + j]
+                h[i, j] = bias_h[j]
+                gate[i, j] = bias_gate[j]
         gemm(x[r0:r1], w[f0:f1], h, 1.0, 1.0, True)
         gemm(x[r0:r1], w[F + f0:F + f1], gate, 1.0, 1.0, True)
         for i in range(r1 - r0):
+            o = out[r0 + i, f0:f1]
             for j in range(f1 - f0):
-                out[r0 + i, f0 + j] = h[i, j] * gelu(gate[i, j])
+                o[j] = h[i, j] * gelu(gate[i, j])
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
 def relu_kernel(x, out, start, stop):
-    for i in range(start, stop):
-        out[i] = max(x[i], F32(0.0))
+    xs, outs = x[start:stop], out[start:stop]
+    for i in range(xs.size):
+        outs[i] = max(xs[i], F32(0.0))
 
 
 @njit(nogil=True, error_model="numpy", cache=True)

@@ -67,20 +67,29 @@ def _load_rows(x, b, c, y0, pl, width, d):
     H = x.shape[2]
     for q in range(d.shape[0]):
         y = y0 + q
+        row = d[q, pl:pl + width]
         if 0 <= y < H:
+            src = x[b, c, y, :width]
             for j in range(width):
-                d[q, pl + j] = x[b, c, y, j]
+                row[j] = src[j]
         else:
-            d[q, pl:pl + width] = 0.0
+            for j in range(width):
+                row[j] = 0.0
 
 
 @njit(inline="always")
-def _store_rows(y, out, b, o, y0):
-    """out[b, o, y0 + u, :] = y[u, :Wo] for the tile row's output rows that lie inside out."""
+def _store_rows(y, m, Tx, Ty, r0, out, o):
+    """out[b, o, m·ty + u, :] = y[u, m·Tx·k : m·Tx·k + Wo] for each tile row k = 0, 1, ... of y
+    (tile row r = r0 + k = b·Ty + ty; y holds the rows' m output rows side by side, m·Tx values
+    per tile row), the rows that lie inside out."""
     Ho, Wo = out.shape[2], out.shape[3]
-    for u in range(min(y.shape[0], Ho - y0)):
-        for j in range(Wo):
-            out[b, o, y0 + u, j] = y[u, j]
+    for k in range(y.shape[1] // (m * Tx)):
+        r = r0 + k
+        b, y0, c0 = r // Ty, m * (r % Ty), m * Tx * k
+        for u in range(min(m, Ho - y0)):
+            dst, src = out[b, o, y0 + u], y[u, c0:c0 + Wo]
+            for j in range(Wo):
+                dst[j] = src[j]
 
 
 @njit(inline="always")
@@ -112,13 +121,17 @@ def input_transform_f2(x, pt, pl, Ty, Tx, r0, V, c0, c1):
 
     A tile row at a time, so that every inner loop runs over the tiles of the row (SIMD lanes):
     the row's 4 input rows are copied zero-padded into d (4, 2·Tx + 2), Bᵀ combines them into e
-    (same shape), and B then combines columns 2tx … 2tx + 3 of e into the tile's 16 values.
+    (same shape), and B then combines columns 2tx … 2tx + 3 of e into the tile's 16 values. For
+    that last step each row of e is first split by column parity (ph[p, t] = e[a, 2t + p]), so
+    that tile t reads ph[:, t] and ph[:, t + 1]: unit-stride loads, which LLVM vectorises, where
+    the overlapping windows of e itself (stride 2) were left scalar.
     """
     B, Cin, H, W = x.shape
     rows = V.shape[2] // Tx
     L = 2 * Tx + 2                                   # input columns −pl … 2Tx + 1 − pl
     d = np.zeros((4, L), np.float32)
     e = np.empty((4, L), np.float32)
+    ph = np.empty((2, Tx + 1), np.float32)
     width = min(W, L - pl)
     for c in range(c0, c1):
         for k in range(rows):
@@ -131,43 +144,42 @@ def input_transform_f2(x, pt, pl, Ty, Tx, r0, V, c0, c1):
                 e[2, j] = d[2, j] - d[1, j]
                 e[3, j] = d[1, j] - d[3, j]
             for a in range(4):                       # (Bᵀ d) B: columns combined, tile by tile
-                for t in range(Tx):
-                    e0, e1, e2, e3 = e[a, 2 * t], e[a, 2 * t + 1], e[a, 2 * t + 2], e[a, 2 * t + 3]
-                    V[4 * a + 0, c, i0 + t] = e0 - e2
-                    V[4 * a + 1, c, i0 + t] = e1 + e2
-                    V[4 * a + 2, c, i0 + t] = e2 - e1
-                    V[4 * a + 3, c, i0 + t] = e1 - e3
+                ea, p0, p1 = e[a], ph[0], ph[1]
+                for t in range(Tx + 1):
+                    p0[t], p1[t] = ea[2 * t], ea[2 * t + 1]
+                v0, v1 = V[4 * a, c, i0:i0 + Tx], V[4 * a + 1, c, i0:i0 + Tx]
+                v2, v3 = V[4 * a + 2, c, i0:i0 + Tx], V[4 * a + 3, c, i0:i0 + Tx]
+                for t in range(Tx):                  # e0 … e3 = p0[t], p1[t], p0[t + 1], p1[t + 1]
+                    v0[t] = p0[t] - p0[t + 1]
+                    v1[t] = p1[t] + p0[t + 1]
+                    v2[t] = p0[t + 1] - p1[t]
+                    v3[t] = p1[t] - p1[t + 1]
 
 
 @njit(inline="always")
 def output_transform_f2(M, bias, Ty, Tx, r0, out):
     """out[b, o, 2ty + u, 2tx + v] = (Aᵀ m A)[u, v] + bias[o] with m = M[:, o, i] as 4×4, for the
     tiles of tile rows r0, r0 + 1, ... (numbered as in `input_transform_f2`); rows and columns past
-    the output's edge are dropped. A tile row at a time: the row's two output rows are made in
-    y (2, 2·Tx), the tiles as SIMD lanes, then copied into out."""
-    B, Cout, Ho, Wo = out.shape
-    rows = M.shape[2] // Tx
-    y = np.empty((2, 2 * Tx), np.float32)
-    for o in range(Cout):
-        for k in range(rows):
-            r = r0 + k
-            b, y0, i0 = r // Ty, 2 * (r % Ty), k * Tx
-            for t in range(Tx):
-                i = i0 + t
-                m = M[:, o, i]
-                p0 = m[0] + m[4] + m[8]                 # Aᵀ m: row 0 (p) and row 1 (q) of 4
-                p1 = m[1] + m[5] + m[9]
-                p2 = m[2] + m[6] + m[10]
-                p3 = m[3] + m[7] + m[11]
-                q0 = m[4] - m[8] - m[12]
-                q1 = m[5] - m[9] - m[13]
-                q2 = m[6] - m[10] - m[14]
-                q3 = m[7] - m[11] - m[15]
-                y[0, 2 * t] = p0 + p1 + p2 + bias[o]    # (Aᵀ m) A
-                y[0, 2 * t + 1] = p1 - p2 - p3 + bias[o]
-                y[1, 2 * t] = q0 + q1 + q2 + bias[o]
-                y[1, 2 * t + 1] = q1 - q2 - q3 + bias[o]
-            _store_rows(y, out, b, o, y0)
+    the output's edge are dropped. An output channel at a time, all its tiles as SIMD lanes: M's
+    rows M[ξ, o] are read at unit stride, Aᵀ m goes to P (2, 4, tiles), (Aᵀ m) A + bias to y
+    (2, 2·tiles): every tile row's two output rows side by side, then copied into out."""
+    n = M.shape[2]                                   # tiles
+    P = np.empty((2, 4, n), np.float32)              # rows p (0) and q (1) of Aᵀ m, by column s
+    y = np.empty((2, 2 * n), np.float32)
+    for o in range(out.shape[1]):
+        for s in range(4):                           # Aᵀ m, column s: p = m0 + m1 + m2, q = m1 − m2 − m3
+            m0, m1, m2, m3 = M[s, o], M[4 + s, o], M[8 + s, o], M[12 + s, o]
+            p, q = P[0, s], P[1, s]
+            for i in range(n):
+                p[i] = m0[i] + m1[i] + m2[i]
+                q[i] = m1[i] - m2[i] - m3[i]
+        bo = bias[o]
+        for u in range(2):                           # (Aᵀ m) A
+            a0, a1, a2, a3, yu = P[u, 0], P[u, 1], P[u, 2], P[u, 3], y[u]
+            for i in range(n):
+                yu[2 * i] = a0[i] + a1[i] + a2[i] + bo
+                yu[2 * i + 1] = a1[i] - a2[i] - a3[i] + bo
+        _store_rows(y, 2, Tx, Ty, r0, out, o)
 
 
 @njit(inline="always")
@@ -192,6 +204,7 @@ def input_transform_f4(x, pt, pl, Ty, Tx, r0, V, c0, c1):
     L = 4 * Tx + 2                                   # input columns −pl … 4Tx + 1 − pl
     d = np.zeros((6, L), np.float32)
     e = np.empty((6, L), np.float32)
+    ph = np.empty((4, Tx + 1), np.float32)           # ph[p, t] = e[a, 4t + p] (p < 2 for t = Tx)
     width = min(W, L - pl)
     for c in range(c0, c1):
         for k in range(rows):
@@ -202,15 +215,14 @@ def input_transform_f4(x, pt, pl, Ty, Tx, r0, V, c0, c1):
                 e[0, j], e[1, j], e[2, j], e[3, j], e[4, j], e[5, j] = _bt6(
                     d[0, j], d[1, j], d[2, j], d[3, j], d[4, j], d[5, j])
             for a in range(6):                       # (Bᵀ d) B: columns combined, tile by tile
-                for t in range(Tx):
-                    s = 4 * t
-                    v0, v1, v2, v3, v4, v5 = _bt6(e[a, s], e[a, s + 1], e[a, s + 2], e[a, s + 3], e[a, s + 4], e[a, s + 5])
-                    V[6 * a + 0, c, i0 + t] = v0
-                    V[6 * a + 1, c, i0 + t] = v1
-                    V[6 * a + 2, c, i0 + t] = v2
-                    V[6 * a + 3, c, i0 + t] = v3
-                    V[6 * a + 4, c, i0 + t] = v4
-                    V[6 * a + 5, c, i0 + t] = v5
+                ea, p0, p1, p2, p3 = e[a], ph[0], ph[1], ph[2], ph[3]
+                for t in range(Tx):                  # split by column phase, as in input_transform_f2
+                    p0[t], p1[t], p2[t], p3[t] = ea[4 * t], ea[4 * t + 1], ea[4 * t + 2], ea[4 * t + 3]
+                p0[Tx], p1[Tx] = ea[4 * Tx], ea[4 * Tx + 1]
+                w0, w1, w2 = V[6 * a, c, i0:i0 + Tx], V[6 * a + 1, c, i0:i0 + Tx], V[6 * a + 2, c, i0:i0 + Tx]
+                w3, w4, w5 = V[6 * a + 3, c, i0:i0 + Tx], V[6 * a + 4, c, i0:i0 + Tx], V[6 * a + 5, c, i0:i0 + Tx]
+                for t in range(Tx):                  # columns 4t … 4t + 5
+                    w0[t], w1[t], w2[t], w3[t], w4[t], w5[t] = _bt6(p0[t], p1[t], p2[t], p3[t], p0[t + 1], p1[t + 1])
 
 
 @njit(inline="always")
@@ -225,28 +237,28 @@ def _at6(m0, m1, m2, m3, m4, m5):
 @njit(inline="always")
 def output_transform_f4(M, bias, Ty, Tx, r0, out):
     """out[b, o, 4ty + u, 4tx + v] = (Aᵀ m A)[u, v] + bias[o], m = M[:, o, i] as 6×6, for the tiles
-    of tile rows r0, r0 + 1, ...; rows and columns past the output's edge are dropped. The row's
-    four output rows are made in y (4, 4·Tx), the tiles as SIMD lanes, then copied into out."""
-    B, Cout, Ho, Wo = out.shape
-    rows = M.shape[2] // Tx
-    y = np.empty((4, 4 * Tx), np.float32)
-    p = np.empty((4, 6), np.float32)
-    for o in range(Cout):
-        for k in range(rows):
-            r = r0 + k
-            b, y0, i0 = r // Ty, 4 * (r % Ty), k * Tx
-            for t in range(Tx):
-                i = i0 + t
-                for s in range(6):                   # Aᵀ m: 4 rows of 6
-                    p[0, s], p[1, s], p[2, s], p[3, s] = _at6(M[s, o, i], M[6 + s, o, i], M[12 + s, o, i],
-                                                             M[18 + s, o, i], M[24 + s, o, i], M[30 + s, o, i])
-                for u in range(4):                   # (Aᵀ m) A
-                    y0u, y1u, y2u, y3u = _at6(p[u, 0], p[u, 1], p[u, 2], p[u, 3], p[u, 4], p[u, 5])
-                    y[u, 4 * t] = y0u + bias[o]
-                    y[u, 4 * t + 1] = y1u + bias[o]
-                    y[u, 4 * t + 2] = y2u + bias[o]
-                    y[u, 4 * t + 3] = y3u + bias[o]
-            _store_rows(y, out, b, o, y0)
+    of tile rows r0, r0 + 1, ...; rows and columns past the output's edge are dropped. An output
+    channel at a time, all its tiles as SIMD lanes, as in `output_transform_f2`: Aᵀ m into
+    P (4, 6, tiles), (Aᵀ m) A + bias into y (4, 4·tiles), then copied into out."""
+    n = M.shape[2]
+    P = np.empty((4, 6, n), np.float32)
+    y = np.empty((4, 4 * n), np.float32)
+    for o in range(out.shape[1]):
+        for s in range(6):                           # Aᵀ m, column s
+            m0, m1, m2, m3, m4, m5 = M[s, o], M[6 + s, o], M[12 + s, o], M[18 + s, o], M[24 + s, o], M[30 + s, o]
+            p0, p1, p2, p3 = P[0, s], P[1, s], P[2, s], P[3, s]
+            for i in range(n):
+                p0[i], p1[i], p2[i], p3[i] = _at6(m0[i], m1[i], m2[i], m3[i], m4[i], m5[i])
+        bo = bias[o]
+        for u in range(4):                           # (Aᵀ m) A
+            a0, a1, a2, a3, a4, a5, yu = P[u, 0], P[u, 1], P[u, 2], P[u, 3], P[u, 4], P[u, 5], y[u]
+            for i in range(n):
+                y0u, y1u, y2u, y3u = _at6(a0[i], a1[i], a2[i], a3[i], a4[i], a5[i])
+                yu[4 * i] = y0u + bo
+                yu[4 * i + 1] = y1u + bo
+                yu[4 * i + 2] = y2u + bo
+                yu[4 * i + 3] = y3u + bo
+        _store_rows(y, 4, Tx, Ty, r0, out, o)
 
 
 @njit(inline="always")

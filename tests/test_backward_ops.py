@@ -314,7 +314,7 @@ def cpu_backend(**settings):
 CONV_PATHS = {   # how the cpu backend's conv backward can run: chunk sizes, the forward path dx takes
     "default": {},
     "one_row_chunks": {"conv_backward_chunk_bytes": 1},             # chunks end inside images
-    "winograd_dx": {"winograd_f4_min_tiles": 1, "winograd_f4_min_channels": 1, "winograd_f2_min_tiles": 1},
+    "winograd_dx": {"winograd_f4_min_tiles": 1, "winograd_f2_min_tiles": 1},
     "shifted_dx": {"winograd_f4_min_tiles": 1 << 30, "winograd_f2_min_tiles": 1 << 30, "im2col_max_pixels": 0},
 }
 

@@ -113,10 +113,10 @@ def winograd_backend(m, chunk_tiles, by_cout=False):
     the cores by chunks of tiles or (by_cout) by blocks of output channels."""
     be = CpuBackend()
     be.winograd_f4_min_tiles = 1 if m == 4 else 1 << 30
-    be.winograd_f4_min_channels = 1
     be.winograd_f2_min_tiles = 1
     be.winograd_chunk_tiles = chunk_tiles
     be.winograd_by_cout_max_tiles = 1 << 30 if by_cout else 0
+    be.winograd_by_cout_min_channels = 1
     return be
 
 
@@ -164,12 +164,13 @@ def test_conv2d_routes():
     winograd.conv3x3_kernel = recording("tiles", originals[0])
     winograd.conv3x3_by_cout_kernel = recording("cout", originals[1])
     try:
-        cases = [((1, 256, 136, 136), 256, (4, "tiles")),   # 1156 4×4 tiles, 256 channels: F4
-                 ((2, 256, 64, 64), 256, (4, "cout")),      # 512 4×4 tiles: F4 by output channels
-                 ((2, 4, 64, 64), 4, (2, "tiles")),         # 2048 2×2 tiles, few channels: F2
-                 ((1, 8, 32, 32), 8, (2, "cout")),          # 256 2×2 tiles: F2 by output channels
-                 ((1, 8, 16, 16), 8, (2, "cout")),          # 64
-                 ((2, 4, 8, 8), 4, None)]                   # 32: one im2col GEMM
+        cases = [((1, 256, 136, 136), 256, (4, "tiles")),   # 1156 4×4 tiles: F4 by tiles
+                 ((2, 256, 64, 64), 256, (4, "cout")),      # 512 4×4 tiles, 256 channels: by output channels
+                 ((1, 256, 32, 32), 256, (4, "cout")),      # 64 4×4 tiles
+                 ((2, 4, 64, 64), 4, (4, "tiles")),         # 512, few channels: by tiles
+                 ((1, 256, 16, 16), 256, (2, "cout")),      # 16 4×4 tiles, 64 2×2 tiles: F2
+                 ((1, 8, 16, 16), 8, (2, "tiles")),         # the same with few channels
+                 ((2, 4, 8, 8), 4, None)]                   # 32 2×2 tiles: one im2col GEMM
         for shape, cout, route in cases:
             x, w = randn(*shape), randn(cout, shape[1], 3, 3) / np.sqrt(9 * shape[1])
             taken.clear()
@@ -404,9 +405,10 @@ def test_every_kernel_compiles_once_for_read_only_and_writable_weights():
         be.geglu(tokens)
         be.attention(tokens, tokens, tokens, 2, causal=writable)
         for path in ("f4", "f2", "f4 by cout", "f2 by cout", "im2col", "shifted"):
-            be.winograd_f4_min_tiles = be.winograd_f4_min_channels = 1 if path.startswith("f4") else 1 << 30
+            be.winograd_f4_min_tiles = 1 if path.startswith("f4") else 1 << 30
             be.winograd_f2_min_tiles = 1 if path.startswith("f2") else 1 << 30
             be.winograd_by_cout_max_tiles = 1 << 30 if path.endswith("cout") else 0
+            be.winograd_by_cout_min_channels = 1
             be.im2col_max_pixels = 1 << 30 if path == "im2col" else 0
             be.conv2d(x, weight(8, 8, 3, 3), weight(8), 1, 1)
             be.conv2d(x, be.asarray(weight(8, 8, 3, 3)), None, 1, 1)
