@@ -17,8 +17,11 @@ elementwise product becomes 16 matrix products, one per position ξ of the 4×4 
     M[ξ] (Cout, tiles) = U[ξ] (Cout, Cin) @ V[ξ] (Cin, tiles),   U = G g Gᵀ,  V = Bᵀ d B
 
 Those 16 GEMMs are where the time goes (BLAS sgemm); the transforms around them are a few
-adds per value, run a tile row at a time so that the tiles are the SIMD lanes. The tile rows of
-the whole batch are cut into chunks; each chunk (transform in, 16
+adds per value, with the tiles as the SIMD lanes: the input transform a tile row at a time,
+the output transform an output channel at a time over all the chunk's tiles (M[ξ, o] is a
+contiguous row). Their inner loops read and write 1-D views from index 0, which LLVM vectorises
+(see kernels/elementwise.py: indexed as x[i0 + t], the F(4×4) output transform took 5× the
+time). The tile rows of the whole batch are cut into chunks; each chunk (transform in, 16
 GEMMs, transform out) runs on one core, the chunks in parallel (`kernels/threads.py`), so there
 is one set of threads and BLAS runs single-threaded inside it (the caller wraps the call in
 `blas_single_threaded()`). With few tiles and wide channels the split goes the other way
