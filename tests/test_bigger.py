@@ -369,35 +369,35 @@ def test_hires_fix_reports_a1111s_fields_and_restarts_the_step_count(sd):
     assert "Hires upscale" not in other and "Hires steps" not in other and other["Denoising strength"] == 0.75
 
 
-def test_hires_second_pass_reads_the_prompt_as_the_first(sd):
-    """prompt_weighting and clip_skip reach the second pass: the hires fix equals the first pass, the
-    latent upscale and an img2img call made by hand with the same settings."""
-    text, settings = "a (red:1.3) circle", dict(num_inference_steps=2, seed=SEED, scheduler="euler",
-                                                  prompt_weighting=True, clip_skip=1, output_type="latent")
-    out = sd(text, enable_hr=True, hr_second_pass_steps=2, denoising_strength=0.5, **settings)
-    hires = HiresFix(hr_second_pass_steps=2, denoising_strength=0.5)
-    total, strength = hires.steps(2)
+def hires_and_by_hand(sd, text, steps, strength, **settings):
+    """(the hires fix's latents, the same made by hand: the first pass, the latent upscale to
+    64×64 and an img2img call with the same settings and A1111's step rule)."""
+    out = sd(text, enable_hr=True, hr_second_pass_steps=steps, denoising_strength=strength, **settings)
+    hires = HiresFix(hr_second_pass_steps=steps, denoising_strength=strength)
+    total, img2img_strength = hires.steps(settings["num_inference_steps"])
     first = sd(text, **settings).images
-    by_hand = sd(text, image=hires.upscale_latents(first, 64, 64), strength=strength,
+    by_hand = sd(text, image=hires.upscale_latents(first, 64, 64), strength=img2img_strength,
                  **dict(settings, num_inference_steps=total)).images
+    return out, by_hand
+
+
+def test_hires_second_pass_reads_the_prompt_as_the_first(sd):
+    """prompt_weighting and clip_skip reach the second pass."""
+    settings = dict(num_inference_steps=2, seed=SEED, scheduler="euler", prompt_weighting=True, clip_skip=1,
+                    output_type="latent")
+    out, by_hand = hires_and_by_hand(sd, "a (red:1.3) circle", 2, 0.5, **settings)
     np.testing.assert_array_equal(out.images, by_hand)
-    plain = sd(text, enable_hr=True, hr_second_pass_steps=2, denoising_strength=0.5,
+    plain = sd("a (red:1.3) circle", enable_hr=True, hr_second_pass_steps=2, denoising_strength=0.5,
                **dict(settings, clip_skip=None, prompt_weighting=False)).images
     assert np.abs(plain - by_hand).max() > 1e-3 * np.abs(by_hand).max()      # the settings change the result
     assert out.parameters["Clip skip"] == 2 and out.parameters["Hires upscale"] == 2
 
 
 def test_hires_second_pass_keeps_the_fast_recipes(sd):
-    """The LCM sampler at guidance 1 and DeepCache reach the second pass too: the hires fix equals
-    the first pass, the latent upscale and an img2img call made by hand with the same settings."""
+    """The LCM sampler at guidance 1 and DeepCache reach the second pass too."""
     settings = dict(num_inference_steps=3, seed=SEED, scheduler="lcm", guidance_scale=1.0, deepcache_interval=2,
                     output_type="latent")
-    out = sd(PROMPT, enable_hr=True, hr_second_pass_steps=3, denoising_strength=0.6, **settings)
-    hires = HiresFix(hr_second_pass_steps=3, denoising_strength=0.6)
-    total, strength = hires.steps(3)
-    first = sd(PROMPT, **settings).images
-    by_hand = sd(PROMPT, image=hires.upscale_latents(first, 64, 64), strength=strength,
-                 **dict(settings, num_inference_steps=total)).images
+    out, by_hand = hires_and_by_hand(sd, PROMPT, 3, 0.6, **settings)
     np.testing.assert_array_equal(out.images, by_hand)
     plain = sd(PROMPT, enable_hr=True, hr_second_pass_steps=3, denoising_strength=0.6,
                **dict(settings, deepcache_interval=None)).images
