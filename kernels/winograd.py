@@ -20,8 +20,8 @@ Those 16 GEMMs are where the time goes (BLAS sgemm); the transforms around them 
 adds per value, with the tiles as the SIMD lanes: the input transform a tile row at a time,
 the output transform an output channel at a time over all the chunk's tiles (M[ξ, o] is a
 contiguous row). Their inner loops read and write 1-D views from index 0, which LLVM vectorises
-(see kernels/elementwise.py: indexed as x[i0 + t], the F(4×4) output transform took 5× the
-time). The tile rows of the whole batch are cut into chunks; each chunk (transform in, 16
+(see kernels/elementwise.py; the F(4×4) output transform, written tile row by tile row with
+M[ξ, o, i0 + t], took 5× the time). The tile rows of the whole batch are cut into chunks; each chunk (transform in, 16
 GEMMs, transform out) runs on one core, the chunks in parallel (`kernels/threads.py`), so there
 is one set of threads and BLAS runs single-threaded inside it (the caller wraps the call in
 `blas_single_threaded()`). With few tiles and wide channels the split goes the other way
