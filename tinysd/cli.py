@@ -552,7 +552,6 @@ class TileProgress(Progress):
 
 def upscale(args):
     import tinysd
-    from tinysd import embeddings
     from tinysd.backend import get_backend
     from tinysd.pngmeta import infotext
 
@@ -560,13 +559,9 @@ def upscale(args):
     paths = output_paths(args.output, seed, 1)
     check_writable(paths)
     image = read_image(args.image, "IMAGE", "RGB")
-    if args.embeddings_dir is not None and not Path(args.embeddings_dir).is_dir():
-        raise UsageError(f"--embeddings-dir {args.embeddings_dir}: no such folder")
-    prompt, written_prompt, loras = lora_requests(args)
+    prompt, written_prompt, loras = prompt_addons(args)
     sd = tinysd.load(args.model, backend=get_backend(args.backend), vae=args.vae)
-    apply_loras(sd, loras)
-    if args.embeddings_dir is not None:
-        embeddings.load_dir(sd, args.embeddings_dir)
+    apply_prompt_addons(sd, loras, args.embeddings_dir)
     set_vae_tiling(sd, args.vae_tiling)
     progress = TileProgress(sd)
     try:
@@ -574,7 +569,7 @@ def upscale(args):
                          overlap=args.overlap, strength=args.strength, negative_prompt=args.negative_prompt or None,
                          num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=seed,
                          scheduler=args.sampler, callback=progress, tile_callback=progress.tile_done,
-                         prompt_weighting=args.prompt_weighting, clip_skip=args.clip_skip - 1)
+                         **prompt_reading(args))
     finally:
         progress.close()
     save_pngs(out.images, paths, [infotext(written_prompt, args.negative_prompt, out.parameters)])
@@ -613,11 +608,30 @@ def lora_requests(args):
     return prompt, written, requests
 
 
-def apply_loras(sd, requests):
+def prompt_addons(args):
+    """lora_requests(args), after checking --embeddings-dir: the prompt-side files, checked before
+    the model loads."""
+    if args.embeddings_dir is not None and not Path(args.embeddings_dir).is_dir():
+        raise UsageError(f"--embeddings-dir {args.embeddings_dir}: no such folder")
+    return lora_requests(args)
+
+
+def apply_prompt_addons(sd, requests, embeddings_dir):
+    """The LoRAs of `requests` (from lora_requests) and the embeddings under `embeddings_dir`."""
+    from tinysd import embeddings
+
     for name, path, _, _ in requests:
         sd.load_lora_weights(path, adapter_name=name)
     if requests:
         sd.set_adapters([r[0] for r in requests], [{"text_encoder": r[2], "unet": r[3]} for r in requests])
+    if embeddings_dir is not None:
+        embeddings.load_dir(sd, embeddings_dir)    # each under its file name; bad files skipped, with a warning
+
+
+def prompt_reading(args):
+    """The pipeline's arguments for how the prompt is read: A1111's syntax or diffusers', clip skip
+    (A1111's 1 = diffusers' 0)."""
+    return dict(prompt_weighting=args.prompt_weighting, clip_skip=args.clip_skip - 1)
 
 
 class Timings:
@@ -644,7 +658,6 @@ def generate(args):
     timings = Timings()
     import tinysd
     import tinysd.pipeline  # noqa: F401  (timed as imports, not as load)
-    from tinysd import embeddings
     from tinysd.backend import get_backend
     from tinysd.pngmeta import batch_fields, infotext
 
@@ -655,17 +668,13 @@ def generate(args):
     mask = read_image(args.mask, "--mask", "L") if args.mask else None
     if init is not None:
         check_init_size(init, args.init_image, args)
-    if args.embeddings_dir is not None and not Path(args.embeddings_dir).is_dir():
-        raise UsageError(f"--embeddings-dir {args.embeddings_dir}: no such folder")
-    prompt, written_prompt, loras = lora_requests(args)
+    prompt, written_prompt, loras = prompt_addons(args)
     controlnets, control = control_arguments(args)
 
     backend = get_backend(args.backend)                 # --backend cuda without a GPU fails here
     timings.mark("imports")
     sd = tinysd.load(args.model, backend=backend, vae=args.vae, taesd=args.taesd, controlnet=controlnets)
-    apply_loras(sd, loras)
-    if args.embeddings_dir is not None:
-        embeddings.load_dir(sd, args.embeddings_dir)    # each under its file name; bad files skipped, with a warning
+    apply_prompt_addons(sd, loras, args.embeddings_dir)
     set_vae_tiling(sd, args.vae_tiling)
     timings.mark("load")
     progress = callback = Progress(sd)
@@ -678,7 +687,7 @@ def generate(args):
                   guidance_scale=args.guidance_scale, height=args.height, width=args.width, seed=seed,
                   scheduler=args.sampler, image=init, strength=args.strength, mask_image=mask,
                   num_images_per_prompt=args.batch_size, output_type="pil", callback=callback,
-                  prompt_weighting=args.prompt_weighting, clip_skip=args.clip_skip - 1,   # A1111's 1 = diffusers' 0
+                  **prompt_reading(args),
                   vae_decoder="taesd" if args.taesd and not args.preview else "vae",
                   deepcache_interval=args.deepcache, deepcache_branch=args.deepcache_branch or 0,
                   **control, **bigger_kwargs(args))
