@@ -21,10 +21,10 @@ adds per value, with the tiles as the SIMD lanes: the input transform a tile row
 the output transform an output channel at a time over all the chunk's tiles (M[ξ, o] is a
 contiguous row). Their inner loops read and write 1-D views from index 0, which LLVM vectorises
 (see kernels/elementwise.py; the F(4×4) output transform, written tile row by tile row with
-M[ξ, o, i0 + t], took 5× the time). The tile rows of the whole batch are cut into chunks; each chunk (transform in, 16
-GEMMs, transform out) runs on one core, the chunks in parallel (`kernels/threads.py`), so there
-is one set of threads and BLAS runs single-threaded inside it (the caller wraps the call in
-`blas_single_threaded()`). With few tiles and wide channels the split goes the other way
+M[ξ, o, i0 + t], took 5× the time). The tile rows of the whole batch are cut into chunks; each
+chunk (transform in, 16 GEMMs, transform out) runs on one core, the chunks in parallel
+(`kernels/threads.py`), so there is one set of threads and BLAS runs single-threaded inside it
+(the caller wraps the call in `blas_single_threaded()`). With few tiles and wide channels the split goes the other way
 (`conv3x3_by_cout_kernel`): all tiles' V first, then blocks of output channels in parallel.
 The weights are transformed on every call (no second copy kept in memory), each output
 channel's by one small GEMM: memory-bound, it reads the weights and writes U once (~8 ms for
@@ -81,11 +81,12 @@ def _load_rows(x, b, c, y0, pl, width, d):
 
 
 @njit(inline="always")
-def _store_rows(y, m, Tx, Ty, r0, out, o):
+def _store_rows(y, Tx, Ty, r0, out, o):
     """out[b, o, m·ty + u, :] = y[u, m·Tx·k : m·Tx·k + Wo] for each tile row k = 0, 1, ... of y
-    (tile row r = r0 + k = b·Ty + ty; y holds the rows' m output rows side by side, m·Tx values
-    per tile row), the rows that lie inside out."""
+    (tile row r = r0 + k = b·Ty + ty; y (m, m·tiles) holds the rows' m output rows side by side,
+    m·Tx values per tile row), the rows that lie inside out."""
     Ho, Wo = out.shape[2], out.shape[3]
+    m = y.shape[0]                                   # output tile side
     for k in range(y.shape[1] // (m * Tx)):
         r = r0 + k
         b, y0, c0 = r // Ty, m * (r % Ty), m * Tx * k
@@ -182,7 +183,7 @@ def output_transform_f2(M, bias, Ty, Tx, r0, out):
             for i in range(n):
                 yu[2 * i] = a0[i] + a1[i] + a2[i] + bo
                 yu[2 * i + 1] = a1[i] - a2[i] - a3[i] + bo
-        _store_rows(y, 2, Tx, Ty, r0, out, o)
+        _store_rows(y, Tx, Ty, r0, out, o)
 
 
 @njit(inline="always")
@@ -261,7 +262,7 @@ def output_transform_f4(M, bias, Ty, Tx, r0, out):
                 yu[4 * i + 1] = y1u + bo
                 yu[4 * i + 2] = y2u + bo
                 yu[4 * i + 3] = y3u + bo
-        _store_rows(y, 4, Tx, Ty, r0, out, o)
+        _store_rows(y, Tx, Ty, r0, out, o)
 
 
 @njit(inline="always")

@@ -14,8 +14,8 @@ patched weights against the reference's fused ones within 1e-6 relative, and unl
 back every weight bit for bit.
 """
 import copy
-import os
 import hashlib
+import os
 import struct
 
 import numpy as np
