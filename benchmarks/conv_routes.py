@@ -1,6 +1,7 @@
 """Which way the cpu backend should run each 3×3 convolution: milliseconds per conv for every
 route it has (Winograd F(4×4, 3×3) and F(2×2, 3×3), each split between the cores by chunks of
-tiles or by blocks of output channels; one im2col GEMM; shifted GEMMs) and for the route
+tiles, by blocks of output channels with BLAS GEMMs, or by small blocks with dot products; one
+im2col GEMM; shifted GEMMs) and for the route
 `CpuBackend.conv2d` picks by its thresholds ("picked").
 
     python benchmarks/conv_routes.py                            # the U-Net's convs, CFG batch 2
@@ -10,7 +11,8 @@ tiles or by blocks of output channels; one im2col GEMM; shifted GEMMs) and for t
 
 Shapes are Cin,Cout,size (square images). Best of --repeat runs after a warm-up; random weights.
 The thresholds in kernels/cpu.py (winograd_f4_min_tiles, winograd_f2_min_tiles,
-winograd_by_cout_max_tiles, winograd_by_cout_min_channels, im2col_max_pixels) were set from this table.
+winograd_by_cout_max_tiles, winograd_by_cout_min_channels, winograd_dots_max_tiles,
+winograd_f4_min_tiles_wide, im2col_max_pixels) were set from this table.
 """
 from __future__ import annotations
 
@@ -20,14 +22,18 @@ import time
 import numpy as np
 
 UNET = "320,320,64 640,320,64 640,640,32 1280,640,32 1280,1280,16 1920,1280,16 2560,1280,16 1280,1280,8"
-WINOGRAD_F4 = dict(winograd_f4_min_tiles=0)
-WINOGRAD_F2 = dict(winograd_f4_min_tiles=1 << 30, winograd_f2_min_tiles=0)
-BY_TILES, BY_COUT = dict(winograd_by_cout_max_tiles=0), dict(winograd_by_cout_max_tiles=1 << 30,
-                                                                  winograd_by_cout_min_channels=0)
+WINOGRAD_F4 = dict(winograd_f4_min_tiles=0, winograd_f4_min_tiles_wide=0)
+WINOGRAD_F2 = dict(winograd_f4_min_tiles=1 << 30, winograd_f4_min_tiles_wide=1 << 30, winograd_f2_min_tiles=0)
+NO_WINOGRAD = dict(winograd_f4_min_tiles=1 << 30, winograd_f4_min_tiles_wide=1 << 30, winograd_f2_min_tiles=1 << 30,
+                   winograd_by_cout_min_channels=1 << 30)
+BY_TILES = dict(winograd_by_cout_max_tiles=0, winograd_dots_max_tiles=0)
+BY_COUT = dict(winograd_by_cout_max_tiles=1 << 30, winograd_dots_max_tiles=0, winograd_by_cout_min_channels=0)
+BY_DOTS = dict(winograd_dots_max_tiles=1 << 30, winograd_by_cout_min_channels=0)
 ROUTES = {"f4 tiles": {**WINOGRAD_F4, **BY_TILES}, "f4 cout": {**WINOGRAD_F4, **BY_COUT},
-          "f2 tiles": {**WINOGRAD_F2, **BY_TILES}, "f2 cout": {**WINOGRAD_F2, **BY_COUT},
-          "im2col": dict(winograd_f4_min_tiles=1 << 30, winograd_f2_min_tiles=1 << 30, im2col_max_pixels=1 << 30),
-          "shifted": dict(winograd_f4_min_tiles=1 << 30, winograd_f2_min_tiles=1 << 30, im2col_max_pixels=0),
+          "f4 dots": {**WINOGRAD_F4, **BY_DOTS}, "f2 tiles": {**WINOGRAD_F2, **BY_TILES},
+          "f2 cout": {**WINOGRAD_F2, **BY_COUT}, "f2 dots": {**WINOGRAD_F2, **BY_DOTS},
+          "im2col": {**NO_WINOGRAD, "im2col_max_pixels": 1 << 30},
+          "shifted": {**NO_WINOGRAD, "im2col_max_pixels": 0},
           "picked": {}}
 
 

@@ -48,10 +48,11 @@ class CpuBackend(NumpyBackend):
     # 3×3 stride-1 convs go by Winograd (the weights are transformed per call: one pass over
     # them, ~8 ms for 1280×1280 channels). F(4×4, 3×3) (4× fewer multiplies, but bigger
     # transforms and 36 GEMMs) takes those with at least `winograd_f4_min_tiles` 4×4 tiles: the
-    # U-Net's 64×64 and 32×32 levels, every VAE and TAESD conv. F(2×2, 3×3) (2.25×) the others
-    # with at least `winograd_f2_min_tiles` 2×2 tiles: the U-Net's 16×16 level. Measured per conv,
-    # ms (benchmarks/conv_routes.py, AMD Zen 5, 2 threads, OpenBLAS's AVX-512 kernels), best split
-    # of each; CFG batch 2: 320 channels at 64×64: F4 15.8, F2 22.1; 640 at 32×32: F4 16.7, F2
+    # U-Net's 64×64 and 32×32 levels, every VAE and TAESD conv (and wide ones with fewer, see
+    # `winograd_f4_min_tiles_wide`). F(2×2, 3×3) (2.25×) the others with at least
+    # `winograd_f2_min_tiles` 2×2 tiles, and the wide ones below that. Measured per conv, ms
+    # (benchmarks/conv_routes.py, AMD Zen 5, 2 threads, OpenBLAS's AVX-512 kernels), best split
+    # of each before the dot-product split (below); CFG batch 2: 320 channels at 64×64: F4 15.8, F2 22.1; 640 at 32×32: F4 16.7, F2
     # 21.9; 1280 at 16×16: F4 29.3, F2 25.8, shifted GEMMs 44.3, im2col 41.4; 1280 at 8×8: F2
     # 14.0, im2col 11.6. Batch 1: 640 at 32×32: F4 12.1, F2 13.1. VAE, 128 channels at 512×512:
     # F4 74.5, F2 117; TAESD's 64 at 512×512: F4 19.8, F2 40.6.
@@ -72,6 +73,20 @@ class CpuBackend(NumpyBackend):
     winograd_by_cout_max_tiles = 1024
     winograd_by_cout_min_channels = 256     # min(Cin, Cout)
     winograd_u_block_bytes = 64 << 20
+    # With at most `winograd_dots_max_tiles` tiles, and each ξ's V for all of them (tiles × Cin
+    # floats, which every block reads from L2) within `winograd_dots_max_bytes`, the blocks of
+    # output channels are small (`winograd_dots_block`) and multiply by dot products while their U
+    # is in cache (winograd.conv3x3_dots_kernel); wide convs then take F(4×4) from
+    # `winograd_f4_min_tiles_wide` 4×4 tiles (the 16×16 level), F(2×2) below (the 8×8 level,
+    # instead of one im2col GEMM). Milliseconds per conv, batch 1: 1280 channels at 16×16 17.1 (F2
+    # by cout) → 12.5; 640 at 32×32 10.6 → 7.7; 1280 at 8×8 6.8 (im2col) → 5.9 (F2); batch 2: 1280
+    # at 16×16 24.6 → 19.2, at 8×8 11.3 → 8.9. Past the limits BLAS wins again: 320 at 64×64,
+    # batch 1 (256 tiles), 11.3 against 8.4; 1920 → 640 at 32×32, batch 1 (V[ξ] 480 KB), 36.2
+    # against 30.5. Blocks of 8, 16, 32 channels: U-Net step at batch 1 1.88, 1.88, 1.92 s.
+    winograd_dots_max_tiles = 64
+    winograd_dots_max_bytes = 384 << 10
+    winograd_dots_block = 16
+    winograd_f4_min_tiles_wide = 16
     # Other convs with at most this many output pixels (batch included) go as one im2col GEMM:
     # the U-Net's 8×8 level, where the shifted GEMMs are thin and wasted on wrap-around columns
     # (28 % at 8×8; 1280 channels: 34 → 26 ms). The rest (stride 2, 1×1-wide images) by
@@ -133,9 +148,11 @@ class CpuBackend(NumpyBackend):
             return out
         w = _f32(weight.transpose(0, 2, 3, 1))            # (Cout, kh, kw, Cin); no copy for weights from asarray
         winograd = kh == kw == 3 and stride == 1
-        if winograd and B * -(-Ho // 4) * -(-Wo // 4) >= self.winograd_f4_min_tiles:
+        wide = min(Cin, Cout) >= self.winograd_by_cout_min_channels
+        tiles4 = B * -(-Ho // 4) * -(-Wo // 4)
+        if winograd and (tiles4 >= self.winograd_f4_min_tiles or wide and tiles4 >= self.winograd_f4_min_tiles_wide):
             self._conv3x3_winograd(4, x, w, bias, pt, pl, out)
-        elif winograd and B * -(-Ho // 2) * -(-Wo // 2) >= self.winograd_f2_min_tiles:
+        elif winograd and (B * -(-Ho // 2) * -(-Wo // 2) >= self.winograd_f2_min_tiles or wide):
             self._conv3x3_winograd(2, x, w, bias, pt, pl, out)
         elif B * Ho * Wo <= self.im2col_max_pixels:
             with self._blas_threads(out.size * Cin * kh * kw):
@@ -151,8 +168,11 @@ class CpuBackend(NumpyBackend):
         few tiles by blocks of output channels."""
         B, Cin, Cout = x.shape[0], x.shape[1], out.shape[1]
         Ty, Tx = -(-out.shape[2] // m), -(-out.shape[3] // m)               # tiles per image
-        if B * Ty * Tx <= self.winograd_by_cout_max_tiles and min(Cin, Cout) >= self.winograd_by_cout_min_channels:
-            return self._conv3x3_winograd_by_cout(m, x, w, bias, pt, pl, out, Ty, Tx)
+        if min(Cin, Cout) >= self.winograd_by_cout_min_channels:
+            if B * Ty * Tx <= self.winograd_dots_max_tiles and B * Ty * Tx * Cin * 4 <= self.winograd_dots_max_bytes:
+                return self._conv3x3_winograd_dots(m, x, w, bias, pt, pl, out, Ty, Tx)
+            if B * Ty * Tx <= self.winograd_by_cout_max_tiles:
+                return self._conv3x3_winograd_by_cout(m, x, w, bias, pt, pl, out, Ty, Tx)
         U = np.empty(((m + 2) ** 2, Cout, Cin), np.float32)      # one (Cout, Cin) matrix per ξ
         with blas_single_threaded():
             parallel_for(_winograd.weight_transform, Cout, w, U, work=U.size)
@@ -163,17 +183,32 @@ class CpuBackend(NumpyBackend):
             parallel_for(_winograd.conv3x3_kernel, -(-rows // per_task), x, _f32(U), bias, int(pt), int(pl), out,
                          per_task)
 
+    def _input_transform(self, m, x, pt, pl, Ty, Tx):
+        """V (ξ, Cin, tiles) for all tiles of the batch, in parallel over input channels."""
+        V = np.empty(((m + 2) ** 2, x.shape[1], x.shape[0] * Ty * Tx), np.float32)
+        parallel_for(_winograd.input_transform_kernel, x.shape[1], x, int(pt), int(pl), Ty, Tx, V, work=2 * V.size)
+        return V
+
     def _conv3x3_winograd_by_cout(self, m, x, w, bias, pt, pl, out, Ty, Tx):
-        """All tiles' input transform V first (in parallel over input channels), then blocks of
-        output channels in parallel, each transforming its own weights: no task reads all of U."""
-        B, Cin, Cout = x.shape[0], x.shape[1], out.shape[1]
-        V = np.empty(((m + 2) ** 2, Cin, B * Ty * Tx), np.float32)
-        parallel_for(_winograd.input_transform_kernel, Cin, x, int(pt), int(pl), Ty, Tx, V, work=2 * V.size)
+        """All tiles' input transform V first, then blocks of output channels in parallel, each
+        transforming its own weights: no task reads all of U."""
+        Cin, Cout = x.shape[1], out.shape[1]
+        V = self._input_transform(m, x, pt, pl, Ty, Tx)
         u_bytes = V.shape[0] * Cout * Cin * 4                       # all of U, float32
         tasks = num_threads() * -(-u_bytes // (num_threads() * self.winograd_u_block_bytes))
         block = -(-Cout // tasks)
         with blas_single_threaded():
             parallel_for(_winograd.conv3x3_by_cout_kernel, -(-Cout // block), w, V, bias, out, block)
+
+    def _conv3x3_winograd_dots(self, m, x, w, bias, pt, pl, out, Ty, Tx):
+        """All tiles' input transform, turned to Vt (ξ, tiles, Cin), then blocks of
+        `winograd_dots_block` output channels in parallel (`conv3x3_dots_kernel`)."""
+        V = self._input_transform(m, x, pt, pl, Ty, Tx)
+        xi, Cin, tiles = V.shape
+        Vt = np.empty((xi, tiles, Cin), np.float32)
+        parallel_for(_el.transpose_kernel, xi * -(-Cin // 32), _f32(V), Vt, work=2 * V.size)
+        block = self.winograd_dots_block
+        parallel_for(_winograd.conv3x3_dots_kernel, -(-out.shape[1] // block), w, Vt, bias, out, block)
 
     def group_norm(self, x, num_groups, weight, bias, eps, silu=False):
         x = _f32(x)

@@ -24,11 +24,14 @@ contiguous row). Their inner loops read and write 1-D views from index 0, which 
 M[ξ, o, i0 + t], took 5× the time). The tile rows of the whole batch are cut into chunks; each
 chunk (transform in, 16 GEMMs, transform out) runs on one core, the chunks in parallel
 (`kernels/threads.py`), so there is one set of threads and BLAS runs single-threaded inside it
-(the caller wraps the call in `blas_single_threaded()`). With few tiles and wide channels the split goes the other way
-(`conv3x3_by_cout_kernel`): all tiles' V first, then blocks of output channels in parallel.
-The weights are transformed on every call (no second copy kept in memory), each output
-channel's by one small GEMM: memory-bound, it reads the weights and writes U once (~8 ms for
-1280×1280 channels in F(2×2, 3×3)), which pays when the tiles are many enough to amortise it;
+(the caller wraps the call in `blas_single_threaded()`). With few tiles and wide channels the
+split goes the other way (`conv3x3_by_cout_kernel`): all tiles' V first, then blocks of output
+channels in parallel. With fewer still (≤ 64, the U-Net's lower levels at batch 1) the GEMMs are
+so thin that BLAS copies each U[ξ] into its packed layout for as long as it multiplies: there
+(`conv3x3_dots_kernel`) blocks of 16 output channels make their U and multiply it by
+`dot_products` while it is in cache. The weights are transformed on every call (no second copy
+kept in memory): memory-bound, it reads the weights and writes U once (~4 ms for 640×1280
+channels in F(2×2, 3×3) on one core), which pays when the tiles are many enough to amortise it;
 `CpuBackend.conv2d` checks before it picks a Winograd path.
 
 In float32 the transforms only add and halve, so the result stays within ~1e-6 of the direct
@@ -56,11 +59,9 @@ from numba import njit
 from tinysd.kernels.blas import gemm
 
 F32 = np.float32
-G_F2 = np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]])
+G_F2 = np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], F32)
 G_F4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
-                 [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
-G_KRON_G_F2 = np.kron(G_F2, G_F2).astype(F32)           # (16, 9): vec(G g Gᵀ) = (G ⊗ G) vec(g)
-G_KRON_G_F4 = np.kron(G_F4, G_F4).astype(F32)           # (36, 9)
+                 [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], F32)
 
 
 @njit(inline="always")
@@ -97,18 +98,32 @@ def _store_rows(y, Tx, Ty, r0, out, o):
 
 
 @njit(inline="always")
+def _combine3(out, x0, x1, x2, a0, a1, a2):
+    """out = a0·x0 + a1·x1 + a2·x2 for 1-D rows (read and written from index 0: vectorised)."""
+    for c in range(out.shape[0]):
+        out[c] = a0 * x0[c] + a1 * x1[c] + a2 * x2[c]
+
+
+@njit(inline="always")
 def _weight_transform(w, U, start, stop):
     """w (Cout, 3, 3, Cin) tap-major -> U (ξ, Cout, Cin) = G g Gᵀ for the output channels
-    start … stop − 1; ξ = 16 (F(2×2, 3×3)) or 36 (F(4×4, 3×3)), as U's shape says.
-
-    G g Gᵀ is linear in the 9 taps of g: flattened row-major, vec(G g Gᵀ) = (G ⊗ G) vec(g). So
-    one output channel's U[:, o, :] (ξ, Cin) is one small GEMM, (G ⊗ G) (ξ, 9) @ w[o] (9, Cin),
-    vectorised over the input channels by BLAS (a scalar loop over (o, c) ran 4× (F2) to 16×
-    (F4) slower: 25 arrays were too many for LLVM to prove apart and vectorise)."""
-    T = G_KRON_G_F2 if U.shape[0] == 16 else G_KRON_G_F4
-    Cin = w.shape[3]
+    start … stop − 1; ξ = 16 (F(2×2, 3×3)) or 36 (F(4×4, 3×3)), as U's shape says. In two
+    passes, each a combination of three rows over the input channels: t = G g (R × 3 rows,
+    R = 4 or 6), then U[(i, j)] = Σ_k t[i, k] G[j, k]. Memory-bound: one output channel reads 9
+    rows of w and writes 16 or 36 rows of U (Cin values each). One small GEMM per channel,
+    (G ⊗ G) (ξ, 9) @ w[o] (9, Cin), took 12–28 % longer (640 × 1280 channels, F(2×2): 4.6 ms
+    against 4.1 on one core)."""
+    G = G_F2 if U.shape[0] == 16 else G_F4
+    R = G.shape[0]
+    t = np.empty((R, 3, w.shape[3]), np.float32)
     for o in range(start, stop):
-        gemm(T, w[o].reshape(9, Cin), U[:, o, :], 1.0, 0.0, False)
+        g = w[o]
+        for i in range(R):                           # t = G g, column by column of g
+            for k in range(3):
+                _combine3(t[i, k], g[0, k], g[1, k], g[2, k], G[i, 0], G[i, 1], G[i, 2])
+        for i in range(R):                           # U = t Gᵀ
+            for j in range(R):
+                _combine3(U[i * R + j, o], t[i, 0], t[i, 1], t[i, 2], G[j, 0], G[j, 1], G[j, 2])
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
@@ -331,3 +346,79 @@ def conv3x3_by_cout_kernel(w, V, bias, out, block, start, stop):
         U = np.empty((V.shape[0], o1 - o0, Cin), np.float32)
         _weight_transform(w[o0:o1], U, 0, o1 - o0)
         _multiply_and_output(U, V, bias[o0:o1], Ty, Tx, 0, out[:, o0:o1])
+
+
+@njit(nogil=True, error_model="numpy", fastmath={"reassoc", "contract"}, cache=True)
+def dot_products(A, Bt, C):
+    """C (m, n) = A (m, k) Btᵀ: every C[i, j] the dot product of rows A[i] and Bt[j], computed
+    4 × 4 at a time so that each step along k loads 8 rows' values for 16 multiply-adds. With
+    reassociation allowed (the fastmath flags) LLVM vectorises each dot product along k: 16
+    vector accumulators, in registers. For thin products (n ≤ 64) whose A is made just before
+    (`conv3x3_dots_kernel`): no packing of A, which BLAS would copy on every call. One core,
+    operands in cache, (16 × 1280) · (1280 × 64): 224 GFLOP/s (OpenBLAS's sgemm 218); blocks of
+    8 × 4 or 2 × 4 ran 133 and 121, passes over k in chunks of 256 or 512 were no faster.
+    Not inlined: its fastmath flags would be lost in a caller compiled without them."""
+    m, k = A.shape
+    n = Bt.shape[0]
+    m4, n4 = m - m % 4, n - n % 4
+    for i in range(0, m4, 4):
+        a0, a1, a2, a3 = A[i], A[i + 1], A[i + 2], A[i + 3]
+        for j in range(0, n4, 4):
+            b0, b1, b2, b3 = Bt[j], Bt[j + 1], Bt[j + 2], Bt[j + 3]
+            c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = F32(0)
+            c20 = c21 = c22 = c23 = c30 = c31 = c32 = c33 = F32(0)
+            for p in range(k):
+                x0, x1, x2, x3, y0, y1, y2, y3 = a0[p], a1[p], a2[p], a3[p], b0[p], b1[p], b2[p], b3[p]
+                c00 += x0 * y0
+                c01 += x0 * y1
+                c02 += x0 * y2
+                c03 += x0 * y3
+                c10 += x1 * y0
+                c11 += x1 * y1
+                c12 += x1 * y2
+                c13 += x1 * y3
+                c20 += x2 * y0
+                c21 += x2 * y1
+                c22 += x2 * y2
+                c23 += x2 * y3
+                c30 += x3 * y0
+                c31 += x3 * y1
+                c32 += x3 * y2
+                c33 += x3 * y3
+            C[i, j], C[i, j + 1], C[i, j + 2], C[i, j + 3] = c00, c01, c02, c03
+            C[i + 1, j], C[i + 1, j + 1], C[i + 1, j + 2], C[i + 1, j + 3] = c10, c11, c12, c13
+            C[i + 2, j], C[i + 2, j + 1], C[i + 2, j + 2], C[i + 2, j + 3] = c20, c21, c22, c23
+            C[i + 3, j], C[i + 3, j + 1], C[i + 3, j + 2], C[i + 3, j + 3] = c30, c31, c32, c33
+    for i in range(m):                               # the last rows and columns, one dot at a time
+        for j in range(n4 if i < m4 else 0, n):
+            a, b = A[i], Bt[j]
+            c = F32(0)
+            for p in range(k):
+                c += a[p] * b[p]
+            C[i, j] = c
+
+
+@njit(nogil=True, error_model="numpy", cache=True)
+def conv3x3_dots_kernel(w, Vt, bias, out, block, start, stop):
+    """The second half of a Winograd conv with few tiles (≤ 64: the U-Net's 8×8 … 32×32 levels at
+    batch 1): Vt (ξ, tiles, Cin) is all tiles' input transform, turned so that each tile's
+    values for one ξ are a row. Task k makes output channels k·block … (k+1)·block − 1 (block
+    ~16): their U (ξ × block × Cin, 1–3 MB), M[ξ] = U[ξ] @ V[ξ] by `dot_products`, and out. The
+    GEMMs of `conv3x3_by_cout_kernel` are thin here (N = tiles): BLAS copies each U[ξ] into its
+    packed layout on every call, and U (~50 MB a core) goes out to memory and back; here it is
+    used while it is in cache, never copied."""
+    B, Cout, Ho, Wo = out.shape
+    xi, tiles, Cin = Vt.shape
+    m = 2 if xi == 16 else 4
+    Ty, Tx = (Ho + m - 1) // m, (Wo + m - 1) // m
+    for k in range(start, stop):
+        o0, o1 = k * block, min(Cout, (k + 1) * block)
+        U = np.empty((xi, o1 - o0, Cin), np.float32)        # contiguous: a view of a bigger
+        M = np.empty((xi, o1 - o0, tiles), np.float32)      # buffer ran 8× slower, not vectorised
+        _weight_transform(w[o0:o1], U, 0, o1 - o0)
+        for x in range(xi):
+            dot_products(U[x], Vt[x], M[x])
+        if xi == 16:
+            output_transform_f2(M, bias[o0:o1], Ty, Tx, 0, out[:, o0:o1])
+        else:
+            output_transform_f4(M, bias[o0:o1], Ty, Tx, 0, out[:, o0:o1])

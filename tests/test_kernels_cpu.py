@@ -108,42 +108,59 @@ WINOGRAD_CASES = [   # (B, Cin, Cout, H, W, padding): odd sizes (a half tile at 
 ]
 
 
-def winograd_backend(m, chunk_tiles, by_cout=False):
+def winograd_backend(m, chunk_tiles, split="tiles"):
     """A cpu backend that takes Winograd F(m×m, 3×3) for every 3×3 stride-1 conv, split between
-    the cores by chunks of tiles or (by_cout) by blocks of output channels."""
+    the cores by chunks of tiles, by blocks of output channels ("cout") or by small blocks of
+    output channels multiplied by dot products ("dots")."""
     be = CpuBackend()
-    be.winograd_f4_min_tiles = 1 if m == 4 else 1 << 30
+    be.winograd_f4_min_tiles = be.winograd_f4_min_tiles_wide = 1 if m == 4 else 1 << 30
     be.winograd_f2_min_tiles = 1
     be.winograd_chunk_tiles = chunk_tiles
-    be.winograd_by_cout_max_tiles = 1 << 30 if by_cout else 0
-    be.winograd_by_cout_min_channels = 1
+    be.winograd_by_cout_max_tiles = 1 << 30 if split == "cout" else 0
+    be.winograd_dots_max_tiles = be.winograd_dots_max_bytes = 1 << 30 if split == "dots" else 0
+    be.winograd_by_cout_min_channels = 1 if split != "tiles" else 1 << 30
     return be
 
 
-@pytest.mark.parametrize("by_cout", [False, True], ids=["tiles", "cout"])
+@pytest.mark.parametrize("split", ["tiles", "cout", "dots"])
 @pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("case", WINOGRAD_CASES)
-def test_conv2d_winograd(case, m, by_cout):
+def test_conv2d_winograd(case, m, split):
     """3×3 stride-1 convs by Winograd F(2×2, 3×3) and F(4×4, 3×3), equal to the direct
     convolution. Chunks of ~5 tiles, i.e. one or two tile rows, so that chunk edges fall inside
     pictures and across picture boundaries; by output channels, blocks of 5 (U held to 5
-    channels' worth), so that 17 channels end a block inside the last one."""
+    channels' worth), so that 17 channels end a block inside the last one; the same blocks of 5
+    for the dot products, which also leave rows and columns past the last 4 × 4 block."""
     B, Cin, Cout, H, W, p = case
-    wino = winograd_backend(m, chunk_tiles=5, by_cout=by_cout)
+    wino = winograd_backend(m, chunk_tiles=5, split=split)
     wino.winograd_u_block_bytes = (m + 2) ** 2 * 5 * Cin * 4
+    wino.winograd_dots_block = 5
     x, w, b = randn(B, Cin, H, W, scale=2.0), randn(Cout, Cin, 3, 3), randn(Cout)
     expected = ref.conv2d(x, w, b, 1, p)
     close(wino.conv2d(x, wino.asarray(w), b, 1, p), expected)
     close(wino.conv2d(x[:, :, :, ::-1], w, None, 1, p), ref.conv2d(x[:, :, :, ::-1], w, None, 1, p))
 
 
-def test_conv2d_winograd_f4_accuracy_at_sd_widths():
+@pytest.mark.parametrize("split", ["tiles", "dots"])
+def test_conv2d_winograd_f4_accuracy_at_sd_widths(split):
     """F(4×4, 3×3)'s rounding grows with the channels summed (transform entries up to 8 and
-    1/24); at SD's 512 input channels it must stay well inside the parity tests' 1e-4."""
+    1/24); at SD's 512 input channels it must stay well inside the parity tests' 1e-4, with
+    BLAS's sums and with the dot products' (reassociated: 16 partial sums a dot)."""
     x, w, b = randn(1, 512, 14, 14), randn(64, 512, 3, 3, scale=0.05), randn(64)
     expected = ref.conv2d(x, w, b, 1, 1)
-    got = winograd_backend(4, chunk_tiles=128).conv2d(x, w, b, 1, 1)
+    got = winograd_backend(4, chunk_tiles=128, split=split).conv2d(x, w, b, 1, 1)
     assert np.abs(got - expected).max() <= 3e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("m, n, k", [(16, 64, 640), (7, 5, 33), (3, 9, 4), (4, 4, 1)])
+def test_dot_products(m, n, k):
+    """winograd.dot_products (4 × 4 blocks, then the rows and columns left over) equals A @ Btᵀ."""
+    from tinysd.kernels import winograd
+
+    A, Bt = randn(m, k), randn(n, k)
+    C = np.full((m, n), np.nan, np.float32)
+    winograd.dot_products(A, Bt, C)
+    close(C, A.astype(np.float64) @ Bt.T.astype(np.float64), rtol=1e-5)
 
 
 def test_conv2d_routes():
@@ -152,7 +169,7 @@ def test_conv2d_routes():
     from tinysd.kernels import winograd
 
     taken = []
-    originals = winograd.conv3x3_kernel, winograd.conv3x3_by_cout_kernel
+    originals = winograd.conv3x3_kernel, winograd.conv3x3_by_cout_kernel, winograd.conv3x3_dots_kernel
 
     def recording(split, original):
         def kernel(*args):                    # called once per thread's share of the tasks
@@ -163,21 +180,25 @@ def test_conv2d_routes():
 
     winograd.conv3x3_kernel = recording("tiles", originals[0])
     winograd.conv3x3_by_cout_kernel = recording("cout", originals[1])
+    winograd.conv3x3_dots_kernel = recording("dots", originals[2])
     try:
         cases = [((1, 256, 136, 136), 256, (4, "tiles")),   # 1156 4×4 tiles: F4 by tiles
                  ((2, 256, 64, 64), 256, (4, "cout")),      # 512 4×4 tiles, 256 channels: by output channels
-                 ((1, 256, 32, 32), 256, (4, "cout")),      # 64 4×4 tiles
+                 ((1, 256, 32, 32), 256, (4, "dots")),      # 64 4×4 tiles: by dot products
+                 ((2, 256, 32, 32), 256, (4, "cout")),      # 128
+                 ((1, 1920, 32, 32), 256, (4, "cout")),     # 64 tiles, but Vt[ξ] 480 KB
                  ((2, 4, 64, 64), 4, (4, "tiles")),         # 512, few channels: by tiles
-                 ((1, 256, 16, 16), 256, (2, "cout")),      # 16 4×4 tiles, 64 2×2 tiles: F2
-                 ((1, 8, 16, 16), 8, (2, "tiles")),         # the same with few channels
-                 ((2, 4, 8, 8), 4, None)]                   # 32 2×2 tiles: one im2col GEMM
+                 ((1, 256, 16, 16), 256, (4, "dots")),      # 16 4×4 tiles, wide
+                 ((1, 8, 16, 16), 8, (2, "tiles")),         # 64 2×2 tiles, few channels: F2
+                 ((2, 256, 8, 8), 256, (2, "dots")),        # 8 4×4 tiles, wide: F2
+                 ((2, 4, 8, 8), 4, None)]                   # 32 2×2 tiles, few channels: one im2col GEMM
         for shape, cout, route in cases:
             x, w = randn(*shape), randn(cout, shape[1], 3, 3) / np.sqrt(9 * shape[1])
             taken.clear()
             close(cpu.conv2d(x, w, None, 1, 1), ref.conv2d(x, w, None, 1, 1), rtol=1e-4)   # F4's rounding
             assert taken == ([route] if route else []), (shape, taken)
     finally:
-        winograd.conv3x3_kernel, winograd.conv3x3_by_cout_kernel = originals
+        winograd.conv3x3_kernel, winograd.conv3x3_by_cout_kernel, winograd.conv3x3_dots_kernel = originals
 
 
 def test_conv2d_rejects_channel_mismatch():
@@ -404,11 +425,12 @@ def test_every_kernel_compiles_once_for_read_only_and_writable_weights():
         be.linear_geglu(tokens, weight(10, 8), weight(10))
         be.geglu(tokens)
         be.attention(tokens, tokens, tokens, 2, causal=writable)
-        for path in ("f4", "f2", "f4 by cout", "f2 by cout", "im2col", "shifted"):
-            be.winograd_f4_min_tiles = 1 if path.startswith("f4") else 1 << 30
+        for path in ("f4", "f2", "f4 by cout", "f2 by cout", "f4 dots", "f2 dots", "im2col", "shifted"):
+            be.winograd_f4_min_tiles = be.winograd_f4_min_tiles_wide = 1 if path.startswith("f4") else 1 << 30
             be.winograd_f2_min_tiles = 1 if path.startswith("f2") else 1 << 30
             be.winograd_by_cout_max_tiles = 1 << 30 if path.endswith("cout") else 0
-            be.winograd_by_cout_min_channels = 1
+            be.winograd_dots_max_tiles = be.winograd_dots_max_bytes = 1 << 30 if path.endswith("dots") else 0
+            be.winograd_by_cout_min_channels = 1 if path.startswith("f") else 1 << 30
             be.im2col_max_pixels = 1 << 30 if path == "im2col" else 0
             be.conv2d(x, weight(8, 8, 3, 3), weight(8), 1, 1)
             be.conv2d(x, be.asarray(weight(8, 8, 3, 3)), None, 1, 1)
@@ -421,7 +443,8 @@ def test_every_kernel_compiles_once_for_read_only_and_writable_weights():
                elementwise.geglu_kernel, elementwise.linear_geglu_kernel, elementwise.upsample_nearest2x_kernel,
                elementwise.transpose_kernel, norm.group_norm_kernel, norm.layer_norm_kernel,
                winograd.weight_transform, winograd.conv3x3_kernel,
-               winograd.input_transform_kernel, winograd.conv3x3_by_cout_kernel, blas.gemm]
+               winograd.input_transform_kernel, winograd.conv3x3_by_cout_kernel, winograd.conv3x3_dots_kernel,
+               blas.gemm]
     for kernel in kernels:
         assert len(kernel.signatures) == 1, (kernel.__name__, kernel.signatures)
 
