@@ -88,8 +88,9 @@ class CpuBackend(NumpyBackend):
     winograd_dots_block = 16
     winograd_f4_min_tiles_wide = 16
     # Other convs with at most this many output pixels (batch included) go as one im2col GEMM:
-    # the U-Net's 8×8 level, where the shifted GEMMs are thin and wasted on wrap-around columns
-    # (28 % at 8×8; 1280 channels: 34 → 26 ms). The rest (stride 2, 1×1-wide images) by
+    # narrow 3×3 convs on small images and the stride-2 convs down to the U-Net's 8×8 level,
+    # where the shifted GEMMs are thin and wasted on wrap-around columns (28 % at 8×8; 1280
+    # channels, 3×3 stride 1: 34 → 26 ms). The rest (bigger stride-2 convs, 1×1-wide images) by
     # shifted GEMMs.
     im2col_max_pixels = 256
     # linear + GEGLU fused when their (N, 2F) projection would take at least this much memory
