@@ -369,15 +369,17 @@ def test_hires_fix_reports_a1111s_fields_and_restarts_the_step_count(sd):
     assert "Hires upscale" not in other and "Hires steps" not in other and other["Denoising strength"] == 0.75
 
 
-def hires_and_by_hand(sd, text, steps, strength, **settings):
-    """(the hires fix's latents, the same made by hand: the first pass, the latent upscale to
-    64×64 and an img2img call with the same settings and A1111's step rule)."""
+def hires_and_by_hand(sd, text, steps, strength, by_hand_settings=(), **settings):
+    """(the hires fix's output, the same latents made by hand: the first pass, the latent upscale
+    ×2 and an img2img call with the same settings (and `by_hand_settings`) and A1111's step rule)."""
     out = sd(text, enable_hr=True, hr_second_pass_steps=steps, denoising_strength=strength, **settings)
+    settings = dict(settings, output_type="latent")
     hires = HiresFix(hr_second_pass_steps=steps, denoising_strength=strength)
     total, img2img_strength = hires.steps(settings["num_inference_steps"])
     first = sd(text, **settings).images
-    by_hand = sd(text, image=hires.upscale_latents(first, 64, 64), strength=img2img_strength,
-                 **dict(settings, num_inference_steps=total)).images
+    upscaled = hires.upscale_latents(first, 8 * first.shape[3], 8 * first.shape[2])
+    by_hand = sd(text, image=upscaled, strength=img2img_strength,
+                 **dict(settings, num_inference_steps=total, **dict(by_hand_settings))).images
     return out, by_hand
 
 

@@ -308,6 +308,21 @@ def test_control_image_sets_the_size(sd_one, nets, tiny_sd):
     assert out.images.shape == (1, 4, 6, 10)
 
 
+def test_hires_fix_keeps_the_control_images_and_scales(sd_two):
+    """The second pass runs with the same control images, now at twice the size, and the same
+    conditioning scales as the first: given (0.7, 1.3) and by default 1.0, as A1111 keeps a
+    unit's weight (an img2img call on its own defaults to 0.8)."""
+    from test_bigger import hires_and_by_hand
+
+    for scale in ((0.7, 1.3), None):
+        settings = dict(num_inference_steps=2, seed=SEED, scheduler="euler", height=SIZE, width=SIZE,
+                        control_image=control_pictures(2), controlnet_conditioning_scale=scale, output_type="latent")
+        out, by_hand = hires_and_by_hand(sd_two, PROMPT, 2, 0.6, by_hand_settings=dict(
+            controlnet_conditioning_scale=scale or 1.0), **settings)
+        np.testing.assert_array_equal(out.images, by_hand)
+        assert out.images.shape[2:] == (SIZE // 4, SIZE // 4)
+
+
 def test_parameters_carry_a1111_controlnet_fields(sd_two, nets):
     from tinysd.pngmeta import infotext, parse_parameters
 

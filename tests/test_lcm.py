@@ -332,6 +332,20 @@ def test_lcm_model_guidance_and_img2img(tiny_lcm):
     assert np.abs(scales[0] - scales[1]).max() > 1e-3          # the scale reaches the U-Net
 
 
+def test_lcm_model_hires_fix(tiny_lcm):
+    """The hires fix with a distilled LCM: its second pass keeps the guidance embedding w."""
+    from test_bigger import hires_and_by_hand
+
+    sd = tinysd.load(tiny_lcm.folder, backend="numpy")
+    settings = dict(num_inference_steps=2, seed=SEED, guidance_scale=6.0, output_type="latent")
+    out, by_hand = hires_and_by_hand(sd, PROMPT, 2, 0.6, **settings)
+    np.testing.assert_array_equal(out.images, by_hand)
+    other_w = sd(PROMPT, enable_hr=True, hr_second_pass_steps=2, denoising_strength=0.6,
+                 **dict(settings, guidance_scale=2.0)).images
+    assert np.abs(other_w - by_hand).max() > 1e-3 * np.abs(by_hand).max()
+    assert out.parameters["Sampler"] == "LCM" and out.parameters["Hires upscale"] == 2
+
+
 def test_lcm_model_configs(tiny_lcm):
     config = json.loads((tiny_lcm.folder / "unet" / "config.json").read_text())
     assert config["time_cond_proj_dim"] == COND_DIM

@@ -138,6 +138,17 @@ def sd(tiny_sd, taesd):
     return tinysd.load(tiny_sd.folder, backend="numpy", taesd=taesd[1] / "diffusers")
 
 
+def test_hires_fix_decodes_with_taesd(sd):
+    """vae_decoder="taesd" decodes the hires fix's final latents with TAESD."""
+    settings = dict(num_inference_steps=2, seed=3, scheduler="euler", enable_hr=True, hr_second_pass_steps=2,
+                    denoising_strength=0.5)
+    latents = sd(PROMPT, output_type="latent", **settings).images
+    images = sd(PROMPT, output_type="np", vae_decoder="taesd", **settings).images
+    np.testing.assert_array_equal(images, sd.decode(latents, decoder="taesd"))
+    assert images.shape[1:3] == (8 * latents.shape[2], 8 * latents.shape[3])
+    assert np.abs(images - sd.decode(latents)).max() > 0.01                   # not the full VAE's
+
+
 def test_txt2img_decoded_by_taesd_matches_diffusers(tiny_sd, taesd, sd):
     """sd(..., vae_decoder="taesd") against StableDiffusionPipeline with vae=AutoencoderTiny."""
     components = dict(tiny_sd.pipe.components, vae=taesd[0])

@@ -473,6 +473,8 @@ class StableDiffusion:
                                    denoising_strength=denoising_strength)
             embeds = dict(prompt_embeds=None if hr_prompt else prompt_embeds,
                           negative_prompt_embeds=None if hr_negative_prompt else negative_prompt_embeds)
+            if control:                     # the first pass's scales (the img2img pass's default is 0.8)
+                controlnet_conditioning_scale = [unit.scale for unit in control.units]
             return hires_pass(self, hires, latents, parameters, width, height, generator, (prompt, hr_prompt),
                               (negative_prompt, hr_negative_prompt), scheduler=hr_sampler_name or scheduler,
                               guidance_scale=guidance_scale, eta=eta, output_type=output_type, callback=callback,
