@@ -73,7 +73,7 @@ def conv2d_kernel(x, w, bias, s, pt, pb, pl, pr, out, chunk_bytes):
     in chunks whose scratch (Cout × rows × Wq floats) is about `chunk_bytes`."""
     B, Cin, H, W = x.shape
     Cout, kh, kw, _ = w.shape
-    Ho, Wo = out.shape[2], out.shape[3]
+    Ho = out.shape[2]
     Hq = (H + pt + pb + s - 1) // s                      # phase image size
     Wq = (W + pl + pr + s - 1) // s
     n_rows = (B - 1) * Hq + Ho                           # global rows g = b·Hq + y that matter
