@@ -52,10 +52,10 @@ class CpuBackend(NumpyBackend):
     # `winograd_f4_min_tiles_wide`). F(2×2, 3×3) (2.25×) the others with at least
     # `winograd_f2_min_tiles` 2×2 tiles, and the wide ones below that. Measured per conv, ms
     # (benchmarks/conv_routes.py, AMD Zen 5, 2 threads, OpenBLAS's AVX-512 kernels), best split
-    # of each before the dot-product split (below); CFG batch 2: 320 channels at 64×64: F4 15.8, F2 22.1; 640 at 32×32: F4 16.7, F2
-    # 21.9; 1280 at 16×16: F4 29.3, F2 25.8, shifted GEMMs 44.3, im2col 41.4; 1280 at 8×8: F2
-    # 14.0, im2col 11.6. Batch 1: 640 at 32×32: F4 12.1, F2 13.1. VAE, 128 channels at 512×512:
-    # F4 74.5, F2 117; TAESD's 64 at 512×512: F4 19.8, F2 40.6.
+    # of each before the dot-product split (below); CFG batch 2: 320 channels at 64×64: F4 15.8,
+    # F2 22.1; 640 at 32×32: F4 16.7, F2 21.9; 1280 at 16×16: F4 29.3, F2 25.8, shifted GEMMs
+    # 44.3, im2col 41.4; 1280 at 8×8: F2 14.0, im2col 11.6. Batch 1: 640 at 32×32: F4 12.1, F2
+    # 13.1. VAE, 128 channels at 512×512: F4 74.5, F2 117; TAESD's 64 at 512×512: F4 19.8, F2 40.6.
     winograd_f4_min_tiles = 64
     winograd_f2_min_tiles = 64
     winograd_chunk_tiles = 128      # tiles per task (whole tile rows): 16 or 36 GEMMs with N = 128

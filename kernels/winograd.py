@@ -27,9 +27,9 @@ chunk (transform in, 16 GEMMs, transform out) runs on one core, the chunks in pa
 (the caller wraps the call in `blas_single_threaded()`). With few tiles and wide channels the
 split goes the other way (`conv3x3_by_cout_kernel`): all tiles' V first, then blocks of output
 channels in parallel. With fewer still (≤ 64, the U-Net's lower levels at batch 1) the GEMMs are
-so thin that BLAS copies each U[ξ] into its packed layout for as long as it multiplies: there
-(`conv3x3_dots_kernel`) blocks of 16 output channels make their U and multiply it by
-`dot_products` while it is in cache. The weights are transformed on every call (no second copy
+so thin that BLAS's copy of each U[ξ] into its packed layout, made on every call, costs as much
+as the multiply: there (`conv3x3_dots_kernel`) blocks of 16 output channels make their U and
+multiply it by `dot_products` while it is in cache. The weights are transformed on every call (no second copy
 kept in memory): memory-bound, it reads the weights and writes U once (~4 ms for 640×1280
 channels in F(2×2, 3×3) on one core), which pays when the tiles are many enough to amortise it;
 `CpuBackend.conv2d` checks before it picks a Winograd path.
@@ -355,8 +355,9 @@ def dot_products(A, Bt, C):
     reassociation allowed (the fastmath flags) LLVM vectorises each dot product along k: 16
     vector accumulators, in registers. For thin products (n ≤ 64) whose A is made just before
     (`conv3x3_dots_kernel`): no packing of A, which BLAS would copy on every call. One core,
-    operands in cache, (16 × 1280) · (1280 × 64): 224 GFLOP/s (OpenBLAS's sgemm 218); blocks of
-    8 × 4 or 2 × 4 ran 133 and 121, passes over k in chunks of 256 or 512 were no faster.
+    operands in cache, GFLOP/s against OpenBLAS's sgemm: (16 × 1280) · (1280 × 64) 222 / 93,
+    (16 × 1280) · (1280 × 16) 189 / 122, (16 × 640) · (640 × 64) 200 / 245. Blocks of 8 × 4 or
+    2 × 4 ran 133 and 121 on the first; passes over k in chunks of 256 or 512 were no faster.
     Not inlined: its fastmath flags would be lost in a caller compiled without them."""
     m, k = A.shape
     n = Bt.shape[0]
