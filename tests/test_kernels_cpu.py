@@ -164,8 +164,8 @@ def test_dot_products(m, n, k):
 
 
 def test_conv2d_routes():
-    """Which way CpuBackend.conv2d takes a 3×3 conv: (F(m×m) Winograd, split by tiles or by
-    output channels) or a direct GEMM path."""
+    """Which way CpuBackend.conv2d takes a 3×3 conv: (F(m×m) Winograd, split by tiles, by
+    output channels or by small blocks of them with dot products) or a direct GEMM path."""
     from tinysd.kernels import winograd
 
     taken = []
