@@ -29,10 +29,10 @@ split goes the other way (`conv3x3_by_cout_kernel`): all tiles' V first, then bl
 channels in parallel. With fewer still (≤ 64, the U-Net's lower levels at batch 1) the GEMMs are
 so thin that BLAS's copy of each U[ξ] into its packed layout, made on every call, costs as much
 as the multiply: there (`conv3x3_dots_kernel`) blocks of 16 output channels make their U and
-multiply it by `dot_products` while it is in cache. The weights are transformed on every call (no second copy
-kept in memory): memory-bound, it reads the weights and writes U once (~4 ms for 640×1280
-channels in F(2×2, 3×3) on one core), which pays when the tiles are many enough to amortise it;
-`CpuBackend.conv2d` checks before it picks a Winograd path.
+multiply it by `dot_products` while it is in cache. The weights are transformed on every call
+(no second copy kept in memory): memory-bound, it reads the weights and writes U once (~4 ms
+for 640×1280 channels in F(2×2, 3×3) on one core), which pays when the tiles are many enough
+to amortise it; `CpuBackend.conv2d` checks before it picks a Winograd path.
 
 In float32 the transforms only add and halve, so the result stays within ~1e-6 of the direct
 convolution's (the ±1 and ½ entries of F(2×2, 3×3) are why it is the accurate Winograd size).
@@ -290,16 +290,22 @@ def _input_transform(x, pt, pl, Ty, Tx, r0, V, c0, c1):
 
 
 @njit(inline="always")
+def _output_transform(M, bias, Ty, Tx, r0, out):
+    """`output_transform_f2` or `output_transform_f4`, as M's ξ (16 or 36) says."""
+    if M.shape[0] == 16:
+        output_transform_f2(M, bias, Ty, Tx, r0, out)
+    else:
+        output_transform_f4(M, bias, Ty, Tx, r0, out)
+
+
+@njit(inline="always")
 def _multiply_and_output(U, V, bias, Ty, Tx, r0, out):
     """M[ξ] = U[ξ] @ V[ξ] for every ξ (the GEMMs), then out = Aᵀ M A + bias for the tiles of tile
     rows r0, r0 + 1, ... (`output_transform_f2` or `_f4`, as ξ says); out's channels are U's."""
     M = np.empty((U.shape[0], U.shape[1], V.shape[2]), np.float32)
     for xi in range(U.shape[0]):
         gemm(U[xi], V[xi], M[xi], 1.0, 0.0, False)
-    if U.shape[0] == 16:
-        output_transform_f2(M, bias, Ty, Tx, r0, out)
-    else:
-        output_transform_f4(M, bias, Ty, Tx, r0, out)
+    _output_transform(M, bias, Ty, Tx, r0, out)
 
 
 @njit(nogil=True, error_model="numpy", cache=True)
@@ -419,7 +425,4 @@ def conv3x3_dots_kernel(w, Vt, bias, out, block, start, stop):
         _weight_transform(w[o0:o1], U, 0, o1 - o0)
         for x in range(xi):
             dot_products(U[x], Vt[x], M[x])
-        if xi == 16:
-            output_transform_f2(M, bias[o0:o1], Ty, Tx, 0, out[:, o0:o1])
-        else:
-            output_transform_f4(M, bias[o0:o1], Ty, Tx, 0, out[:, o0:o1])
+        _output_transform(M, bias[o0:o1], Ty, Tx, 0, out[:, o0:o1])
