@@ -47,8 +47,9 @@ def test_gemm_on_strided_views():
 
 
 @pytest.mark.parametrize("lead,n_in,n_out,bias", [((2, 77), 64, 48, True), ((5,), 33, 17, False),
-                                                  ((1, 3, 9), 20, 30, True)])
+                                                  ((1, 3, 9), 20, 30, True), ((1,), 130, 41, True)])
 def test_linear(lead, n_in, n_out, bias):
+    """sgemm, and with at most `linear_rows_max` rows ((5,), (1,)) the dot-product kernel."""
     x, w = randn(*lead, n_in), randn(n_out, n_in)
     b = randn(n_out) if bias else None
     close(cpu.linear(x, cpu.asarray(w), b), ref.linear(x, w, b))
