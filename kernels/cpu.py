@@ -2,7 +2,9 @@
 
 Each override computes what the NumpyBackend method of the same name computes (tests/
 test_kernels_cpu.py checks them against each other). GEMM-shaped work goes to BLAS sgemm
-(kernels/blas.py); Numba fuses what surrounds it, and kernels/threads.py runs it on all cores.
+(kernels/blas.py), except products too thin for sgemm's packing to pay, which run as dot
+products: the Winograd convs with few tiles (kernels/winograd.py) and linears of a few rows
+(kernels/matvec.py). Numba fuses what surrounds them, and kernels/threads.py runs it on all cores.
 
 Every kernel compiles once (and is cached on disk, `cache=True`): its array arguments are
 normalised to read-only C-contiguous float32 inputs and fresh float32 outputs, so it sees one
