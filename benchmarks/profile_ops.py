@@ -3,8 +3,13 @@
 v1.5-sized random weights.
 
     python benchmarks/profile_ops.py [--backend cpu] [--model FOLDER] [--parts text,unet,vae] [--by-shape]
+    python benchmarks/profile_ops.py --fixed-cost [--repeat 3]
 
 --by-shape splits each op's row by its operands' shapes (which conv or attention is slow).
+--fixed-cost times the U-Net at batch 1 and 2 in one process and splits each shape's seconds as
+t = a·batch + F: F = 2·t(1) − t(2) is what a step costs whatever the batch (reading and
+transforming weights, packing them for BLAS), a = t(2) − t(1) what each image adds; batch 1 runs
+at (2a + F)/(a + F) times the speed of batch 2. Fastest of --repeat runs per shape.
 
 FOLDER defaults to the one bench_cpu.py writes (/tmp/tinysd-bench/sd-v1-5-random). The first
 call of each part warms up (Numba compile or cache load) and is not counted.
@@ -77,6 +82,8 @@ def main():
     parser.add_argument("--parts", default="text,unet,vae")
     parser.add_argument("--by-shape", action="store_true", help="one row per op and operand shapes")
     parser.add_argument("--batch", type=int, default=2, help="the U-Net's batch (2: CFG; 1: guidance ≤ 1, LCM)")
+    parser.add_argument("--fixed-cost", action="store_true", help="the U-Net's per-step cost at batch 1 and 2, per shape")
+    parser.add_argument("--repeat", type=int, default=3, help="with --fixed-cost: runs per batch")
     args = parser.parse_args()
 
     import tinysd
@@ -91,6 +98,8 @@ def main():
                                 999, sd.ops.asarray(rng.standard_normal((args.batch, 77, 768), dtype=np.float32))),
         "vae": lambda: sd.vae.decode(rng.standard_normal((1, 4, 64, 64), dtype=np.float32)),
     }
+    if args.fixed_cost:
+        return fixed_cost(sd, rng, args.repeat)
     for part in args.parts.split(","):
         runs[part]()                                   # warm-up: compile or load the kernels
         table, total = profiled(sd.ops, runs[part], args.by_shape)
@@ -101,6 +110,33 @@ def main():
             rate = f"{flops / sec / 1e9:8.1f}" if flops else f"{'':8}"
             print(f"  {name:{width}} {calls:6d} {sec:8.2f} {sec / total:6.1%} {rate}")
         print(f"  {'(outside the ops)':{width}} {'':6} {total - sum(r[0] for r in table.values()):8.2f}")
+
+
+def fixed_cost(sd, rng, repeat):
+    """Print the U-Net's seconds per op and shape at batch 1 and 2, and F = 2·t(1) − t(2)."""
+    inputs = {b: (sd.ops.asarray(rng.standard_normal((b, 4, 64, 64), dtype=np.float32)),
+                  sd.ops.asarray(rng.standard_normal((b, 77, 768), dtype=np.float32))) for b in (1, 2)}
+    best, total = {1: {}, 2: {}}, {1: np.inf, 2: np.inf}
+    for b, (x, c) in inputs.items():
+        sd.unet(x, 999, c)                                          # warm-up
+    for _ in range(repeat):
+        for b, (x, c) in inputs.items():
+            table, seconds = profiled(sd.ops, lambda: sd.unet(x, 999, c), by_shape=True)
+            total[b] = min(total[b], seconds)
+            for key, (sec, _, _) in table.items():
+                if key.endswith(f" ×{b}"):                              # one row for both batches
+                    key = key[:-len(str(b))] + "B"
+                key = key.replace(f"({b}, ", "(B, ")
+                best[b][key] = min(best[b].get(key, np.inf), sec)
+    a, F = total[2] - total[1], 2 * total[1] - total[2]
+    print(f"\nU-Net step: batch 1 {total[1]:.3f} s, batch 2 {total[2]:.3f} s: batch 1 at "
+          f"{total[2] / total[1]:.3f}× the speed; a = {a:.3f} s per image, F = {F:.3f} s per step")
+    rows = sorted(((2 * t1 - best[2].get(k, 0.0), t1, best[2].get(k, 0.0), k) for k, t1 in best[1].items()), reverse=True)
+    width = max(len(r[3]) for r in rows)
+    print(f"  {'op (B: the batch)':{width}} {'F ms':>7} {'batch 1 ms':>10} {'batch 2 ms':>10}")
+    for f, t1, t2, key in rows:
+        print(f"  {key:{width}} {f * 1e3:7.1f} {t1 * 1e3:10.1f} {t2 * 1e3:10.1f}")
+    print(f"  {'(all ops)':{width}} {sum(r[0] for r in rows) * 1e3:7.1f}")
 
 
 if __name__ == "__main__":
