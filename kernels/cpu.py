@@ -49,7 +49,7 @@ class CpuBackend(NumpyBackend):
     attention_tiles = (256, 512)    # (queries, keys) per tile: the score tile is 512 KB, in L2
     conv_chunk_bytes = 16 << 20     # conv scratch per chunk of output rows (fits L3)
     # 3×3 stride-1 convs go by Winograd (the weights are transformed per call: one pass over
-    # them, ~8 ms for 1280×1280 channels). F(4×4, 3×3) (4× fewer multiplies, but bigger
+    # them, ~2.7 ms (F(2×2)) or ~4.5 ms (F(4×4)) for 1280×1280 channels). F(4×4, 3×3) (4× fewer multiplies, but bigger
     # transforms and 36 GEMMs) takes those with at least `winograd_f4_min_tiles` 4×4 tiles: the
     # U-Net's 64×64 and 32×32 levels, every VAE and TAESD conv (and wide ones with fewer, see
     # `winograd_f4_min_tiles_wide`). F(2×2, 3×3) (2.25×) the others with at least

@@ -30,9 +30,11 @@ channels in parallel. With fewer still (≤ 64, the U-Net's lower levels at batc
 so thin that BLAS's copy of each U[ξ] into its packed layout, made on every call, costs as much
 as the multiply: there (`conv3x3_dots_kernel`) blocks of 16 output channels make their U and
 multiply it by `dot_products` while it is in cache. The weights are transformed on every call
-(no second copy kept in memory): memory-bound, it reads the weights and writes U once (~4 ms
-for 640×1280 channels in F(2×2, 3×3) on one core), which pays when the tiles are many enough
-to amortise it; `CpuBackend.conv2d` checks before it picks a Winograd path.
+(no second copy kept in memory): one pass that reads the weights and writes U once (1280×1280
+channels on both cores: ~2.7 ms in F(2×2, 3×3), ~4.5 ms in F(4×4, 3×3), nearly as long over
+weights already in cache, so the arithmetic and cache traffic bound it more than memory), which
+pays when the tiles are many enough to amortise it; `CpuBackend.conv2d` checks before it picks
+a Winograd path.
 
 In float32 the transforms only add and halve, so the result stays within ~1e-6 of the direct
 convolution's (the ±1 and ½ entries of F(2×2, 3×3) are why it is the accurate Winograd size).
@@ -109,8 +111,8 @@ def _weight_transform(w, U, start, stop):
     """w (Cout, 3, 3, Cin) tap-major -> U (ξ, Cout, Cin) = G g Gᵀ for the output channels
     start … stop − 1; ξ = 16 (F(2×2, 3×3)) or 36 (F(4×4, 3×3)), as U's shape says. In two
     passes, each a combination of three rows over the input channels: t = G g (R × 3 rows,
-    R = 4 or 6), then U[(i, j)] = Σ_k t[i, k] G[j, k]. Memory-bound: one output channel reads 9
-    rows of w and writes 16 or 36 rows of U (Cin values each). One small GEMM per channel,
+    R = 4 or 6), then U[(i, j)] = Σ_k t[i, k] G[j, k]: one output channel reads 9 rows of w and
+    writes 16 or 36 rows of U (Cin values each). One small GEMM per channel,
     (G ⊗ G) (ξ, 9) @ w[o] (9, Cin), took 12–28 % longer (640 × 1280 channels, F(2×2): 4.6 ms
     against 4.1 on one core)."""
     G = G_F2 if U.shape[0] == 16 else G_F4
