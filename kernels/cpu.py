@@ -163,9 +163,9 @@ class CpuBackend(NumpyBackend):
         wide = min(Cin, Cout) >= self.winograd_by_cout_min_channels
         tiles4 = B * -(-Ho // 4) * -(-Wo // 4)
         if winograd and (tiles4 >= self.winograd_f4_min_tiles or wide and tiles4 >= self.winograd_f4_min_tiles_wide):
-            self._conv3x3_winograd(4, x, w, bias, pt, pl, out)
+            self._conv3x3_winograd(4, x, w, bias, pt, pl, out, wide)
         elif winograd and (B * -(-Ho // 2) * -(-Wo // 2) >= self.winograd_f2_min_tiles or wide):
-            self._conv3x3_winograd(2, x, w, bias, pt, pl, out)
+            self._conv3x3_winograd(2, x, w, bias, pt, pl, out, wide)
         elif B * Ho * Wo <= self.im2col_max_pixels:
             with self._blas_threads(out.size * Cin * kh * kw):
                 _conv.im2col_conv2d_kernel(x, w, bias, int(stride), int(pt), int(pl), out)
@@ -175,12 +175,13 @@ class CpuBackend(NumpyBackend):
                                     int(self.conv_chunk_bytes))
         return out
 
-    def _conv3x3_winograd(self, m, x, w, bias, pt, pl, out):
-        """Winograd F(m×m, 3×3), m = 2 or 4 (kernels/winograd.py): by chunks of tiles, or with
-        few tiles by blocks of output channels."""
+    def _conv3x3_winograd(self, m, x, w, bias, pt, pl, out, wide):
+        """Winograd F(m×m, 3×3), m = 2 or 4 (kernels/winograd.py): by chunks of tiles, or, for
+        `wide` convs (min(Cin, Cout) ≥ `winograd_by_cout_min_channels`, as conv2d found) with few
+        tiles, by blocks of output channels."""
         B, Cin, Cout = x.shape[0], x.shape[1], out.shape[1]
         Ty, Tx = -(-out.shape[2] // m), -(-out.shape[3] // m)               # tiles per image
-        if min(Cin, Cout) >= self.winograd_by_cout_min_channels:
+        if wide:
             if B * Ty * Tx <= self.winograd_dots_max_tiles and B * Ty * Tx * Cin * 4 <= self.winograd_dots_max_bytes:
                 return self._conv3x3_winograd_dots(m, x, w, bias, pt, pl, out, Ty, Tx)
             if B * Ty * Tx <= self.winograd_by_cout_max_tiles:
